@@ -1,0 +1,117 @@
+//! Errors in pipeline files, with the place they occur and a suggestion.
+
+use std::fmt;
+
+/// A position in a pipeline file (1-based line and column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pos {
+    /// 1-based line.
+    pub line: u64,
+    /// 1-based column.
+    pub column: u64,
+}
+
+impl From<datafusion::sql::sqlparser::tokenizer::Location> for Pos {
+    fn from(l: datafusion::sql::sqlparser::tokenizer::Location) -> Self {
+        Pos {
+            line: l.line,
+            column: l.column,
+        }
+    }
+}
+
+/// An error in a pipeline file: what is wrong, where, and what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineError {
+    /// The pipeline file's path as the user gave it.
+    pub file: String,
+    /// Where the error is; `None` when it concerns the whole file.
+    pub pos: Option<Pos>,
+    /// What is wrong and what was expected.
+    pub message: String,
+    /// The nearest valid name, when there is one.
+    pub help: Option<String>,
+}
+
+impl PipelineError {
+    /// An error at a position.
+    pub fn at(file: &str, pos: Option<Pos>, message: impl Into<String>) -> Self {
+        PipelineError {
+            file: file.to_string(),
+            pos,
+            message: message.into(),
+            help: None,
+        }
+    }
+
+    /// Adds a "did you mean" hint built from the nearest candidate, if any.
+    pub fn suggest<'a>(mut self, word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Self {
+        if let Some(best) = nearest(word, candidates) {
+            self.help = Some(format!("did you mean `{best}`?"));
+        }
+        self
+    }
+
+    /// Adds a free-form hint.
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pos {
+            Some(p) if p.line > 0 => write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, self.message)?,
+            _ => write!(f, "{}: {}", self.file, self.message)?,
+        }
+        if let Some(h) = &self.help {
+            write!(f, "\n  help: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+/// The candidate closest to `word` by edit distance (case-insensitive), when
+/// it is close enough to be a plausible typo.
+pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let w = word.to_ascii_lowercase();
+    let mut best: Option<(usize, &'a str)> = None;
+    for c in candidates {
+        let d = levenshtein(&w, &c.to_ascii_lowercase());
+        if best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    let limit = (w.chars().count() / 3).max(2);
+    best.filter(|(d, _)| *d <= limit).map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_finds_typos_and_rejects_strangers() {
+        assert_eq!(nearest("pricee", ["user_id", "price", "ts"]), Some("price"));
+        assert_eq!(nearest("COUNTT", ["count", "sum"]), Some("count"));
+        assert_eq!(nearest("zebra", ["user_id", "price"]), None);
+    }
+}

@@ -1,0 +1,73 @@
+//! Interval literals (`INTERVAL '5' MINUTE`, `INTERVAL '1 hour 30 minutes'`)
+//! as milliseconds, for window sizes and watermark delays.
+
+use datafusion::sql::sqlparser::ast::Expr;
+
+use crate::parser::literal_text;
+
+fn unit_ms(unit: &str) -> Option<i64> {
+    let u = unit.trim().to_ascii_lowercase();
+    let u = u.strip_suffix('s').filter(|s| !s.is_empty() && *s != "m").unwrap_or(&u);
+    Some(match u {
+        "ms" | "millisecond" => 1,
+        "s" | "sec" | "second" => 1_000,
+        "m" | "min" | "minute" => 60_000,
+        "h" | "hr" | "hour" => 3_600_000,
+        "d" | "day" => 86_400_000,
+        "w" | "week" => 7 * 86_400_000,
+        _ => return None,
+    })
+}
+
+/// Parses `"5"` with a unit, or `"1 hour 30 minutes"`, into milliseconds.
+fn text_ms(text: &str, unit: Option<&str>) -> Result<i64, String> {
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let bad = || format!("cannot read `{text}` as an interval");
+    match (parts.as_slice(), unit) {
+        ([n], Some(u)) => {
+            let n: f64 = n.parse().map_err(|_| bad())?;
+            let m = unit_ms(u).ok_or_else(|| format!("unknown interval unit `{u}`"))?;
+            Ok((n * m as f64).round() as i64)
+        }
+        (parts, None) if !parts.is_empty() && parts.len() % 2 == 0 => {
+            let mut total = 0i64;
+            for pair in parts.chunks(2) {
+                let n: f64 = pair[0].parse().map_err(|_| bad())?;
+                let m = unit_ms(pair[1]).ok_or_else(|| format!("unknown interval unit `{}`", pair[1]))?;
+                total += (n * m as f64).round() as i64;
+            }
+            Ok(total)
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// The length of an `INTERVAL` expression, in milliseconds. Months and years
+/// have no fixed length and are rejected.
+pub fn interval_ms(e: &Expr) -> Result<i64, String> {
+    match e {
+        Expr::Interval(iv) => {
+            if iv.last_field.is_some() {
+                return Err(format!("interval ranges such as `{e}` are not supported; write INTERVAL '90' MINUTE"));
+            }
+            let text = literal_text(&iv.value).ok_or_else(|| format!("expected a literal interval, found `{e}`"))?;
+            let unit = iv.leading_field.as_ref().map(|f| f.to_string());
+            text_ms(&text, unit.as_deref())
+        }
+        Expr::Nested(inner) => interval_ms(inner),
+        _ => Err(format!("expected an INTERVAL literal such as INTERVAL '5' MINUTE, found `{e}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_interval_texts() {
+        assert_eq!(text_ms("5", Some("MINUTE")), Ok(300_000));
+        assert_eq!(text_ms("1 hour 30 minutes", None), Ok(5_400_000));
+        assert_eq!(text_ms("2", Some("SECONDS")), Ok(2_000));
+        assert!(text_ms("1", Some("MONTH")).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! `sluice-sql`: pipeline files (`CREATE SOURCE`, `CREATE FEATURE VIEW`),
+//! their validation with precise errors, DataFusion planning of each view's
+//! `SELECT`, and the lowering into a streaming plan the engine runs.
+
+pub mod error;
+pub mod interval;
+pub mod parser;
+pub mod plan;
+
+pub use error::{PipelineError, Pos};
+pub use plan::{
+    fmt_ms, plan_file, plan_pipeline, AggregatePlan, PipelinePlan, SourcePlan, Stage, ViewKind,
+    ViewPlan, WindowSpec, TIMESTAMP_TYPE,
+};
