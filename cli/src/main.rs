@@ -1,1 +1,256 @@
-fn main() {}
+//! The `sluice` command: wires the SQL front end, the engine and the
+//! connectors together.
+
+mod generate;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sluice_engine::job::{Job, JobOptions, Live};
+use sluice_engine::online::{read_feature, read_view_meta, watermark_key};
+use sluice_engine::server::{ServeState, router};
+use sluice_engine::store::Store;
+
+/// Streaming feature pipelines: SQL feature views over event streams, served online and written to a Parquet lake.
+#[derive(Parser)]
+#[command(name = "sluice", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline: consume its sources, maintain its feature views, checkpoint, serve.
+    Run(RunArgs),
+    /// Print the streaming plan of a pipeline file.
+    Explain {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Read a key's features from a state dir's online store.
+    Get {
+        /// Feature view.
+        view: String,
+        /// Entity key (multi-column keys joined by `|`).
+        key: String,
+        /// State directory of the pipeline.
+        #[arg(long, default_value = "sluice-state")]
+        state_dir: PathBuf,
+    },
+    /// Generate click events as JSON lines (for the quickstart and benchmarks).
+    Gen(generate::GenArgs),
+    /// Embedded end-to-end demo: generate events, run the quickstart pipeline, serve features.
+    Demo {
+        /// Working directory for events, state and lake.
+        #[arg(long, default_value = "sluice-demo")]
+        dir: PathBuf,
+        /// Number of events to generate.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Address to serve on; `none` to exit after the run.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        serve: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// State directory (RocksDB, dead letters).
+    #[arg(long, default_value = "sluice-state")]
+    state_dir: PathBuf,
+    /// Serve the online store on this address (e.g. 127.0.0.1:8080) and keep serving after the sources end.
+    #[arg(long)]
+    serve: Option<SocketAddr>,
+    /// File holding a bearer token the serving API requires.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Milliseconds between checkpoints.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_interval_ms: u64,
+    /// Rows per source poll.
+    #[arg(long, default_value_t = 8192)]
+    batch_rows: usize,
+    /// Sleep after every batch (for tests that need a long-running job).
+    #[arg(long, hide = true)]
+    throttle_ms: Option<u64>,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Explain { pipeline } => explain(&pipeline),
+        Cmd::Get { view, key, state_dir } => get(&state_dir, &view, &key),
+        Cmd::Gen(a) => generate::run(&a),
+        Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
+    sluice_sql::plan_file(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn explain(path: &Path) -> anyhow::Result<()> {
+    print!("{}", plan(path)?);
+    Ok(())
+}
+
+fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
+    let store = Store::open_read_only(state_dir)?;
+    let Some(meta) = read_view_meta(&store, view)? else {
+        bail!("no feature view `{view}` in {}", state_dir.display());
+    };
+    let wm = store.meta_i64(&watermark_key(&meta.source))?.filter(|w| *w != sluice_engine::job::NO_WATERMARK);
+    match read_feature(&store, &meta, key, wm)? {
+        Some(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        None => bail!("key `{key}` not found in view `{view}`"),
+    }
+}
+
+/// Installs the Prometheus recorder (once per process).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let h = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])?
+        .install_recorder()?;
+    sluice_engine::metrics_names::describe();
+    Ok(h)
+}
+
+fn run(a: RunArgs) -> anyhow::Result<()> {
+    let p = plan(&a.pipeline)?;
+    let handle = install_metrics()?;
+    let token = match &a.auth_token_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+        None => None,
+    };
+    let opts = JobOptions {
+        state_dir: a.state_dir.clone(),
+        checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms),
+        batch_rows: a.batch_rows.max(1),
+        throttle: a.throttle_ms.map(Duration::from_millis),
+    };
+    run_job(&p, opts, a.serve, token, Some(handle))
+}
+
+fn run_job(p: &sluice_sql::PipelinePlan, opts: JobOptions, serve: Option<SocketAddr>, token: Option<String>, handle: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let sources = sluice_connectors::build_sources(p)?;
+    let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p);
+    let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir));
+    let state_dir = opts.state_dir.clone();
+    let mut job = Job::open(p, sources, lakes, dead, opts)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    {
+        let stop = Arc::clone(&stop);
+        rt.spawn(async move {
+            shutdown_signal().await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    if let Some(addr) = serve {
+        start_server(&rt, addr, job.live(), token, handle)?;
+    }
+    tracing::info!(epoch = job.epoch(), state_dir = %state_dir.display(), "pipeline started");
+    let stats = job.run(&stop)?;
+    let rate = stats.events as f64 / stats.elapsed.as_secs_f64().max(1e-9);
+    tracing::info!(
+        events = stats.events,
+        dead_letters = stats.dead_letters,
+        rows_emitted = stats.rows_emitted,
+        checkpoints = stats.checkpoints,
+        secs = format!("{:.2}", stats.elapsed.as_secs_f64()),
+        events_per_sec = format!("{rate:.0}"),
+        "sources done; final checkpoint committed"
+    );
+    if serve.is_some() && !stop.load(Ordering::SeqCst) {
+        eprintln!("sources done; still serving (Ctrl-C to stop)");
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+fn start_server(rt: &tokio::runtime::Runtime, addr: SocketAddr, live: Arc<Live>, token: Option<String>, handle: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = router(ServeState { live, metrics: handle, token: token.map(Arc::from) });
+    rt.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("server stopped: {e}");
+        }
+    });
+    eprintln!("serving on http://{bound}");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The quickstart pipeline, embedded so `sluice demo` runs anywhere.
+pub const QUICKSTART_SQL: &str = include_str!("../../examples/quickstart/pipeline.sql");
+
+fn demo(dir: &Path, events: u64, serve: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let pipeline = dir.join("pipeline.sql");
+    std::fs::write(&pipeline, QUICKSTART_SQL)?;
+    let events_path = dir.join("events.jsonl");
+    let state = dir.join("state");
+    let lake = dir.join("lake");
+    for d in [&state, &lake] {
+        if d.exists() {
+            std::fs::remove_dir_all(d)?;
+        }
+    }
+    let g = generate::GenArgs { events, keys: 1000, out: events_path.clone(), seed: 42, minutes: 180 };
+    generate::run(&g)?;
+    eprintln!("generated {events} events into {}", events_path.display());
+    let p = plan(&pipeline)?;
+    let handle = install_metrics()?;
+    let serve_addr = if serve == "none" { None } else { Some(serve.parse::<SocketAddr>().with_context(|| format!("--serve {serve}"))?) };
+    if let Some(a) = serve_addr {
+        eprintln!("try: curl http://{a}/v1/features/user_activity/u00042");
+    }
+    run_job(&p, JobOptions::new(state.clone()), serve_addr, None, Some(handle))?;
+    eprintln!("lake: {}  state: {}", lake.display(), state.display());
+    eprintln!("read a key: sluice get user_activity u00042 --state-dir {}", state.display());
+    Ok(())
+}

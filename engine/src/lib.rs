@@ -1,1 +1,19 @@
-//! placeholder
+//! `sluice-engine`: the runtime. Operators exchange Arrow record batches;
+//! filters, projections and aggregates are DataFusion physical expressions
+//! and accumulators; window state lives in RocksDB next to the online store.
+
+pub mod aggregate;
+pub mod error;
+pub mod exec;
+pub mod job;
+pub mod keys;
+pub mod metrics_names;
+pub mod online;
+pub mod server;
+pub mod source;
+pub mod store;
+pub mod view;
+
+pub use error::{EngineError, Result};
+pub use job::{Job, JobOptions, Live, RunStats};
+pub use source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch};

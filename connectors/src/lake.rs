@@ -1,0 +1,133 @@
+//! The offline lake: Hive-partitioned Parquet,
+//! `{root}/{view}/date=YYYY-MM-DD/part-{epoch}-{n}.parquet`. A file is written
+//! under a hidden temporary name, fsynced, then renamed, so readers never see
+//! a partial file; files of epochs that never committed are removed on recovery.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow::array::{Array, BooleanArray, RecordBatch, TimestampMillisecondArray};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use sluice_engine::{EngineError, OfflineSink, Result};
+
+/// Partition value for rows without a time.
+pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// Writes one view's emitted rows into the lake.
+#[derive(Debug)]
+pub struct LakeWriter {
+    dir: PathBuf,
+    schema: SchemaRef,
+}
+
+fn io(p: &Path, e: std::io::Error) -> EngineError {
+    EngineError::Io { path: p.display().to_string(), source: e }
+}
+
+/// `YYYY-MM-DD` of a UTC day number.
+pub fn day_string(days: i64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+impl LakeWriter {
+    /// A writer for `view` under `root`.
+    pub fn new(root: &Path, view: &str, schema: SchemaRef) -> Self {
+        LakeWriter { dir: root.join(view), schema }
+    }
+
+    fn write_file(&self, path: &Path, batch: &RecordBatch) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+        let perr = |e: parquet::errors::ParquetError| EngineError::Connector { what: format!("lake file {}", tmp.display()), message: e.to_string() };
+        let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
+        w.write(batch).map_err(perr)?;
+        let f = w.into_inner().map_err(perr)?;
+        f.sync_all().map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+        Ok(())
+    }
+}
+
+impl OfflineSink for LakeWriter {
+    fn write_epoch(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<usize> {
+        let all = concat_batches(&self.schema, batches).map_err(|e| EngineError::arrow("lake rows", e))?;
+        let n = all.num_rows();
+        if n == 0 {
+            return Ok(0);
+        }
+        // Partition by the UTC date of window_end (column 1).
+        let ends = all.column(1).as_any().downcast_ref::<TimestampMillisecondArray>();
+        let day_of = |i: usize| match ends {
+            Some(a) if a.is_valid(i) => Some(a.value(i).div_euclid(86_400_000)),
+            _ => None,
+        };
+        let mut days: BTreeMap<Option<i64>, Vec<bool>> = BTreeMap::new();
+        for i in 0..n {
+            days.entry(day_of(i)).or_insert_with(|| vec![false; n])[i] = true;
+        }
+        for (part, (day, mask)) in days.into_iter().enumerate() {
+            let b = if mask.iter().all(|m| *m) { all.clone() } else { filter_record_batch(&all, &BooleanArray::from(mask)).map_err(|e| EngineError::arrow("lake partition", e))? };
+            let pdir = match day {
+                Some(d) => format!("date={}", day_string(d)),
+                None => format!("date={NULL_PARTITION}"),
+            };
+            let path = self.dir.join(pdir).join(format!("part-{epoch:010}-{part}.parquet"));
+            self.write_file(&path, &b)?;
+            metrics::counter!("sluice_lake_files_total").increment(1);
+        }
+        Ok(n)
+    }
+
+    fn recover(&mut self, committed: u64) -> Result<()> {
+        let Ok(parts) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        for p in parts.flatten() {
+            let Ok(files) = std::fs::read_dir(p.path()) else { continue };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let stale = name.ends_with(".tmp")
+                    || name
+                        .strip_prefix("part-")
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|e| e.parse::<u64>().ok())
+                        .is_some_and(|e| e > committed);
+                if stale {
+                    std::fs::remove_file(f.path()).map_err(|e| io(&f.path(), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::day_string;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(day_string(0), "1970-01-01");
+        assert_eq!(day_string(19_723), "2024-01-01");
+        assert_eq!(day_string(-1), "1969-12-31");
+        assert_eq!(day_string(19_782), "2024-02-29");
+    }
+}

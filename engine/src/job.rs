@@ -1,0 +1,393 @@
+//! The streaming job: polls sources, advances watermarks, runs the views,
+//! and takes checkpoints (lake files durable first, then one RocksDB write
+//! batch with state, online rows, source positions and watermarks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Int64Array, RecordBatch, TimestampMillisecondArray, UInt32Array};
+use sluice_sql::PipelinePlan;
+
+use crate::error::{EngineError, Result};
+use crate::exec::Rows;
+use crate::online::{ViewMeta, read_view_meta, view_meta_key, watermark_key};
+use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
+use crate::store::{Commit, Store};
+use crate::view::{ViewOp, features_json};
+
+/// No watermark yet.
+pub const NO_WATERMARK: i64 = i64::MIN;
+
+/// How a job runs.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Where RocksDB and the dead-letter file live.
+    pub state_dir: PathBuf,
+    /// Time between checkpoints.
+    pub checkpoint_interval: Duration,
+    /// Rows per source poll.
+    pub batch_rows: usize,
+    /// Pause after each batch (tests use it to make a run last).
+    pub throttle: Option<Duration>,
+}
+
+impl JobOptions {
+    /// Defaults for a state dir.
+    pub fn new(state_dir: PathBuf) -> Self {
+        JobOptions { state_dir, checkpoint_interval: Duration::from_secs(1), batch_rows: 8192, throttle: None }
+    }
+}
+
+/// State shared with the serving API.
+#[derive(Debug)]
+pub struct Live {
+    /// The state database.
+    pub store: Arc<Store>,
+    /// Committed watermark per view (ms; `NO_WATERMARK` before any).
+    pub watermarks: HashMap<String, AtomicI64>,
+    /// Per-view reader metadata.
+    pub views: HashMap<String, ViewMeta>,
+    /// Recovery finished; the job is running or done.
+    pub ready: AtomicBool,
+}
+
+impl Live {
+    /// The committed watermark of a view.
+    pub fn watermark(&self, view: &str) -> Option<i64> {
+        self.watermarks.get(view).map(|w| w.load(Ordering::Acquire)).filter(|w| *w != NO_WATERMARK)
+    }
+}
+
+struct SourceRt {
+    src: Box<dyn Source>,
+    name: String,
+    event_time: Option<usize>,
+    delay: i64,
+    wm: i64,
+    max_ts: Option<i64>,
+    done: bool,
+    views: Vec<usize>,
+}
+
+/// Figures of a finished run.
+#[derive(Debug, Default, Clone)]
+pub struct RunStats {
+    /// Rows decoded from sources.
+    pub events: u64,
+    /// Records dead-lettered (bad input and late events).
+    pub dead_letters: u64,
+    /// Rows emitted by views.
+    pub rows_emitted: u64,
+    /// Checkpoints committed.
+    pub checkpoints: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+/// A running pipeline.
+pub struct Job {
+    sources: Vec<SourceRt>,
+    views: Vec<ViewOp>,
+    lakes: Vec<Option<Box<dyn OfflineSink>>>,
+    dead: Box<dyn DeadLetterSink>,
+    epoch: u64,
+    live: Arc<Live>,
+    opts: JobOptions,
+    last_checkpoint: Instant,
+    stats: RunStats,
+}
+
+impl Job {
+    /// Opens the state dir, recovers the last checkpoint and prepares to run.
+    /// `sources` are in the plan's source order; `lakes` map view name to its offline sink.
+    pub fn open(
+        plan: &PipelinePlan,
+        sources: Vec<Box<dyn Source>>,
+        mut lakes: HashMap<String, Box<dyn OfflineSink>>,
+        mut dead: Box<dyn DeadLetterSink>,
+        opts: JobOptions,
+    ) -> Result<Job> {
+        let view_names: Vec<String> = plan.views.iter().map(|v| v.name.clone()).collect();
+        let store = Arc::new(Store::open(&opts.state_dir, &view_names)?);
+        let epoch = store.meta("epoch")?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+        let mut views = Vec::new();
+        let mut metas = HashMap::new();
+        for vp in &plan.views {
+            let mut op = ViewOp::new(vp)?;
+            let meta = ViewMeta {
+                name: vp.name.clone(),
+                source: vp.source.clone(),
+                keys: vp.keys.clone(),
+                slide_ms: vp.window().and_then(|w| w.slide_ms()),
+                empty_features: op.empty_features()?,
+                query: vp.query.clone(),
+                window: vp.window().map(|w| w.to_string()).unwrap_or_else(|| "PER EVENT".into()),
+            };
+            if epoch > 0
+                && let Some(old) = read_view_meta(&store, &vp.name)?
+                && (old.query != meta.query || old.window != meta.window || old.keys != meta.keys)
+            {
+                return Err(EngineError::Incompatible {
+                    path: opts.state_dir.display().to_string(),
+                    reason: format!("feature view `{}` changed since this state was written; run it with a new --state-dir (or backfill)", vp.name),
+                });
+            }
+            if let Some(agg) = op.agg_mut() {
+                agg.restore_emitted(store.meta_i64(&format!("emitted/{}", vp.name))?);
+                let entries = store.state_entries(&vp.name)?;
+                let mut by_pane: BTreeMap<i64, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
+                for (p, k, v) in entries {
+                    by_pane.entry(p).or_default().push((k, v));
+                }
+                for (p, e) in by_pane {
+                    agg.restore_pane(p, &e)?;
+                }
+            }
+            metas.insert(vp.name.clone(), meta);
+            views.push(op);
+        }
+        let mut lake_vec = Vec::new();
+        for vp in &plan.views {
+            let mut l = lakes.remove(&vp.name);
+            if let Some(l) = l.as_mut() {
+                l.recover(epoch)?;
+            }
+            lake_vec.push(l);
+        }
+        dead.recover(store.meta("deadletter_len")?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))?;
+        let mut rts = Vec::new();
+        for (sp, mut src) in plan.sources.iter().zip(sources) {
+            let pos = store.meta(&format!("pos/{}", sp.name))?;
+            src.seek(pos.as_deref())?;
+            rts.push(SourceRt {
+                src,
+                name: sp.name.clone(),
+                event_time: sp.event_time,
+                delay: sp.watermark_delay_ms,
+                wm: store.meta_i64(&watermark_key(&sp.name))?.unwrap_or(NO_WATERMARK),
+                max_ts: store.meta_i64(&format!("maxts/{}", sp.name))?,
+                done: false,
+                views: plan.views.iter().enumerate().filter(|(_, v)| v.source == sp.name).map(|(i, _)| i).collect(),
+            });
+        }
+        let watermarks = plan
+            .views
+            .iter()
+            .map(|v| {
+                let wm = rts.iter().find(|s| s.name == v.source).map(|s| s.wm).unwrap_or(NO_WATERMARK);
+                (v.name.clone(), AtomicI64::new(wm))
+            })
+            .collect();
+        let live = Arc::new(Live { store, watermarks, views: metas, ready: AtomicBool::new(false) });
+        Ok(Job {
+            sources: rts,
+            views,
+            lakes: lake_vec,
+            dead,
+            epoch,
+            live,
+            opts,
+            last_checkpoint: Instant::now(),
+            stats: RunStats::default(),
+        })
+    }
+
+    /// State shared with the serving API.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
+    }
+
+    /// The last committed epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Runs until every source ends (or `stop` is set), then takes a final checkpoint.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<RunStats> {
+        let started = Instant::now();
+        // Readers see the views' metadata from the start.
+        self.checkpoint()?;
+        self.live.ready.store(true, Ordering::Release);
+        while !stop.load(Ordering::Relaxed) {
+            let mut any = false;
+            let mut all_done = true;
+            for si in 0..self.sources.len() {
+                if self.sources[si].done {
+                    continue;
+                }
+                all_done = false;
+                match self.sources[si].src.poll(self.opts.batch_rows)? {
+                    Poll::Data { batch, rejected } => {
+                        any = true;
+                        for d in &rejected {
+                            self.dead_letter(d)?;
+                            metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.clone()).increment(1);
+                        }
+                        if let Some(b) = batch {
+                            self.on_batch(si, b.batch, &b.row_positions)?;
+                        }
+                    }
+                    Poll::Idle => {}
+                    Poll::End => self.sources[si].done = true,
+                }
+            }
+            if all_done {
+                break;
+            }
+            if self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
+                self.checkpoint()?;
+            }
+            if let Some(t) = self.opts.throttle {
+                std::thread::sleep(t);
+            } else if !any {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.checkpoint()?;
+        self.stats.elapsed = started.elapsed();
+        Ok(self.stats.clone())
+    }
+
+    fn dead_letter(&mut self, d: &DeadLetter) -> Result<()> {
+        self.stats.dead_letters += 1;
+        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
+        self.dead.write(d)
+    }
+
+    fn on_batch(&mut self, si: usize, batch: RecordBatch, positions: &[u64]) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        self.stats.events += n as u64;
+        let s = &mut self.sources[si];
+        metrics::counter!("sluice_events_in_total", "source" => s.name.clone()).increment(n as u64);
+        let (ts, wm) = match s.event_time {
+            Some(idx) => {
+                let col = batch.column(idx);
+                let tsa = col.as_any().downcast_ref::<TimestampMillisecondArray>().ok_or_else(|| EngineError::Connector {
+                    what: format!("source {}", s.name),
+                    message: format!("event-time column has type {}", col.data_type()),
+                })?;
+                let ts = Int64Array::new(tsa.values().clone(), None);
+                let mut wm = Vec::with_capacity(n);
+                let mut cur = s.wm;
+                let mut max = s.max_ts.unwrap_or(i64::MIN);
+                for t in ts.values().iter() {
+                    wm.push(cur);
+                    if *t > max {
+                        max = *t;
+                        cur = cur.max(max.saturating_sub(s.delay));
+                    }
+                }
+                s.max_ts = Some(max);
+                s.wm = cur;
+                (Some(ts), Some(Int64Array::from(wm)))
+            }
+            None => (None, None),
+        };
+        let rows = Rows { batch: batch.clone(), ts, wm, rowid: UInt32Array::from_iter_values(0..n as u32) };
+        let new_wm = self.sources[si].wm;
+        let view_ids = self.sources[si].views.clone();
+        for vi in view_ids {
+            let late = self.views[vi].process(rows.clone())?;
+            if !late.is_empty() {
+                metrics::counter!("sluice_late_events_total", "view" => self.views[vi].name().to_string()).increment(late.len() as u64);
+                let all: Vec<usize> = (0..batch.num_columns()).collect();
+                for rid in late {
+                    let r = rid as usize;
+                    let rec = features_json(&batch.slice(r, 1), &all)?.pop().unwrap_or_default();
+                    let (t, w) = (rows.ts.as_ref().map(|a| a.value(r)), rows.wm.as_ref().map(|a| a.value(r)));
+                    let d = DeadLetter {
+                        source: self.sources[si].name.clone(),
+                        position: self.sources[si].src.describe_position(positions.get(r).copied().unwrap_or(0)),
+                        kind: "late_event".into(),
+                        reason: format!(
+                            "late for view `{}`: event time {} is behind the watermark {}; every window holding it had closed",
+                            self.views[vi].name(),
+                            t.map(crate::online::fmt_ts).unwrap_or_default(),
+                            w.map(crate::online::fmt_ts).unwrap_or_default()
+                        ),
+                        record: String::from_utf8_lossy(&rec).into_owned(),
+                    };
+                    self.dead_letter(&d)?;
+                }
+            }
+            if new_wm != NO_WATERMARK {
+                self.views[vi].advance(new_wm)?;
+            }
+        }
+        if new_wm != NO_WATERMARK {
+            metrics::gauge!("sluice_watermark_ms", "source" => self.sources[si].name.clone()).set(new_wm as f64);
+        }
+        Ok(())
+    }
+
+    /// Takes a checkpoint: lake files of the epoch made durable, then one
+    /// RocksDB write batch with state, online rows, positions and watermarks.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let epoch = self.epoch + 1;
+        for v in self.views.iter_mut() {
+            let end = self.sources.iter().find(|s| s.name == v.plan.source).and_then(|s| s.max_ts);
+            v.before_checkpoint(end)?;
+        }
+        for (v, lake) in self.views.iter_mut().zip(self.lakes.iter_mut()) {
+            let batches = std::mem::take(&mut v.pending_lake);
+            if let Some(l) = lake
+                && !batches.is_empty()
+            {
+                let rows = l.write_epoch(epoch, &batches)?;
+                metrics::counter!("sluice_lake_rows_total", "view" => v.name().to_string()).increment(rows as u64);
+            }
+        }
+        let dl_len = self.dead.commit()?;
+        let mut c = Commit::default();
+        for v in self.views.iter_mut() {
+            let mut ops = Vec::new();
+            v.checkpoint(&mut ops)?;
+            c.state.push((v.name().to_string(), ops));
+            let rows = std::mem::take(&mut v.pending_online);
+            self.stats.rows_emitted += rows.len() as u64;
+            metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string()).increment(rows.len() as u64);
+            c.online.push((v.name().to_string(), rows));
+            if let Some(e) = v.agg().and_then(|a| a.emitted_through()) {
+                c.meta.push((format!("emitted/{}", v.name()), e.to_be_bytes().to_vec()));
+            }
+            if let Some(m) = self.live.views.get(v.name())
+                && let Ok(j) = serde_json::to_vec(m)
+            {
+                c.meta.push((view_meta_key(v.name()), j));
+            }
+        }
+        for s in &self.sources {
+            c.meta.push((format!("pos/{}", s.name), s.src.position()));
+            c.meta.push((watermark_key(&s.name), s.wm.to_be_bytes().to_vec()));
+            if let Some(m) = s.max_ts {
+                c.meta.push((format!("maxts/{}", s.name), m.to_be_bytes().to_vec()));
+            }
+        }
+        c.meta.push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
+        c.meta.push(("epoch".into(), epoch.to_be_bytes().to_vec()));
+        self.live.store.commit(c)?;
+        self.epoch = epoch;
+        for v in &self.views {
+            if let (Some(w), Some(s)) = (self.live.watermarks.get(v.name()), self.sources.iter().find(|s| s.name == v.plan.source)) {
+                w.store(s.wm, Ordering::Release);
+            }
+        }
+        self.stats.checkpoints += 1;
+        self.last_checkpoint = Instant::now();
+        metrics::counter!("sluice_checkpoints_total").increment(1);
+        metrics::histogram!("sluice_checkpoint_duration_seconds").record(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Open panes and keys per view (for reports).
+    pub fn state_sizes(&self) -> Vec<(String, usize, usize)> {
+        self.views.iter().filter_map(|v| v.agg().map(|a| (v.name().to_string(), a.sizes().0, a.sizes().1))).collect()
+    }
+}

@@ -1,0 +1,84 @@
+//! The source and sink seams: what a connector implements for the engine.
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use crate::error::Result;
+
+/// A record that could not be used, with where it came from and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// Source (or view, for late events) name.
+    pub source: String,
+    /// Position in the source, e.g. `clicks.jsonl:17` or `clicks/3@1042`.
+    pub position: String,
+    /// Why it was rejected: `malformed_json`, `wrong_type`, `missing_field`,
+    /// `oversized`, `late_event`.
+    pub kind: String,
+    /// A readable explanation.
+    pub reason: String,
+    /// The record as received (truncated to 4 KiB).
+    pub record: String,
+}
+
+/// Rows a source decoded, with the position of each row for error reports.
+#[derive(Debug)]
+pub struct SourceBatch {
+    /// Decoded rows in the source's declared schema.
+    pub batch: RecordBatch,
+    /// A position label per row (line number, offset).
+    pub row_positions: Vec<u64>,
+}
+
+/// What one poll of a source gave.
+#[derive(Debug)]
+pub enum Poll {
+    /// Rows (possibly none) and rejected records.
+    Data {
+        /// Decoded rows, if any decoded.
+        batch: Option<SourceBatch>,
+        /// Records that did not decode or did not fit the schema.
+        rejected: Vec<DeadLetter>,
+    },
+    /// Nothing now; poll again later (unbounded sources).
+    Idle,
+    /// A bounded source reached its end.
+    End,
+}
+
+/// A source of events. The engine polls it from one thread; positions are
+/// opaque bytes the source can resume from after a restart.
+pub trait Source: Send {
+    /// The source's name, as declared in the pipeline.
+    fn name(&self) -> &str;
+    /// The declared schema of the rows it yields.
+    fn schema(&self) -> SchemaRef;
+    /// Resumes after `position` (from [`Source::position`]); `None` starts at the beginning.
+    fn seek(&mut self, position: Option<&[u8]>) -> Result<()>;
+    /// Up to `max_rows` rows.
+    fn poll(&mut self, max_rows: usize) -> Result<Poll>;
+    /// The position after the last row returned by `poll`.
+    fn position(&self) -> Vec<u8>;
+    /// Describes a row position from [`SourceBatch::row_positions`] for a dead letter.
+    fn describe_position(&self, pos: u64) -> String;
+}
+
+/// The offline output of one feature view: files of an epoch must be durable
+/// when `write_epoch` returns, and invisible if that epoch never commits.
+pub trait OfflineSink: Send {
+    /// Writes the rows emitted during `epoch`.
+    fn write_epoch(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<usize>;
+    /// Removes anything written by epochs after `committed` (a crash between
+    /// writing files and committing).
+    fn recover(&mut self, committed: u64) -> Result<()>;
+}
+
+/// Where dead letters go.
+pub trait DeadLetterSink: Send {
+    /// Appends one record (buffered).
+    fn write(&mut self, letter: &DeadLetter) -> Result<()>;
+    /// Makes everything written durable; returns the committed length to record.
+    fn commit(&mut self) -> Result<u64>;
+    /// Drops whatever was written after `committed_len`.
+    fn recover(&mut self, committed_len: u64) -> Result<()>;
+}

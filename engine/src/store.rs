@@ -1,0 +1,219 @@
+//! The RocksDB database under the state dir: window state, the online store
+//! (a column family per view) and checkpoint metadata, committed together in
+//! one write batch.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use crate::aggregate::StateOp;
+use crate::error::{EngineError, Result};
+use crate::view::OnlineRow;
+
+const META: &str = "meta";
+const STATE: &str = "state";
+
+/// The column family holding view `view`'s online rows.
+pub fn online_cf(view: &str) -> String {
+    format!("online.{view}")
+}
+
+fn pane_bytes(p: i64) -> [u8; 8] {
+    ((p as u64) ^ (1u64 << 63)).to_be_bytes()
+}
+
+fn state_prefix(view: &str) -> Vec<u8> {
+    let mut k = view.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// The state database.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.path.display())
+    }
+}
+
+/// Everything one checkpoint commits.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// State changes per view.
+    pub state: Vec<(String, Vec<StateOp>)>,
+    /// Online rows per view.
+    pub online: Vec<(String, Vec<OnlineRow>)>,
+    /// Metadata entries (epoch, positions, watermarks …).
+    pub meta: Vec<(String, Vec<u8>)>,
+}
+
+impl Store {
+    fn err(&self, source: rocksdb::Error) -> EngineError {
+        EngineError::Store { path: self.path.display().to_string(), source }
+    }
+
+    /// Opens (or creates) the database with a column family per view.
+    pub fn open(dir: &Path, views: &[String]) -> Result<Self> {
+        let path = dir.join("db");
+        std::fs::create_dir_all(&path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut names: Vec<String> = vec![META.into(), STATE.into()];
+        names.extend(views.iter().map(|v| online_cf(v)));
+        if let Ok(existing) = DB::list_cf(&opts, &path) {
+            for n in existing {
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        let cfs = names.iter().map(|n| {
+            let mut o = Options::default();
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(n, o)
+        });
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
+        Ok(Store { db, path })
+    }
+
+    /// Opens the database read-only (works while a `sluice run` holds it).
+    pub fn open_read_only(dir: &Path) -> Result<Self> {
+        let path = dir.join("db");
+        if !path.exists() {
+            return Err(EngineError::Incompatible { path: dir.display().to_string(), reason: "no state here; run `sluice run … --state-dir` first".into() });
+        }
+        let opts = Options::default();
+        let names = DB::list_cf(&opts, &path).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
+        let db = DB::open_cf_for_read_only(&opts, &path, names, false).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
+        Ok(Store { db, path })
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| EngineError::Incompatible {
+            path: self.path.display().to_string(),
+            reason: format!("column family `{name}` is missing"),
+        })
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(META)?, key).map_err(|e| self.err(e))
+    }
+
+    /// A metadata value as i64.
+    pub fn meta_i64(&self, key: &str) -> Result<Option<i64>> {
+        Ok(self.meta(key)?.and_then(|v| v.try_into().ok()).map(i64::from_be_bytes))
+    }
+
+    /// The online row of `key` in `view`.
+    pub fn online_get(&self, view: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let cf = self.db.cf_handle(&online_cf(view)).ok_or_else(|| EngineError::Incompatible {
+            path: self.path.display().to_string(),
+            reason: format!("no online store for view `{view}`"),
+        })?;
+        self.db.get_cf(cf, key).map_err(|e| self.err(e))
+    }
+
+    /// Every online row of `view` (for tests and exports).
+    pub fn online_scan(&self, view: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let cf = self.cf(&online_cf(view))?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The checkpointed state of `view`: (pane start, key row, state row), ordered by pane.
+    pub fn state_entries(&self, view: &str) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>> {
+        let cf = self.cf(STATE)?;
+        let prefix = state_prefix(view);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            if rest.len() < 8 {
+                continue;
+            }
+            let mut pb = [0u8; 8];
+            pb.copy_from_slice(&rest[..8]);
+            let pane = (u64::from_be_bytes(pb) ^ (1u64 << 63)) as i64;
+            out.push((pane, rest[8..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Commits a checkpoint atomically and durably.
+    pub fn commit(&self, c: Commit) -> Result<()> {
+        let mut b = WriteBatch::default();
+        let state = self.cf(STATE)?;
+        for (view, ops) in &c.state {
+            let prefix = state_prefix(view);
+            for op in ops {
+                match op {
+                    StateOp::Put { pane, key, value } => {
+                        let mut k = prefix.clone();
+                        k.extend_from_slice(&pane_bytes(*pane));
+                        k.extend_from_slice(key);
+                        b.put_cf(state, k, value);
+                    }
+                    StateOp::DropPane(p) => {
+                        let mut from = prefix.clone();
+                        from.extend_from_slice(&pane_bytes(*p));
+                        let mut to = prefix.clone();
+                        to.extend_from_slice(&pane_bytes(p.saturating_add(1)));
+                        b.delete_range_cf(state, from, to);
+                    }
+                }
+            }
+        }
+        for (view, rows) in &c.online {
+            let cf = self.cf(&online_cf(view))?;
+            for (k, v) in rows {
+                b.put_cf(cf, k, v);
+            }
+        }
+        let meta = self.cf(META)?;
+        for (k, v) in &c.meta {
+            b.put_cf(meta, k, v);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(b, &wo).map_err(|e| self.err(e))
+    }
+
+    /// Bytes used by the database's files (SST + WAL + manifest).
+    pub fn disk_bytes(&self) -> u64 {
+        dir_size(&self.path)
+    }
+
+    /// Flushes memtables to SST files (for size measurements).
+    pub fn flush(&self) -> Result<()> {
+        for n in [META, STATE] {
+            self.db.flush_cf(self.cf(n)?).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Total size of the files under a directory.
+pub fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

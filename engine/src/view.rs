@@ -1,0 +1,211 @@
+//! One feature view at run time: its stages, its aggregation, and the rows it
+//! emitted since the last checkpoint (for the lake and the online store).
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use arrow::datatypes::SchemaRef;
+use arrow::json::WriterBuilder;
+use arrow::json::writer::LineDelimited;
+use sluice_sql::{ViewKind, ViewPlan, WindowSpec};
+
+use crate::aggregate::{Fired, StateOp, WindowAgg, emitted_schema};
+use crate::error::{EngineError, Result};
+use crate::exec::{PhysStage, Rows, compile_stages, run_stages};
+use crate::keys::key_strings;
+
+/// An online-store write: the key and its encoded value.
+pub type OnlineRow = (String, Vec<u8>);
+
+/// A feature view's operator chain.
+pub struct ViewOp {
+    /// The plan it runs.
+    pub plan: ViewPlan,
+    stages: Vec<PhysStage>,
+    agg: Option<WindowAgg>,
+    /// Schema of emitted rows (`window_start`, `window_end`, keys, features).
+    pub schema: SchemaRef,
+    key_idx: Vec<usize>,
+    feature_idx: Vec<usize>,
+    /// Rows emitted since the last checkpoint, for the lake.
+    pub pending_lake: Vec<RecordBatch>,
+    /// Online writes since the last checkpoint, in order (later wins).
+    pub pending_online: Vec<OnlineRow>,
+    fired: Vec<Fired>,
+}
+
+impl ViewOp {
+    /// Compiles a view.
+    pub fn new(plan: &ViewPlan) -> Result<Self> {
+        let stages = compile_stages(&plan.name, &plan.stages)?;
+        let agg = match &plan.kind {
+            ViewKind::Aggregate(a) => Some(WindowAgg::new(&plan.name, a)?),
+            ViewKind::PerEvent => None,
+        };
+        let schema = emitted_schema(&plan.output_schema);
+        let key_idx = plan.keys.iter().filter_map(|k| schema.index_of(k).ok()).collect::<Vec<_>>();
+        let feature_idx = (2..schema.fields().len()).filter(|i| !key_idx.contains(i)).collect();
+        Ok(ViewOp {
+            plan: plan.clone(),
+            stages,
+            agg,
+            schema,
+            key_idx,
+            feature_idx,
+            pending_lake: Vec::new(),
+            pending_online: Vec::new(),
+            fired: Vec::new(),
+        })
+    }
+
+    /// The view's name.
+    pub fn name(&self) -> &str {
+        &self.plan.name
+    }
+
+    /// The aggregation, for aggregate views.
+    pub fn agg(&self) -> Option<&WindowAgg> {
+        self.agg.as_ref()
+    }
+
+    /// Mutable aggregation, for restore.
+    pub fn agg_mut(&mut self) -> Option<&mut WindowAgg> {
+        self.agg.as_mut()
+    }
+
+    /// Runs source rows through the view. Returns the source-batch row indices
+    /// of late events (not folded in).
+    pub fn process(&mut self, rows: Rows) -> Result<Vec<u32>> {
+        let rows = run_stages(&self.plan.name, &self.stages, rows)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(agg) = self.agg.as_mut() else {
+            let ts = rows.ts.as_ref().map(|t| Arc::new(TimestampMillisecondArray::from(t.values().to_vec()).with_timezone("UTC")) as ArrayRef);
+            let ts = ts.unwrap_or_else(|| arrow::array::new_null_array(self.schema.field(0).data_type(), rows.len()));
+            self.emit_rows(&rows.batch, Arc::clone(&ts), ts, None)?;
+            return Ok(Vec::new());
+        };
+        let late = agg.late_rows(&rows);
+        let late_ids: Vec<u32> = late.iter().map(|i| rows.rowid.value(*i)).collect();
+        let rows = if late.is_empty() {
+            rows
+        } else {
+            let mut keep = vec![true; rows.len()];
+            for i in &late {
+                keep[*i] = false;
+            }
+            rows.filter(&arrow::array::BooleanArray::from(keep))?
+        };
+        let mut fired = std::mem::take(&mut self.fired);
+        let r = agg.process(&rows, &mut fired);
+        self.emit_fired(&mut fired)?;
+        self.fired = fired;
+        r?;
+        Ok(late_ids)
+    }
+
+    /// Fires the windows the watermark `wm` closes.
+    pub fn advance(&mut self, wm: i64) -> Result<()> {
+        let Some(agg) = self.agg.as_mut() else { return Ok(()) };
+        let mut fired = std::mem::take(&mut self.fired);
+        let r = agg.fire_until(wm, &mut fired);
+        self.emit_fired(&mut fired)?;
+        self.fired = fired;
+        r
+    }
+
+    /// Before a checkpoint: lifetime views emit the keys that changed, as of `end`.
+    pub fn before_checkpoint(&mut self, end: Option<i64>) -> Result<()> {
+        let Some(agg) = self.agg.as_mut() else { return Ok(()) };
+        if let Some(f) = agg.changed_rows(end)? {
+            let mut v = vec![f];
+            self.emit_fired(&mut v)?;
+        }
+        Ok(())
+    }
+
+    /// State changes for the checkpoint.
+    pub fn checkpoint(&mut self, ops: &mut Vec<StateOp>) -> Result<()> {
+        match self.agg.as_mut() {
+            Some(a) => a.checkpoint(ops),
+            None => Ok(()),
+        }
+    }
+
+    fn emit_fired(&mut self, fired: &mut Vec<Fired>) -> Result<()> {
+        for f in fired.drain(..) {
+            let n = f.batch.num_rows();
+            let col = |v: Option<i64>| Arc::new(TimestampMillisecondArray::from(vec![v; n]).with_timezone("UTC")) as ArrayRef;
+            self.emit_rows(&f.batch, col(f.start), col(f.end), f.valid_until)?;
+        }
+        Ok(())
+    }
+
+    fn emit_rows(&mut self, batch: &RecordBatch, start: ArrayRef, end: ArrayRef, valid_until: Option<i64>) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let mut cols = vec![start, end];
+        cols.extend(batch.columns().iter().cloned());
+        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
+            .map_err(|e| EngineError::arrow(format!("output of view `{}`", self.plan.name), e))?;
+        metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone()).increment(out.num_rows() as u64);
+        if self.plan.online {
+            let keys: Vec<ArrayRef> = self.key_idx.iter().map(|i| Arc::clone(out.column(*i))).collect();
+            let keys = key_strings(&keys)?;
+            let feats = features_json(&out, &self.feature_idx)?;
+            let ends = out.column(1).as_any().downcast_ref::<TimestampMillisecondArray>();
+            let starts = out.column(0).as_any().downcast_ref::<TimestampMillisecondArray>();
+            let ms = |a: Option<&TimestampMillisecondArray>, i: usize| match a {
+                Some(a) if a.is_valid(i) => a.value(i).to_string(),
+                _ => "null".to_string(),
+            };
+            let vu = valid_until.map(|v| v.to_string()).unwrap_or_else(|| "null".into());
+            for (i, (k, f)) in keys.into_iter().zip(feats).enumerate() {
+                let v = format!(
+                    "{{\"window_start\":{},\"window_end\":{},\"valid_until\":{vu},\"features\":{}}}",
+                    ms(starts, i),
+                    ms(ends, i),
+                    String::from_utf8_lossy(&f)
+                );
+                self.pending_online.push((k, v.into_bytes()));
+            }
+        }
+        if self.plan.offline.is_some() {
+            self.pending_lake.push(out);
+        }
+        Ok(())
+    }
+
+    /// The JSON features a key reads as when its window is empty.
+    pub fn empty_features(&self) -> Result<Option<serde_json::Value>> {
+        let Some(agg) = self.agg.as_ref() else { return Ok(None) };
+        let Some(b) = agg.kernel().empty_row()? else { return Ok(None) };
+        let n = b.num_rows();
+        let mut cols: Vec<ArrayRef> = vec![arrow::array::new_null_array(self.schema.field(0).data_type(), n); 2];
+        cols.extend(b.columns().iter().cloned());
+        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols).map_err(|e| EngineError::arrow("empty row", e))?;
+        let f = features_json(&out, &self.feature_idx)?;
+        Ok(f.first().and_then(|j| serde_json::from_slice(j).ok()))
+    }
+
+    /// The window, for aggregate views.
+    pub fn window(&self) -> Option<WindowSpec> {
+        self.plan.window()
+    }
+}
+
+/// One JSON object per row with the given columns (NULLs explicit).
+pub fn features_json(batch: &RecordBatch, cols: &[usize]) -> Result<Vec<Vec<u8>>> {
+    let proj = batch.project(cols).map_err(|e| EngineError::arrow("feature columns", e))?;
+    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(Vec::new());
+    w.write(&proj).map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
+    w.finish().map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
+    let buf = w.into_inner();
+    let mut out: Vec<Vec<u8>> = buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| l.to_vec()).collect();
+    if proj.num_columns() == 0 {
+        out = vec![b"{}".to_vec(); batch.num_rows()];
+    }
+    Ok(out)
+}
