@@ -234,6 +234,8 @@ impl Source for JsonFileSource {
         };
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec()).map_err(|e| EngineError::arrow(format!("source {}", self.name), e))?;
         let batch = (batch.num_rows() > 0).then_some(SourceBatch { batch, row_positions: positions });
+        // Report rejects in file order.
+        rejected.sort_by_key(|d| d.position.rsplit(':').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0));
         Ok(Poll::Data { batch, rejected })
     }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_empty_array, new_null_array};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_null_array};
 use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
@@ -33,7 +33,6 @@ pub struct AggKernel {
     view: String,
     aggs: Vec<Arc<AggregateFunctionExpr>>,
     args: Vec<Vec<Arc<dyn PhysicalExpr>>>,
-    arg_types: Vec<Vec<DataType>>,
     filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
     state_widths: Vec<usize>,
     state_conv: RowConverter,
@@ -58,7 +57,6 @@ impl AggKernel {
         let ctx = PhysicalPlanningContext::default();
         let mut aggs = Vec::new();
         let mut args = Vec::new();
-        let mut arg_types = Vec::new();
         let mut filters = Vec::new();
         let mut state_widths = Vec::new();
         let mut state_fields = Vec::new();
@@ -67,12 +65,10 @@ impl AggKernel {
             let agg = lowered.aggregate;
             let mut a = agg.expressions();
             a.extend(agg.order_bys().iter().map(|s| Arc::clone(&s.expr)));
-            let types = a.iter().map(|x| x.data_type(&input)).collect::<datafusion::common::Result<Vec<_>>>().map_err(df)?;
             let sf = agg.state_fields().map_err(df)?;
             state_widths.push(sf.len());
             state_fields.extend(sf.iter().map(|f| SortField::new(f.data_type().clone())));
             args.push(a);
-            arg_types.push(types);
             filters.push(lowered.filter);
             aggs.push(agg);
         }
@@ -83,7 +79,6 @@ impl AggKernel {
             view: view.to_string(),
             aggs,
             args,
-            arg_types,
             filters,
             state_widths,
             state_conv,
@@ -153,13 +148,8 @@ impl AggKernel {
     /// The row a key reads as when its window holds no events: the aggregate
     /// over the empty set (`COUNT` 0, `SUM` NULL …). `None` when `HAVING` drops it.
     pub fn empty_row(&self) -> Result<Option<RecordBatch>> {
-        let mut accs = self.new_accs()?;
-        for (acc, types) in accs.iter_mut().zip(&self.arg_types) {
-            let vals: Vec<ArrayRef> = types.iter().map(new_empty_array).collect();
-            acc.update_batch(&vals, &[], None, 1).map_err(|e| EngineError::df(&self.view, e))?;
-        }
-        // Key columns get a placeholder value (they are not part of the features).
-        let keys = self
+        // A fresh (non-grouped) accumulator evaluates to the empty-set value.
+        let mut cols: Vec<ArrayRef> = self
             .group_types
             .iter()
             .map(|t| match datafusion::common::ScalarValue::new_default(t).and_then(|v| v.to_array_of_size(1)) {
@@ -167,7 +157,20 @@ impl AggKernel {
                 Err(_) => new_null_array(t, 1),
             })
             .collect();
-        let b = self.finish(keys, &mut accs)?;
+        for (a, f) in self.aggs.iter().zip(self.agg_schema.fields().iter().skip(self.group_types.len())) {
+            let v = a.create_accumulator().and_then(|mut acc| acc.evaluate()).map_err(|e| EngineError::df(&self.view, e))?;
+            let arr = v.to_array_of_size(1).map_err(|e| EngineError::df(&self.view, e))?;
+            let arr = if arr.data_type() == f.data_type() {
+                arr
+            } else {
+                arrow::compute::cast(&arr, f.data_type()).map_err(|e| EngineError::arrow("empty-set value", e))?
+            };
+            cols.push(arr);
+        }
+        let schema = Arc::new(Schema::new(self.agg_schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>()));
+        let batch = RecordBatch::try_new(schema, cols).map_err(|e| EngineError::arrow("empty-set row", e))?;
+        let rows = Rows { batch, ts: None, wm: None, rowid: UInt32Array::from(vec![0u32]) };
+        let b = run_stages(&self.view, &self.post, rows)?.batch;
         Ok((b.num_rows() == 1).then_some(b))
     }
 

@@ -250,7 +250,7 @@ pub fn plan_pipeline(file: &str, text: &str, base_dir: &Path) -> Result<Pipeline
                 if !names.insert(v.name.value.clone()) {
                     return Err(PipelineError::at(file, Some(v.name.pos), format!("`{}` is defined twice", v.name.value)));
                 }
-                let vp = lower_view(file, &v, &plan, &ctx, base_dir)?;
+                let vp = lower_view(file, text, &v, &plan, &ctx, base_dir)?;
                 plan.views.push(vp);
             }
         }
@@ -463,8 +463,27 @@ fn take_window(file: &str, query: &mut ast::Query) -> Result<Option<WindowCall>,
     Ok(found)
 }
 
-fn df_error(file: &str, fallback: Pos, e: DataFusionError, candidates: &[String]) -> PipelineError {
+/// The position of the first word `word` at or after `from` in `text`.
+fn locate_word(text: &str, from: Pos, word: &str) -> Option<Pos> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, text).tokenize_with_location().ok()?;
+    tokens.into_iter().find_map(|t| {
+        let p: Pos = t.span.start.into();
+        match &t.token {
+            Token::Word(w) if (p.line, p.column) >= (from.line, from.column) && w.value.eq_ignore_ascii_case(word) => Some(p),
+            _ => None,
+        }
+    })
+}
+
+fn df_error(file: &str, text: &str, fallback: Pos, e: DataFusionError, candidates: &[String], functions: &[String]) -> PipelineError {
     let diag = e.diagnostic().cloned();
+    if let Some(name) = e.strip_backtrace().split("Invalid function '").nth(1).and_then(|r| r.split('\'').next()) {
+        let pos = diag.as_ref().and_then(|d| d.span).filter(|s| s.start.line > 0).map(|s| Pos { line: s.start.line, column: s.start.column });
+        let pos = pos.or_else(|| locate_word(text, fallback, name)).unwrap_or(fallback);
+        return PipelineError::at(file, Some(pos), format!("unknown function `{name}`")).suggest(name, functions.iter().map(String::as_str));
+    }
     let mut msg = e.strip_backtrace().to_string();
     let mut pos = Some(fallback);
     if let Some(d) = &diag {
@@ -486,11 +505,16 @@ fn df_error(file: &str, fallback: Pos, e: DataFusionError, candidates: &[String]
         && let datafusion::common::SchemaError::FieldNotFound { field, .. } = se.as_ref()
     {
         err = err.suggest(&field.name, candidates.iter().map(String::as_str));
+        if err.pos == Some(fallback)
+            && let Some(p) = locate_word(text, fallback, &field.name)
+        {
+            err.pos = Some(p);
+        }
     }
     err
 }
 
-fn lower_view(file: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &SessionContext, base_dir: &Path) -> Result<ViewPlan, PipelineError> {
+fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &SessionContext, base_dir: &Path) -> Result<ViewPlan, PipelineError> {
     check_options(file, &v.options, VIEW_OPTIONS, "feature view")?;
     let mut online = true;
     let mut offline = None;
@@ -560,7 +584,13 @@ fn lower_view(file: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &SessionContext
     let statement = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
     let logical = futures::executor::block_on(state.statement_to_plan(statement))
         .and_then(|p| state.analyzer().execute_and_check(p, state.config_options(), |_, _| {}))
-        .map_err(|e| df_error(file, v.query_pos, e, &candidates))?;
+        .map_err(|e| {
+            let mut functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
+            functions.extend(state.aggregate_functions().keys().cloned());
+            functions.extend(state.window_functions().keys().cloned());
+            functions.sort();
+            df_error(file, text, v.query_pos, e, &candidates, &functions)
+        })?;
 
     let mut post = Vec::new();
     let mut node = &logical;
