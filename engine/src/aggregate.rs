@@ -40,6 +40,8 @@ pub struct AggKernel {
     group_types: Vec<DataType>,
     agg_schema: SchemaRef,
     post: Vec<PhysStage>,
+    /// The last aggregate is a hidden `max(event time)`: a lifetime row's time.
+    hidden_ts: bool,
 }
 
 impl std::fmt::Debug for AggKernel {
@@ -50,7 +52,7 @@ impl std::fmt::Debug for AggKernel {
 
 impl AggKernel {
     /// Compiles the aggregate plan of `view`.
-    pub fn new(view: &str, plan: &AggregatePlan) -> Result<Self> {
+    pub fn new(view: &str, plan: &AggregatePlan, event_time: Option<&str>) -> Result<Self> {
         let df = |e| EngineError::df(view, e);
         let input = plan.input_schema.as_arrow().clone();
         let props = ExecutionProps::new();
@@ -60,7 +62,18 @@ impl AggKernel {
         let mut filters = Vec::new();
         let mut state_widths = Vec::new();
         let mut state_fields = Vec::new();
-        for e in &plan.aggr_exprs {
+        let mut exprs = plan.aggr_exprs.clone();
+        let hidden_ts = match event_time {
+            Some(ts) if plan.window == WindowSpec::Lifetime => match plan.input_schema.columns().into_iter().find(|c| c.name == ts) {
+                Some(c) => {
+                    exprs.push(datafusion::functions_aggregate::expr_fn::max(datafusion::logical_expr::Expr::Column(c)).alias("__sluice_event_time"));
+                    true
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        for e in &exprs {
             let lowered = LoweredAggregateBuilder::new(e, &plan.input_schema, &input, &props, &ctx).build().map_err(df)?;
             let agg = lowered.aggregate;
             let mut a = agg.expressions();
@@ -86,6 +99,7 @@ impl AggKernel {
             group_types,
             agg_schema: Arc::new(plan.output_schema.as_arrow().clone()),
             post: compile_stages(view, &plan.post)?,
+            hidden_ts,
         })
     }
 
@@ -129,10 +143,16 @@ impl AggKernel {
 
     /// Evaluates accumulators into the view's output rows (keys + features).
     fn finish(&self, key_cols: Vec<ArrayRef>, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<RecordBatch> {
+        Ok(self.finish_with_time(key_cols, accs)?.0)
+    }
+
+    /// Like `finish`, also returning the hidden last-event-time column of lifetime views.
+    fn finish_with_time(&self, key_cols: Vec<ArrayRef>, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<(RecordBatch, Option<ArrayRef>)> {
         let mut cols = key_cols;
         for acc in accs.iter_mut() {
             cols.push(acc.evaluate(EmitTo::All).map_err(|e| EngineError::df(&self.view, e))?);
         }
+        let times = if self.hidden_ts { cols.pop() } else { None };
         let batch = RecordBatch::try_new(Arc::clone(&self.agg_schema), cols)
             .map_err(|e| EngineError::arrow(format!("aggregate output of `{}`", self.view), e))?;
         let n = batch.num_rows();
@@ -142,7 +162,13 @@ impl AggKernel {
             wm: None,
             rowid: UInt32Array::from_iter_values(0..n as u32),
         };
-        Ok(run_stages(&self.view, &self.post, rows)?.batch)
+        let out = run_stages(&self.view, &self.post, rows)?;
+        // HAVING may have dropped rows: keep the times of the survivors.
+        let times = match times {
+            Some(t) if out.len() != n => Some(take(t.as_ref(), &out.rowid, None).map_err(|e| EngineError::arrow("event times", e))?),
+            t => t,
+        };
+        Ok((out.batch, times))
     }
 
     /// The row a key reads as when its window holds no events: the aggregate
@@ -366,14 +392,16 @@ pub struct Fired {
     pub end: Option<i64>,
     /// When the value expires: the next window end (ms); `None` never.
     pub valid_until: Option<i64>,
+    /// Per-row `window_end` (lifetime rows: each key's latest event time), overriding `end`.
+    pub row_ends: Option<ArrayRef>,
     /// Keys and features.
     pub batch: RecordBatch,
 }
 
 impl WindowAgg {
     /// Aggregation for `view`.
-    pub fn new(view: &str, plan: &AggregatePlan) -> Result<Self> {
-        let kernel = AggKernel::new(view, plan)?;
+    pub fn new(view: &str, plan: &AggregatePlan, event_time: Option<&str>) -> Result<Self> {
+        let kernel = AggKernel::new(view, plan, event_time)?;
         let keys = KeyDict::new(kernel.key_types())?;
         Ok(WindowAgg {
             kernel,
@@ -542,7 +570,7 @@ impl WindowAgg {
             }
         }
         if batch.num_rows() > 0 {
-            out.push(Fired { start: Some(lo), end: Some(end), valid_until: Some(end + slide), batch });
+            out.push(Fired { start: Some(lo), end: Some(end), valid_until: Some(end + slide), row_ends: None, batch });
         }
         Ok(())
     }
@@ -561,8 +589,8 @@ impl WindowAgg {
         let idx: Vec<u32> = chunk.keys.iter().enumerate().filter(|(_, k)| pane.dirty.contains(k)).map(|(i, _)| i as u32).collect();
         let sel = take_chunk(chunk, &idx)?;
         let (mut accs, keys) = self.kernel.merge(&[&sel], &mut self.scratch)?;
-        let batch = self.kernel.finish(self.keys.arrays(&keys)?, &mut accs)?;
-        Ok(Some(Fired { start: None, end, valid_until: None, batch }))
+        let (batch, row_ends) = self.kernel.finish_with_time(self.keys.arrays(&keys)?, &mut accs)?;
+        Ok(Some(Fired { start: None, end: if row_ends.is_some() { None } else { end }, valid_until: None, row_ends, batch }))
     }
 
     /// The state changes since the last checkpoint; clears the dirty sets.

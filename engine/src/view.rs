@@ -39,7 +39,7 @@ impl ViewOp {
     pub fn new(plan: &ViewPlan) -> Result<Self> {
         let stages = compile_stages(&plan.name, &plan.stages)?;
         let agg = match &plan.kind {
-            ViewKind::Aggregate(a) => Some(WindowAgg::new(&plan.name, a)?),
+            ViewKind::Aggregate(a) => Some(WindowAgg::new(&plan.name, a, plan.event_time.as_deref())?),
             ViewKind::PerEvent => None,
         };
         let schema = emitted_schema(&plan.output_schema);
@@ -137,7 +137,11 @@ impl ViewOp {
         for f in fired.drain(..) {
             let n = f.batch.num_rows();
             let col = |v: Option<i64>| Arc::new(TimestampMillisecondArray::from(vec![v; n]).with_timezone("UTC")) as ArrayRef;
-            self.emit_rows(&f.batch, col(f.start), col(f.end), f.valid_until)?;
+            let ends = match &f.row_ends {
+                Some(e) => arrow::compute::cast(e, self.schema.field(1).data_type()).map_err(|e| EngineError::arrow("window_end", e))?,
+                None => col(f.end),
+            };
+            self.emit_rows(&f.batch, col(f.start), ends, f.valid_until)?;
         }
         Ok(())
     }

@@ -172,6 +172,8 @@ pub struct ViewPlan {
     pub output_schema: SchemaRef,
     /// The view's query text.
     pub query: String,
+    /// The source's event-time column, if it has one.
+    pub event_time: Option<String>,
 }
 
 impl ViewPlan {
@@ -701,6 +703,7 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
         kind,
         output_schema,
         query: query_text,
+        event_time: source.event_time.map(|i| source.schema.field(i).name().clone()),
     })
 }
 

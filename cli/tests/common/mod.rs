@@ -81,3 +81,35 @@ pub fn get(state: &Path, view: &str, key: &str) -> Option<serde_json::Value> {
     }
     Some(serde_json::from_slice(&out.stdout).expect("get prints JSON"))
 }
+
+fn close(a: f64, b: f64) -> bool {
+    a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+/// Rows equal field by field, numbers up to floating-point summation order
+/// (partial aggregates merged in a different order differ in the last bits).
+pub fn rows_match(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            let (xs, ys): (Vec<&str>, Vec<&str>) = (x.split(" | ").collect(), y.split(" | ").collect());
+            xs.len() == ys.len()
+                && xs.iter().zip(&ys).all(|(p, q)| match (p.parse::<f64>(), q.parse::<f64>()) {
+                    (Ok(p), Ok(q)) => close(p, q),
+                    _ => p == q,
+                })
+        })
+}
+
+/// JSON values equal, numbers up to floating-point summation order.
+pub fn json_match(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => close(x, y),
+            _ => x == y,
+        },
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_match(p, q)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_match(v, w))),
+        _ => a == b,
+    }
+}
