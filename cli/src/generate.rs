@@ -73,12 +73,19 @@ pub fn event(rng: &mut Rng, i: u64, n: u64, keys: u64, minutes: u64) -> Event {
     let item = rng.below(5000);
     let r = rng.below(10_000) as i64;
     let price_cents = if r < 50 { -r } else { r };
-    Event { user, item, price_cents, ts: (base - jitter).max(BASE_TS) }
+    Event {
+        user,
+        item,
+        price_cents,
+        ts: (base - jitter).max(BASE_TS),
+    }
 }
 
 /// Formats ms since the epoch as RFC 3339 UTC.
 pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()).unwrap_or_default()
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default()
 }
 
 /// Writes the events as JSON lines.
@@ -95,7 +102,11 @@ pub fn run(a: &GenArgs) -> anyhow::Result<()> {
             "{{\"user_id\":\"u{:05}\",\"item_id\":\"i{}\",\"price\":{}.{:02},\"ts\":\"{}\"}}",
             e.user,
             e.item,
-            if e.price_cents < 0 { "-0".to_string() } else { (e.price_cents / 100).to_string() },
+            if e.price_cents < 0 {
+                "-0".to_string()
+            } else {
+                (e.price_cents / 100).to_string()
+            },
             e.price_cents.abs() % 100,
             rfc3339(e.ts)
         )?;

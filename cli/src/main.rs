@@ -86,13 +86,21 @@ struct RunArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Explain { pipeline } => explain(&pipeline),
-        Cmd::Get { view, key, state_dir } => get(&state_dir, &view, &key),
+        Cmd::Get {
+            view,
+            key,
+            state_dir,
+        } => get(&state_dir, &view, &key),
         Cmd::Gen(a) => generate::run(&a),
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
     };
@@ -116,7 +124,9 @@ fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
     let Some(meta) = read_view_meta(&store, view)? else {
         bail!("no feature view `{view}` in {}", state_dir.display());
     };
-    let wm = store.meta_i64(&watermark_key(&meta.source))?.filter(|w| *w != sluice_engine::job::NO_WATERMARK);
+    let wm = store
+        .meta_i64(&watermark_key(&meta.source))?
+        .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
     match read_feature(&store, &meta, key, wm)? {
         Some(v) => {
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -129,7 +139,12 @@ fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
 /// Installs the Prometheus recorder (once per process).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let h = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0])?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ],
+        )?
         .install_recorder()?;
     sluice_engine::metrics_names::describe();
     Ok(h)
@@ -139,7 +154,12 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let p = plan(&a.pipeline)?;
     let handle = install_metrics()?;
     let token = match &a.auth_token_file {
-        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string()),
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
         None => None,
     };
     let opts = JobOptions {
@@ -151,14 +171,23 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     run_job(&p, opts, a.serve, token, Some(handle))
 }
 
-fn run_job(p: &sluice_sql::PipelinePlan, opts: JobOptions, serve: Option<SocketAddr>, token: Option<String>, handle: Option<PrometheusHandle>) -> anyhow::Result<()> {
+fn run_job(
+    p: &sluice_sql::PipelinePlan,
+    opts: JobOptions,
+    serve: Option<SocketAddr>,
+    token: Option<String>,
+    handle: Option<PrometheusHandle>,
+) -> anyhow::Result<()> {
     let sources = sluice_connectors::build_sources(p)?;
     let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p);
     let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir));
     let state_dir = opts.state_dir.clone();
     let mut job = Job::open(p, sources, lakes, dead, opts)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     {
         let stop = Arc::clone(&stop);
         rt.spawn(async move {
@@ -190,10 +219,22 @@ fn run_job(p: &sluice_sql::PipelinePlan, opts: JobOptions, serve: Option<SocketA
     Ok(())
 }
 
-fn start_server(rt: &tokio::runtime::Runtime, addr: SocketAddr, live: Arc<Live>, token: Option<String>, handle: Option<PrometheusHandle>) -> anyhow::Result<()> {
-    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| format!("binding {addr}"))?;
+fn start_server(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    live: Arc<Live>,
+    token: Option<String>,
+    handle: Option<PrometheusHandle>,
+) -> anyhow::Result<()> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
-    let app = router(ServeState { live, metrics: handle, token: token.map(Arc::from) });
+    let app = router(ServeState {
+        live,
+        metrics: handle,
+        token: token.map(Arc::from),
+    });
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("server stopped: {e}");
@@ -207,13 +248,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -240,17 +282,40 @@ fn demo(dir: &Path, events: u64, serve: &str) -> anyhow::Result<()> {
             std::fs::remove_dir_all(d)?;
         }
     }
-    let g = generate::GenArgs { events, keys: 1000, out: events_path.clone(), seed: 42, minutes: 180 };
+    let g = generate::GenArgs {
+        events,
+        keys: 1000,
+        out: events_path.clone(),
+        seed: 42,
+        minutes: 180,
+    };
     generate::run(&g)?;
     eprintln!("generated {events} events into {}", events_path.display());
     let p = plan(&pipeline)?;
     let handle = install_metrics()?;
-    let serve_addr = if serve == "none" { None } else { Some(serve.parse::<SocketAddr>().with_context(|| format!("--serve {serve}"))?) };
+    let serve_addr = if serve == "none" {
+        None
+    } else {
+        Some(
+            serve
+                .parse::<SocketAddr>()
+                .with_context(|| format!("--serve {serve}"))?,
+        )
+    };
     if let Some(a) = serve_addr {
         eprintln!("try: curl http://{a}/v1/features/user_activity/u00042");
     }
-    run_job(&p, JobOptions::new(state.clone()), serve_addr, None, Some(handle))?;
+    run_job(
+        &p,
+        JobOptions::new(state.clone()),
+        serve_addr,
+        None,
+        Some(handle),
+    )?;
     eprintln!("lake: {}  state: {}", lake.display(), state.display());
-    eprintln!("read a key: sluice get user_activity u00042 --state-dir {}", state.display());
+    eprintln!(
+        "read a key: sluice get user_activity u00042 --state-dir {}",
+        state.display()
+    );
     Ok(())
 }

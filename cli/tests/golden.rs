@@ -33,7 +33,12 @@ fn records(text: &str) -> Vec<Record> {
                 if l.starts_with('#') {
                     continue;
                 }
-                cur = Some(Record { line: i + 1, head: l.trim().to_string(), body: Vec::new(), expected: Vec::new() });
+                cur = Some(Record {
+                    line: i + 1,
+                    head: l.trim().to_string(),
+                    body: Vec::new(),
+                    expected: Vec::new(),
+                });
             }
             Some(r) => {
                 if l.trim() == "----" {
@@ -58,12 +63,17 @@ fn run_script(path: &Path) -> Result<(), String> {
     let pipeline = dir.path().join("pipeline.sql");
     let state = dir.path().join("state");
     let lake = dir.path().join("lake");
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for r in records(&text) {
         let at = format!("{name}:{}", r.line);
         let words: Vec<&str> = r.head.split_whitespace().collect();
         match words.as_slice() {
-            ["pipeline"] => std::fs::write(&pipeline, r.body.join("\n")).map_err(|e| e.to_string())?,
+            ["pipeline"] => {
+                std::fs::write(&pipeline, r.body.join("\n")).map_err(|e| e.to_string())?
+            }
             ["pipeline", "error"] => {
                 std::fs::write(&pipeline, r.body.join("\n")).map_err(|e| e.to_string())?;
                 let out = sluice(&["explain", &pipeline.display().to_string()]);
@@ -73,7 +83,10 @@ fn run_script(path: &Path) -> Result<(), String> {
                 }
                 for want in &r.expected {
                     if !err.contains(want.trim()) {
-                        return Err(format!("{at}: error output lacks `{}`; it was:\n{err}", want.trim()));
+                        return Err(format!(
+                            "{at}: error output lacks `{}`; it was:\n{err}",
+                            want.trim()
+                        ));
                     }
                 }
             }
@@ -92,7 +105,10 @@ fn run_script(path: &Path) -> Result<(), String> {
                 args.extend(extra.iter().copied());
                 let out = sluice(&args);
                 if !out.status.success() {
-                    return Err(format!("{at}: sluice run failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+                    return Err(format!(
+                        "{at}: sluice run failed:\n{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
                 }
             }
             ["query", "lake", view] => {
@@ -100,7 +116,11 @@ fn run_script(path: &Path) -> Result<(), String> {
                 let mut actual = vec![h];
                 actual.extend(rows);
                 if rows_differ(&actual, &r.expected) {
-                    return Err(format!("{at}: lake rows of `{view}` differ\nexpected:\n{}\nactual:\n{}", r.expected.join("\n"), actual.join("\n")));
+                    return Err(format!(
+                        "{at}: lake rows of `{view}` differ\nexpected:\n{}\nactual:\n{}",
+                        r.expected.join("\n"),
+                        actual.join("\n")
+                    ));
                 }
             }
             ["query", "online", view, key] => {
@@ -108,22 +128,38 @@ fn run_script(path: &Path) -> Result<(), String> {
                 let want = r.expected.join("\n");
                 let ok = match (&got, want.trim()) {
                     (None, "NOT FOUND") => true,
-                    (Some(g), w) => serde_json::from_str::<serde_json::Value>(w).map(|w| &w == g).unwrap_or(false),
+                    (Some(g), w) => serde_json::from_str::<serde_json::Value>(w)
+                        .map(|w| &w == g)
+                        .unwrap_or(false),
                     _ => false,
                 };
                 if !ok {
-                    let g = got.map(|g| g.to_string()).unwrap_or_else(|| "NOT FOUND".into());
-                    return Err(format!("{at}: online `{view}` `{key}`\nexpected: {want}\nactual:   {g}"));
+                    let g = got
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "NOT FOUND".into());
+                    return Err(format!(
+                        "{at}: online `{view}` `{key}`\nexpected: {want}\nactual:   {g}"
+                    ));
                 }
             }
             ["query", "dead_letters"] => {
                 let actual: Vec<String> = dead_letters(&state)
                     .iter()
-                    .map(|d| format!("{} {}", d["kind"].as_str().unwrap_or("?"), d["position"].as_str().unwrap_or("?")))
+                    .map(|d| {
+                        format!(
+                            "{} {}",
+                            d["kind"].as_str().unwrap_or("?"),
+                            d["position"].as_str().unwrap_or("?")
+                        )
+                    })
                     .collect();
                 let want: Vec<String> = r.expected.iter().map(|s| s.trim().to_string()).collect();
                 if actual != want {
-                    return Err(format!("{at}: dead letters differ\nexpected:\n{}\nactual:\n{}", want.join("\n"), actual.join("\n")));
+                    return Err(format!(
+                        "{at}: dead letters differ\nexpected:\n{}\nactual:\n{}",
+                        want.join("\n"),
+                        actual.join("\n")
+                    ));
                 }
             }
             _ => return Err(format!("{at}: unknown directive `{}`", r.head)),
@@ -134,7 +170,10 @@ fn run_script(path: &Path) -> Result<(), String> {
 
 fn rows_differ(actual: &[String], expected: &[String]) -> bool {
     let norm = |v: &[String]| {
-        let mut rows: Vec<String> = v.iter().map(|s| s.split('|').map(str::trim).collect::<Vec<_>>().join(" | ")).collect();
+        let mut rows: Vec<String> = v
+            .iter()
+            .map(|s| s.split('|').map(str::trim).collect::<Vec<_>>().join(" | "))
+            .collect();
         if rows.len() > 1 {
             rows[1..].sort();
         }
@@ -161,7 +200,10 @@ fn golden_scripts() {
     let mut failures = String::new();
     let mut ran = 0;
     for s in scripts() {
-        if filter.as_ref().is_some_and(|f| !s.display().to_string().contains(f.as_str())) {
+        if filter
+            .as_ref()
+            .is_some_and(|f| !s.display().to_string().contains(f.as_str()))
+        {
             continue;
         }
         ran += 1;

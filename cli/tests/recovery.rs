@@ -23,9 +23,11 @@ CREATE FEATURE VIEW lifetime KEY user_id AS
     SELECT user_id, COUNT(*) AS n, MAX(price) AS top FROM clicks GROUP BY user_id;
 ";
 
+type OnlineRows = Vec<(String, Vec<u8>)>;
+
 struct Outcome {
     lake: Vec<(String, Vec<String>)>,
-    online: Vec<(String, Vec<(String, Vec<u8>)>)>,
+    online: Vec<(String, OnlineRows)>,
     dead: Vec<serde_json::Value>,
 }
 
@@ -33,8 +35,14 @@ fn outcome(dir: &Path) -> Outcome {
     let state = dir.join("state");
     let store = Store::open_read_only(&state).expect("state");
     Outcome {
-        lake: ["activity", "last_click"].iter().map(|v| lake_rows(&dir.join("lake"), v)).collect(),
-        online: ["activity", "last_click", "lifetime"].iter().map(|v| (v.to_string(), store.online_scan(v).expect("scan"))).collect(),
+        lake: ["activity", "last_click"]
+            .iter()
+            .map(|v| lake_rows(&dir.join("lake"), v))
+            .collect(),
+        online: ["activity", "last_click", "lifetime"]
+            .iter()
+            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
+            .collect(),
         dead: dead_letters(&state),
     }
 }
@@ -42,7 +50,10 @@ fn outcome(dir: &Path) -> Outcome {
 fn online_match(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
-            let (x, y): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(va).expect("json"), serde_json::from_slice(vb).expect("json"));
+            let (x, y): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(va).expect("json"),
+                serde_json::from_slice(vb).expect("json"),
+            );
             ka == kb && json_match(&x, &y)
         })
 }
@@ -67,13 +78,28 @@ fn run_args(dir: &Path) -> Vec<String> {
 
 fn make_events(dir: &Path) -> std::path::PathBuf {
     let events = dir.join("events.jsonl");
-    let out = sluice(&["gen", "--events", "40000", "--keys", "200", "--minutes", "60", "--seed", "3", "--out", &events.display().to_string()]);
+    let out = sluice(&[
+        "gen",
+        "--events",
+        "40000",
+        "--keys",
+        "200",
+        "--minutes",
+        "60",
+        "--seed",
+        "3",
+        "--out",
+        &events.display().to_string(),
+    ]);
     assert!(out.status.success());
     // Some bad and late records so dead letters are part of the comparison.
     let mut text = std::fs::read_to_string(&events).expect("events");
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines.insert(1000, "{not json".into());
-    lines.insert(20000, r#"{"user_id": "late", "price": 1, "ts": "2024-01-01T00:00:00Z"}"#.into());
+    lines.insert(
+        20000,
+        r#"{"user_id": "late", "price": 1, "ts": "2024-01-01T00:00:00Z"}"#.into(),
+    );
     text = lines.join("\n") + "\n";
     std::fs::write(&events, text).expect("events");
     events
@@ -87,10 +113,21 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
     let clean = root.path().join("clean");
     std::fs::create_dir_all(&clean).expect("dir");
     setup(&clean, &events);
-    let out = Command::new(bin()).args(run_args(&clean)).env("SLUICE_LOG", "warn").output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin())
+        .args(run_args(&clean))
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = outcome(&clean);
-    assert!(want.lake[0].1.len() > 1000 && want.lake[1].1.len() > 39_000, "the clean run emitted rows");
+    assert!(
+        want.lake[0].1.len() > 1000 && want.lake[1].1.len() > 39_000,
+        "the clean run emitted rows"
+    );
     assert_eq!(want.dead.len(), 2, "one malformed, one late record");
 
     let crashy = root.path().join("crashy");
@@ -100,7 +137,13 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
     for delay_ms in [150u64, 400, 250, 700, 350] {
         let mut args = run_args(&crashy);
         args.extend(["--throttle-ms".to_string(), "2".to_string()]);
-        let mut child = Command::new(bin()).args(&args).env("SLUICE_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_millis(delay_ms) {
             if child.try_wait().expect("wait").is_some() {
@@ -114,21 +157,58 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
         }
         let _ = child.wait();
     }
-    assert!(kills >= 3, "the run should have been killed mid-way several times ({kills})");
-    let out = Command::new(bin()).args(run_args(&crashy)).env("SLUICE_LOG", "warn").output().expect("final run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        kills >= 3,
+        "the run should have been killed mid-way several times ({kills})"
+    );
+    let out = Command::new(bin())
+        .args(run_args(&crashy))
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("final run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = outcome(&crashy);
-    for ((view, w), g) in ["activity", "last_click"].iter().zip(want.lake.iter()).zip(got.lake.iter()) {
+    for ((view, w), g) in ["activity", "last_click"]
+        .iter()
+        .zip(want.lake.iter())
+        .zip(got.lake.iter())
+    {
         assert_eq!(w.0, g.0, "{view}: header");
-        assert!(rows_match(&w.1, &g.1), "{view}: lake rows differ after crashes ({} vs {})", w.1.len(), g.1.len());
+        assert!(
+            rows_match(&w.1, &g.1),
+            "{view}: lake rows differ after crashes ({} vs {})",
+            w.1.len(),
+            g.1.len()
+        );
     }
     for ((view, w), (_, g)) in want.online.iter().zip(got.online.iter()) {
-        assert!(online_match(w, g), "{view}: online store differs after crashes ({} vs {} keys)", w.len(), g.len());
+        assert!(
+            online_match(w, g),
+            "{view}: online store differs after crashes ({} vs {} keys)",
+            w.len(),
+            g.len()
+        );
     }
     assert_eq!(want.dead, got.dead, "dead letters differ after crashes");
     // No stray temporary lake files.
     fn tmp_files(p: &Path) -> usize {
-        std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| if e.path().is_dir() { tmp_files(&e.path()) } else { usize::from(e.file_name().to_string_lossy().ends_with(".tmp")) }).sum()).unwrap_or(0)
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| {
+                        if e.path().is_dir() {
+                            tmp_files(&e.path())
+                        } else {
+                            usize::from(e.file_name().to_string_lossy().ends_with(".tmp"))
+                        }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
     }
     assert_eq!(tmp_files(&crashy.join("lake")), 0);
 }
@@ -145,7 +225,14 @@ fn rerun_after_end_of_input_is_a_no_op_and_appended_input_continues() {
     let whole = root.path().join("whole");
     std::fs::create_dir_all(&whole).expect("dir");
     setup(&whole, &events);
-    assert!(Command::new(bin()).args(run_args(&whole)).output().expect("run").status.success());
+    assert!(
+        Command::new(bin())
+            .args(run_args(&whole))
+            .output()
+            .expect("run")
+            .status
+            .success()
+    );
 
     // The same events in two halves, with a restart in between (and a no-op rerun).
     let split = root.path().join("split");
@@ -153,17 +240,34 @@ fn rerun_after_end_of_input_is_a_no_op_and_appended_input_continues() {
     setup(&split, &events);
     std::fs::write(split.join("events.jsonl"), first.join("\n") + "\n").expect("first half");
     for _ in 0..2 {
-        assert!(Command::new(bin()).args(run_args(&split)).output().expect("run").status.success());
+        assert!(
+            Command::new(bin())
+                .args(run_args(&split))
+                .output()
+                .expect("run")
+                .status
+                .success()
+        );
     }
     let mut text = std::fs::read_to_string(split.join("events.jsonl")).expect("read");
     text.push_str(&(second.join("\n") + "\n"));
     std::fs::write(split.join("events.jsonl"), text).expect("second half");
-    assert!(Command::new(bin()).args(run_args(&split)).output().expect("run").status.success());
+    assert!(
+        Command::new(bin())
+            .args(run_args(&split))
+            .output()
+            .expect("run")
+            .status
+            .success()
+    );
 
     let (a, b) = (outcome(&whole), outcome(&split));
     for (x, y) in a.lake.iter().zip(&b.lake) {
         assert_eq!(x.0, y.0);
-        assert!(rows_match(&x.1, &y.1), "lake differs between one run and a restarted run");
+        assert!(
+            rows_match(&x.1, &y.1),
+            "lake differs between one run and a restarted run"
+        );
     }
     for ((view, x), (_, y)) in a.online.iter().zip(&b.online) {
         assert!(online_match(x, y), "{view}: online store differs");

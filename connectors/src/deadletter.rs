@@ -20,11 +20,17 @@ pub struct DeadLetterFile {
 impl DeadLetterFile {
     /// The dead-letter file of a state dir.
     pub fn new(state_dir: &Path) -> Self {
-        DeadLetterFile { path: state_dir.join(DEAD_LETTER_FILE), out: None }
+        DeadLetterFile {
+            path: state_dir.join(DEAD_LETTER_FILE),
+            out: None,
+        }
     }
 
     fn io(&self, e: std::io::Error) -> EngineError {
-        EngineError::Io { path: self.path.display().to_string(), source: e }
+        EngineError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        }
     }
 
     fn writer(&mut self) -> Result<&mut BufWriter<File>> {
@@ -32,31 +38,51 @@ impl DeadLetterFile {
             if let Some(d) = self.path.parent() {
                 std::fs::create_dir_all(d).map_err(|e| self.io(e))?;
             }
-            let f = OpenOptions::new().create(true).append(true).open(&self.path).map_err(|e| self.io(e))?;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| self.io(e))?;
             self.out = Some(BufWriter::new(f));
         }
         match self.out.as_mut() {
             Some(w) => Ok(w),
-            None => Err(EngineError::Connector { what: "dead letters".into(), message: "writer not open".into() }),
+            None => Err(EngineError::Connector {
+                what: "dead letters".into(),
+                message: "writer not open".into(),
+            }),
         }
     }
 }
 
 impl DeadLetterSink for DeadLetterFile {
     fn write(&mut self, letter: &DeadLetter) -> Result<()> {
-        let mut line = serde_json::to_vec(letter).map_err(|e| EngineError::Connector { what: "dead letters".into(), message: e.to_string() })?;
+        let mut line = serde_json::to_vec(letter).map_err(|e| EngineError::Connector {
+            what: "dead letters".into(),
+            message: e.to_string(),
+        })?;
         line.push(b'\n');
         let path = self.path.display().to_string();
-        self.writer()?.write_all(&line).map_err(|e| EngineError::Io { path, source: e })
+        self.writer()?
+            .write_all(&line)
+            .map_err(|e| EngineError::Io { path, source: e })
     }
 
     fn commit(&mut self) -> Result<u64> {
         let path = self.path.display().to_string();
         let w = self.writer()?;
-        w.flush().map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
+        w.flush().map_err(|e| EngineError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
         let f = w.get_ref();
-        f.sync_data().map_err(|e| EngineError::Io { path: path.clone(), source: e })?;
-        Ok(f.metadata().map_err(|e| EngineError::Io { path, source: e })?.len())
+        f.sync_data().map_err(|e| EngineError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        Ok(f.metadata()
+            .map_err(|e| EngineError::Io { path, source: e })?
+            .len())
     }
 
     fn recover(&mut self, committed_len: u64) -> Result<()> {
@@ -64,7 +90,10 @@ impl DeadLetterSink for DeadLetterFile {
         if let Ok(m) = std::fs::metadata(&self.path)
             && m.len() > committed_len
         {
-            let f = OpenOptions::new().write(true).open(&self.path).map_err(|e| self.io(e))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| self.io(e))?;
             f.set_len(committed_len).map_err(|e| self.io(e))?;
             f.sync_all().map_err(|e| self.io(e))?;
         }

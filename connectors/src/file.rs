@@ -38,13 +38,24 @@ impl JsonFileSource {
     /// A source for a planned `connector = 'file'` source.
     pub fn new(plan: &SourcePlan) -> Result<Self> {
         let path = PathBuf::from(plan.options.get("path").cloned().unwrap_or_default());
-        let max_record_bytes = plan.options.get("max_record_bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        let max_record_bytes = plan
+            .options
+            .get("max_record_bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
         // Decode with every column nullable, then check NOT NULL ourselves so a
         // missing field is a dead letter with a reason, not a failed batch.
         let decode_schema = Arc::new(Schema::new(
-            plan.schema.fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect::<Vec<_>>(),
+            plan.schema
+                .fields()
+                .iter()
+                .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
         ));
-        let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
         let decoder = new_decoder(&decode_schema, &plan.name)?;
         Ok(JsonFileSource {
             name: plan.name.clone(),
@@ -62,7 +73,10 @@ impl JsonFileSource {
     }
 
     fn io(&self, e: std::io::Error) -> EngineError {
-        EngineError::Io { path: self.path.display().to_string(), source: e }
+        EngineError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        }
     }
 
     fn reject(&self, line: u64, bytes: &[u8], kind: &str, reason: String) -> DeadLetter {
@@ -78,14 +92,33 @@ impl JsonFileSource {
 
     fn classify(&self, line_no: u64, line: &[u8], err: &arrow::error::ArrowError) -> DeadLetter {
         match serde_json::from_slice::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(_)) => self.reject(line_no, line, "wrong_type", format!("a field does not fit the declared schema: {err}")),
-            Ok(_) => self.reject(line_no, line, "malformed_json", "the record is valid JSON but not an object".into()),
-            Err(e) => self.reject(line_no, line, "malformed_json", format!("not valid JSON: {e}")),
+            Ok(serde_json::Value::Object(_)) => self.reject(
+                line_no,
+                line,
+                "wrong_type",
+                format!("a field does not fit the declared schema: {err}"),
+            ),
+            Ok(_) => self.reject(
+                line_no,
+                line,
+                "malformed_json",
+                "the record is valid JSON but not an object".into(),
+            ),
+            Err(e) => self.reject(
+                line_no,
+                line,
+                "malformed_json",
+                format!("not valid JSON: {e}"),
+            ),
         }
     }
 
     /// Decodes lines one at a time (after a batch failed) to find the bad ones.
-    fn decode_each(&mut self, lines: &[(usize, usize, u64)], rejected: &mut Vec<DeadLetter>) -> Result<(Vec<RecordBatch>, Vec<u64>)> {
+    fn decode_each(
+        &mut self,
+        lines: &[(usize, usize, u64)],
+        rejected: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<RecordBatch>, Vec<u64>)> {
         let mut batches = Vec::new();
         let mut positions = Vec::new();
         let buf = std::mem::take(&mut self.buf);
@@ -98,7 +131,12 @@ impl JsonFileSource {
                     positions.push(no);
                 }
                 Ok(_) => {
-                    rejected.push(self.reject(no, line, "malformed_json", "the line holds no single JSON object".into()));
+                    rejected.push(self.reject(
+                        no,
+                        line,
+                        "malformed_json",
+                        "the line holds no single JSON object".into(),
+                    ));
                     self.decoder = new_decoder(&self.decode_schema, &self.name)?;
                 }
                 Err(err) => {
@@ -137,7 +175,12 @@ impl Source for JsonFileSource {
                 let l = it.next().and_then(|x| x.parse().ok());
                 match (o, l) {
                     (Some(o), Some(l)) => (o, l),
-                    _ => return Err(EngineError::Connector { what: format!("source {}", self.name), message: format!("bad checkpointed position `{p}`") }),
+                    _ => {
+                        return Err(EngineError::Connector {
+                            what: format!("source {}", self.name),
+                            message: format!("bad checkpointed position `{p}`"),
+                        });
+                    }
                 }
             }
         };
@@ -159,8 +202,15 @@ impl Source for JsonFileSource {
         let mut eof = false;
         while lines.len() < max_rows {
             let start = self.buf.len();
-            let Some(reader) = self.reader.as_mut() else { break };
-            let n = reader.read_until(b'\n', &mut self.buf).map_err(|e| EngineError::Io { path: self.path.display().to_string(), source: e })?;
+            let Some(reader) = self.reader.as_mut() else {
+                break;
+            };
+            let n = reader
+                .read_until(b'\n', &mut self.buf)
+                .map_err(|e| EngineError::Io {
+                    path: self.path.display().to_string(),
+                    source: e,
+                })?;
             if n == 0 {
                 eof = true;
                 break;
@@ -177,7 +227,16 @@ impl Source for JsonFileSource {
                 continue;
             }
             if line.len() > self.max_record_bytes {
-                let d = self.reject(self.line, line, "oversized", format!("record of {} bytes exceeds max_record_bytes = {}", line.len(), self.max_record_bytes));
+                let d = self.reject(
+                    self.line,
+                    line,
+                    "oversized",
+                    format!(
+                        "record of {} bytes exceeds max_record_bytes = {}",
+                        line.len(),
+                        self.max_record_bytes
+                    ),
+                );
                 rejected.push(d);
                 self.buf.truncate(start);
                 continue;
@@ -185,7 +244,14 @@ impl Source for JsonFileSource {
             lines.push((start, end, self.line));
         }
         if lines.is_empty() {
-            return Ok(if eof && rejected.is_empty() { Poll::End } else { Poll::Data { batch: None, rejected } });
+            return Ok(if eof && rejected.is_empty() {
+                Poll::End
+            } else {
+                Poll::Data {
+                    batch: None,
+                    rejected,
+                }
+            });
         }
         // Fast path: the whole chunk at once.
         let fast = match self.decoder.decode(&self.buf) {
@@ -201,9 +267,13 @@ impl Source for JsonFileSource {
                 self.decoder = new_decoder(&self.decode_schema, &self.name)?;
                 let (bs, pos) = self.decode_each(&lines, &mut rejected)?;
                 if bs.is_empty() {
-                    return Ok(Poll::Data { batch: None, rejected });
+                    return Ok(Poll::Data {
+                        batch: None,
+                        rejected,
+                    });
                 }
-                let b = concat_batches(&self.decode_schema, &bs).map_err(|e| EngineError::arrow("joining decoded rows", e))?;
+                let b = concat_batches(&self.decode_schema, &bs)
+                    .map_err(|e| EngineError::arrow("joining decoded rows", e))?;
                 (b, pos)
             }
         };
@@ -219,23 +289,48 @@ impl Source for JsonFileSource {
                 if *kr && col.is_null(r) {
                     *kr = false;
                     let no = positions[r];
-                    let raw = lines.iter().find(|l| l.2 == no).map(|l| self.buf[l.0..l.1].to_vec()).unwrap_or_default();
-                    rejected.push(self.reject(no, &raw, "missing_field", format!("required field `{}` is missing or null", f.name())));
+                    let raw = lines
+                        .iter()
+                        .find(|l| l.2 == no)
+                        .map(|l| self.buf[l.0..l.1].to_vec())
+                        .unwrap_or_default();
+                    rejected.push(self.reject(
+                        no,
+                        &raw,
+                        "missing_field",
+                        format!("required field `{}` is missing or null", f.name()),
+                    ));
                 }
             }
         }
         let (batch, positions) = match keep {
             None => (batch, positions),
             Some(k) => {
-                let pos = positions.iter().zip(&k).filter(|(_, k)| **k).map(|(p, _)| *p).collect();
-                let b = filter_record_batch(&batch, &BooleanArray::from(k)).map_err(|e| EngineError::arrow("dropping rows with missing fields", e))?;
+                let pos = positions
+                    .iter()
+                    .zip(&k)
+                    .filter(|(_, k)| **k)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let b = filter_record_batch(&batch, &BooleanArray::from(k))
+                    .map_err(|e| EngineError::arrow("dropping rows with missing fields", e))?;
                 (b, pos)
             }
         };
-        let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec()).map_err(|e| EngineError::arrow(format!("source {}", self.name), e))?;
-        let batch = (batch.num_rows() > 0).then_some(SourceBatch { batch, row_positions: positions });
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())
+            .map_err(|e| EngineError::arrow(format!("source {}", self.name), e))?;
+        let batch = (batch.num_rows() > 0).then_some(SourceBatch {
+            batch,
+            row_positions: positions,
+        });
         // Report rejects in file order.
-        rejected.sort_by_key(|d| d.position.rsplit(':').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0));
+        rejected.sort_by_key(|d| {
+            d.position
+                .rsplit(':')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        });
         Ok(Poll::Data { batch, rejected })
     }
 

@@ -26,7 +26,10 @@ pub struct LakeWriter {
 }
 
 fn io(p: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Io { path: p.display().to_string(), source: e }
+    EngineError::Io {
+        path: p.display().to_string(),
+        source: e,
+    }
 }
 
 /// `YYYY-MM-DD` of a UTC day number.
@@ -47,36 +50,53 @@ pub fn day_string(days: i64) -> String {
 impl LakeWriter {
     /// A writer for `view` under `root`.
     pub fn new(root: &Path, view: &str, schema: SchemaRef) -> Self {
-        LakeWriter { dir: root.join(view), schema }
+        LakeWriter {
+            dir: root.join(view),
+            schema,
+        }
     }
 
     fn write_file(&self, path: &Path, batch: &RecordBatch) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp"));
         let f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
-        let perr = |e: parquet::errors::ParquetError| EngineError::Connector { what: format!("lake file {}", tmp.display()), message: e.to_string() };
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let perr = |e: parquet::errors::ParquetError| EngineError::Connector {
+            what: format!("lake file {}", tmp.display()),
+            message: e.to_string(),
+        };
         let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
         w.write(batch).map_err(perr)?;
         let f = w.into_inner().map_err(perr)?;
         f.sync_all().map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io(dir, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
         Ok(())
     }
 }
 
 impl OfflineSink for LakeWriter {
     fn write_epoch(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<usize> {
-        let all = concat_batches(&self.schema, batches).map_err(|e| EngineError::arrow("lake rows", e))?;
+        let all = concat_batches(&self.schema, batches)
+            .map_err(|e| EngineError::arrow("lake rows", e))?;
         let n = all.num_rows();
         if n == 0 {
             return Ok(0);
         }
         // Partition by the UTC date of window_end (column 1).
-        let ends = all.column(1).as_any().downcast_ref::<TimestampMillisecondArray>();
+        let ends = all
+            .column(1)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>();
         let day_of = |i: usize| match ends {
             Some(a) if a.is_valid(i) => Some(a.value(i).div_euclid(86_400_000)),
             _ => None,
@@ -86,12 +106,20 @@ impl OfflineSink for LakeWriter {
             days.entry(day_of(i)).or_insert_with(|| vec![false; n])[i] = true;
         }
         for (part, (day, mask)) in days.into_iter().enumerate() {
-            let b = if mask.iter().all(|m| *m) { all.clone() } else { filter_record_batch(&all, &BooleanArray::from(mask)).map_err(|e| EngineError::arrow("lake partition", e))? };
+            let b = if mask.iter().all(|m| *m) {
+                all.clone()
+            } else {
+                filter_record_batch(&all, &BooleanArray::from(mask))
+                    .map_err(|e| EngineError::arrow("lake partition", e))?
+            };
             let pdir = match day {
                 Some(d) => format!("date={}", day_string(d)),
                 None => format!("date={NULL_PARTITION}"),
             };
-            let path = self.dir.join(pdir).join(format!("part-{epoch:010}-{part}.parquet"));
+            let path = self
+                .dir
+                .join(pdir)
+                .join(format!("part-{epoch:010}-{part}.parquet"));
             self.write_file(&path, &b)?;
             metrics::counter!("sluice_lake_files_total").increment(1);
         }
@@ -99,9 +127,13 @@ impl OfflineSink for LakeWriter {
     }
 
     fn recover(&mut self, committed: u64) -> Result<()> {
-        let Ok(parts) = std::fs::read_dir(&self.dir) else { return Ok(()) };
+        let Ok(parts) = std::fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
         for p in parts.flatten() {
-            let Ok(files) = std::fs::read_dir(p.path()) else { continue };
+            let Ok(files) = std::fs::read_dir(p.path()) else {
+                continue;
+            };
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
                 let stale = name.ends_with(".tmp")

@@ -24,7 +24,10 @@ pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {
         .iter()
         .map(|s| match s.connector.as_str() {
             "file" => Ok(Box::new(JsonFileSource::new(s)?) as Box<dyn Source>),
-            other => Err(EngineError::Connector { what: format!("source {}", s.name), message: format!("connector `{other}` is not available") }),
+            other => Err(EngineError::Connector {
+                what: format!("source {}", s.name),
+                message: format!("connector `{other}` is not available"),
+            }),
         })
         .collect()
 }
@@ -35,7 +38,11 @@ pub fn build_lakes(plan: &PipelinePlan) -> HashMap<String, Box<dyn OfflineSink>>
         .iter()
         .filter_map(|v| {
             v.offline.as_ref().map(|root| {
-                let w: Box<dyn OfflineSink> = Box::new(LakeWriter::new(root, &v.name, emitted_schema(&v.output_schema)));
+                let w: Box<dyn OfflineSink> = Box::new(LakeWriter::new(
+                    root,
+                    &v.name,
+                    emitted_schema(&v.output_schema),
+                ));
                 (v.name.clone(), w)
             })
         })

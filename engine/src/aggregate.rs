@@ -28,6 +28,12 @@ use crate::error::{EngineError, Result};
 use crate::exec::{PhysStage, Rows, compile_stages, eval, physical, run_stages};
 use crate::keys::KeyDict;
 
+/// One accumulator per aggregate function.
+type Accs = Vec<Box<dyn GroupsAccumulator>>;
+
+/// A checkpointed state row: (encoded key, encoded state).
+pub type StateEntry = (Vec<u8>, Vec<u8>);
+
 /// The compiled aggregate functions of a view and how to evaluate them.
 pub struct AggKernel {
     view: String,
@@ -46,7 +52,12 @@ pub struct AggKernel {
 
 impl std::fmt::Debug for AggKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AggKernel({}, {} aggregates)", self.view, self.aggs.len())
+        write!(
+            f,
+            "AggKernel({}, {} aggregates)",
+            self.view,
+            self.aggs.len()
+        )
     }
 }
 
@@ -64,9 +75,19 @@ impl AggKernel {
         let mut state_fields = Vec::new();
         let mut exprs = plan.aggr_exprs.clone();
         let hidden_ts = match event_time {
-            Some(ts) if plan.window == WindowSpec::Lifetime => match plan.input_schema.columns().into_iter().find(|c| c.name == ts) {
+            Some(ts) if plan.window == WindowSpec::Lifetime => match plan
+                .input_schema
+                .columns()
+                .into_iter()
+                .find(|c| c.name == ts)
+            {
                 Some(c) => {
-                    exprs.push(datafusion::functions_aggregate::expr_fn::max(datafusion::logical_expr::Expr::Column(c)).alias("__sluice_event_time"));
+                    exprs.push(
+                        datafusion::functions_aggregate::expr_fn::max(
+                            datafusion::logical_expr::Expr::Column(c),
+                        )
+                        .alias("__sluice_event_time"),
+                    );
                     true
                 }
                 None => false,
@@ -74,7 +95,9 @@ impl AggKernel {
             _ => false,
         };
         for e in &exprs {
-            let lowered = LoweredAggregateBuilder::new(e, &plan.input_schema, &input, &props, &ctx).build().map_err(df)?;
+            let lowered = LoweredAggregateBuilder::new(e, &plan.input_schema, &input, &props, &ctx)
+                .build()
+                .map_err(df)?;
             let agg = lowered.aggregate;
             let mut a = agg.expressions();
             a.extend(agg.order_bys().iter().map(|s| Arc::clone(&s.expr)));
@@ -85,9 +108,18 @@ impl AggKernel {
             filters.push(lowered.filter);
             aggs.push(agg);
         }
-        let state_conv = RowConverter::new(state_fields).map_err(|e| EngineError::arrow(format!("state of view `{view}`"), e))?;
-        let group_exprs = plan.group_exprs.iter().map(|g| physical(view, g, &plan.input_schema)).collect::<Result<Vec<_>>>()?;
-        let group_types = group_exprs.iter().map(|g| g.data_type(&input)).collect::<datafusion::common::Result<Vec<_>>>().map_err(df)?;
+        let state_conv = RowConverter::new(state_fields)
+            .map_err(|e| EngineError::arrow(format!("state of view `{view}`"), e))?;
+        let group_exprs = plan
+            .group_exprs
+            .iter()
+            .map(|g| physical(view, g, &plan.input_schema))
+            .collect::<Result<Vec<_>>>()?;
+        let group_types = group_exprs
+            .iter()
+            .map(|g| g.data_type(&input))
+            .collect::<datafusion::common::Result<Vec<_>>>()
+            .map_err(df)?;
         Ok(AggKernel {
             view: view.to_string(),
             aggs,
@@ -113,23 +145,33 @@ impl AggKernel {
             .iter()
             .map(|a| {
                 if a.groups_accumulator_supported() {
-                    a.create_groups_accumulator().map_err(|e| EngineError::df(&self.view, e))
+                    a.create_groups_accumulator()
+                        .map_err(|e| EngineError::df(&self.view, e))
                 } else {
                     let a = Arc::clone(a);
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || a.create_accumulator())) as Box<dyn GroupsAccumulator>)
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        a.create_accumulator()
+                    })) as Box<dyn GroupsAccumulator>)
                 }
             })
             .collect()
     }
 
     fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-        self.group_exprs.iter().map(|g| eval(&self.view, g, batch)).collect()
+        self.group_exprs
+            .iter()
+            .map(|g| eval(&self.view, g, batch))
+            .collect()
     }
 
     fn inputs(&self, batch: &RecordBatch) -> Result<Inputs> {
         let mut values = Vec::with_capacity(self.args.len());
         for a in &self.args {
-            values.push(a.iter().map(|e| eval(&self.view, e, batch)).collect::<Result<Vec<_>>>()?);
+            values.push(
+                a.iter()
+                    .map(|e| eval(&self.view, e, batch))
+                    .collect::<Result<Vec<_>>>()?,
+            );
         }
         let mut filters = Vec::with_capacity(self.filters.len());
         for f in &self.filters {
@@ -142,15 +184,26 @@ impl AggKernel {
     }
 
     /// Evaluates accumulators into the view's output rows (keys + features).
-    fn finish(&self, key_cols: Vec<ArrayRef>, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<RecordBatch> {
+    fn finish(
+        &self,
+        key_cols: Vec<ArrayRef>,
+        accs: &mut [Box<dyn GroupsAccumulator>],
+    ) -> Result<RecordBatch> {
         Ok(self.finish_with_time(key_cols, accs)?.0)
     }
 
     /// Like `finish`, also returning the hidden last-event-time column of lifetime views.
-    fn finish_with_time(&self, key_cols: Vec<ArrayRef>, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<(RecordBatch, Option<ArrayRef>)> {
+    fn finish_with_time(
+        &self,
+        key_cols: Vec<ArrayRef>,
+        accs: &mut [Box<dyn GroupsAccumulator>],
+    ) -> Result<(RecordBatch, Option<ArrayRef>)> {
         let mut cols = key_cols;
         for acc in accs.iter_mut() {
-            cols.push(acc.evaluate(EmitTo::All).map_err(|e| EngineError::df(&self.view, e))?);
+            cols.push(
+                acc.evaluate(EmitTo::All)
+                    .map_err(|e| EngineError::df(&self.view, e))?,
+            );
         }
         let times = if self.hidden_ts { cols.pop() } else { None };
         let batch = RecordBatch::try_new(Arc::clone(&self.agg_schema), cols)
@@ -165,7 +218,10 @@ impl AggKernel {
         let out = run_stages(&self.view, &self.post, rows)?;
         // HAVING may have dropped rows: keep the times of the survivors.
         let times = match times {
-            Some(t) if out.len() != n => Some(take(t.as_ref(), &out.rowid, None).map_err(|e| EngineError::arrow("event times", e))?),
+            Some(t) if out.len() != n => Some(
+                take(t.as_ref(), &out.rowid, None)
+                    .map_err(|e| EngineError::arrow("event times", e))?,
+            ),
             t => t,
         };
         Ok((out.batch, times))
@@ -178,37 +234,72 @@ impl AggKernel {
         let mut cols: Vec<ArrayRef> = self
             .group_types
             .iter()
-            .map(|t| match datafusion::common::ScalarValue::new_default(t).and_then(|v| v.to_array_of_size(1)) {
-                Ok(a) => a,
-                Err(_) => new_null_array(t, 1),
+            .map(|t| {
+                match datafusion::common::ScalarValue::new_default(t)
+                    .and_then(|v| v.to_array_of_size(1))
+                {
+                    Ok(a) => a,
+                    Err(_) => new_null_array(t, 1),
+                }
             })
             .collect();
-        for (a, f) in self.aggs.iter().zip(self.agg_schema.fields().iter().skip(self.group_types.len())) {
-            let v = a.create_accumulator().and_then(|mut acc| acc.evaluate()).map_err(|e| EngineError::df(&self.view, e))?;
-            let arr = v.to_array_of_size(1).map_err(|e| EngineError::df(&self.view, e))?;
+        for (a, f) in self
+            .aggs
+            .iter()
+            .zip(self.agg_schema.fields().iter().skip(self.group_types.len()))
+        {
+            let v = a
+                .create_accumulator()
+                .and_then(|mut acc| acc.evaluate())
+                .map_err(|e| EngineError::df(&self.view, e))?;
+            let arr = v
+                .to_array_of_size(1)
+                .map_err(|e| EngineError::df(&self.view, e))?;
             let arr = if arr.data_type() == f.data_type() {
                 arr
             } else {
-                arrow::compute::cast(&arr, f.data_type()).map_err(|e| EngineError::arrow("empty-set value", e))?
+                arrow::compute::cast(&arr, f.data_type())
+                    .map_err(|e| EngineError::arrow("empty-set value", e))?
             };
             cols.push(arr);
         }
-        let schema = Arc::new(Schema::new(self.agg_schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>()));
-        let batch = RecordBatch::try_new(schema, cols).map_err(|e| EngineError::arrow("empty-set row", e))?;
-        let rows = Rows { batch, ts: None, wm: None, rowid: UInt32Array::from(vec![0u32]) };
+        let schema = Arc::new(Schema::new(
+            self.agg_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        ));
+        let batch = RecordBatch::try_new(schema, cols)
+            .map_err(|e| EngineError::arrow("empty-set row", e))?;
+        let rows = Rows {
+            batch,
+            ts: None,
+            wm: None,
+            rowid: UInt32Array::from(vec![0u32]),
+        };
         let b = run_stages(&self.view, &self.post, rows)?.batch;
         Ok((b.num_rows() == 1).then_some(b))
     }
 
-    fn merge(&self, chunks: &[&Chunk], scratch: &mut GroupMap) -> Result<(Vec<Box<dyn GroupsAccumulator>>, Vec<u32>)> {
+    fn merge(&self, chunks: &[&Chunk], scratch: &mut GroupMap) -> Result<(Accs, Vec<u32>)> {
         let mut accs = self.new_accs()?;
         scratch.reset();
         let mut keys = Vec::new();
-        let idx: Vec<Vec<usize>> = chunks.iter().map(|c| c.keys.iter().map(|k| scratch.group(*k, &mut keys)).collect()).collect();
+        let idx: Vec<Vec<usize>> = chunks
+            .iter()
+            .map(|c| {
+                c.keys
+                    .iter()
+                    .map(|k| scratch.group(*k, &mut keys))
+                    .collect()
+            })
+            .collect();
         for (c, gi) in chunks.iter().zip(&idx) {
             let mut off = 0;
             for (acc, w) in accs.iter_mut().zip(&self.state_widths) {
-                acc.merge_batch(&c.states[off..off + w], gi, keys.len()).map_err(|e| EngineError::df(&self.view, e))?;
+                acc.merge_batch(&c.states[off..off + w], gi, keys.len())
+                    .map_err(|e| EngineError::df(&self.view, e))?;
                 off += w;
             }
         }
@@ -218,7 +309,10 @@ impl AggKernel {
     fn state_of(&self, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<Vec<ArrayRef>> {
         let mut out = Vec::new();
         for acc in accs.iter_mut() {
-            out.extend(acc.state(EmitTo::All).map_err(|e| EngineError::df(&self.view, e))?);
+            out.extend(
+                acc.state(EmitTo::All)
+                    .map_err(|e| EngineError::df(&self.view, e))?,
+            );
         }
         Ok(out)
     }
@@ -231,17 +325,39 @@ struct Inputs {
 
 impl Inputs {
     fn take(&self, idx: &UInt32Array) -> Result<Inputs> {
-        let t = |a: &dyn Array| take(a, idx, None).map_err(|e| EngineError::arrow("selecting pane rows", e));
+        let t = |a: &dyn Array| {
+            take(a, idx, None).map_err(|e| EngineError::arrow("selecting pane rows", e))
+        };
         Ok(Inputs {
-            values: self.values.iter().map(|v| v.iter().map(|a| t(a.as_ref())).collect::<Result<Vec<_>>>()).collect::<Result<Vec<_>>>()?,
-            filters: self.filters.iter().map(|f| f.as_ref().map(|f| t(f).map(|a| BooleanArray::from(a.to_data()))).transpose()).collect::<Result<Vec<_>>>()?,
+            values: self
+                .values
+                .iter()
+                .map(|v| v.iter().map(|a| t(a.as_ref())).collect::<Result<Vec<_>>>())
+                .collect::<Result<Vec<_>>>()?,
+            filters: self
+                .filters
+                .iter()
+                .map(|f| {
+                    f.as_ref()
+                        .map(|f| t(f).map(|a| BooleanArray::from(a.to_data())))
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?,
         })
     }
 
     fn slice(&self, off: usize, len: usize) -> Inputs {
         Inputs {
-            values: self.values.iter().map(|v| v.iter().map(|a| a.slice(off, len)).collect()).collect(),
-            filters: self.filters.iter().map(|f| f.as_ref().map(|f| f.slice(off, len))).collect(),
+            values: self
+                .values
+                .iter()
+                .map(|v| v.iter().map(|a| a.slice(off, len)).collect())
+                .collect(),
+            filters: self
+                .filters
+                .iter()
+                .map(|f| f.as_ref().map(|f| f.slice(off, len)))
+                .collect(),
         }
     }
 }
@@ -297,7 +413,13 @@ struct Pane {
 const NO_GROUP: u32 = u32::MAX;
 
 impl Pane {
-    fn update(&mut self, k: &AggKernel, keys: &[u32], inputs: &Inputs, groups: &mut Vec<usize>) -> Result<()> {
+    fn update(
+        &mut self,
+        k: &AggKernel,
+        keys: &[u32],
+        inputs: &Inputs,
+        groups: &mut Vec<usize>,
+    ) -> Result<()> {
         if self.accs.is_none() {
             self.accs = Some(k.new_accs()?);
         }
@@ -319,7 +441,8 @@ impl Pane {
         let n = self.group_keys.len();
         if let Some(accs) = self.accs.as_mut() {
             for ((acc, vals), f) in accs.iter_mut().zip(&inputs.values).zip(&inputs.filters) {
-                acc.update_batch(vals, groups, f.as_ref(), n).map_err(|e| EngineError::df(&k.view, e))?;
+                acc.update_batch(vals, groups, f.as_ref(), n)
+                    .map_err(|e| EngineError::df(&k.view, e))?;
             }
         }
         Ok(())
@@ -440,7 +563,9 @@ impl WindowAgg {
 
     /// Indices of rows that are late: all their windows already closed when they arrived.
     pub fn late_rows(&self, rows: &Rows) -> Vec<usize> {
-        let (Some(size), Some(ts), Some(wm)) = (self.window.size_ms(), rows.ts.as_ref(), rows.wm.as_ref()) else {
+        let (Some(size), Some(ts), Some(wm)) =
+            (self.window.size_ms(), rows.ts.as_ref(), rows.wm.as_ref())
+        else {
             return Vec::new();
         };
         let mut late = Vec::new();
@@ -466,9 +591,17 @@ impl WindowAgg {
         result
     }
 
-    fn process_segments(&mut self, rows: &Rows, ids: &[u32], inputs: &Inputs, out: &mut Vec<Fired>) -> Result<()> {
+    fn process_segments(
+        &mut self,
+        rows: &Rows,
+        ids: &[u32],
+        inputs: &Inputs,
+        out: &mut Vec<Fired>,
+    ) -> Result<()> {
         let n = rows.len();
-        let (Some(slide), Some(ts), Some(wm)) = (self.window.slide_ms(), rows.ts.as_ref(), rows.wm.as_ref()) else {
+        let (Some(slide), Some(ts), Some(wm)) =
+            (self.window.slide_ms(), rows.ts.as_ref(), rows.wm.as_ref())
+        else {
             // Lifetime: one pane, nothing fires.
             return self.apply(0, n, ids, inputs, None);
         };
@@ -482,13 +615,26 @@ impl WindowAgg {
                 end += 1;
             }
             self.fire_until(wm.value(start), out)?;
-            self.apply(start, end - start, ids, inputs, Some(&ts.slice(start, end - start)))?;
+            self.apply(
+                start,
+                end - start,
+                ids,
+                inputs,
+                Some(&ts.slice(start, end - start)),
+            )?;
             start = end;
         }
         Ok(())
     }
 
-    fn apply(&mut self, off: usize, len: usize, ids: &[u32], inputs: &Inputs, ts: Option<&arrow::array::Int64Array>) -> Result<()> {
+    fn apply(
+        &mut self,
+        off: usize,
+        len: usize,
+        ids: &[u32],
+        inputs: &Inputs,
+        ts: Option<&arrow::array::Int64Array>,
+    ) -> Result<()> {
         let ids = &ids[off..off + len];
         let inputs = inputs.slice(off, len);
         let Some(ts) = ts else {
@@ -502,7 +648,10 @@ impl WindowAgg {
         }
         let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for i in 0..len {
-            by_pane.entry(self.pane_of(ts.value(i))).or_default().push(i as u32);
+            by_pane
+                .entry(self.pane_of(ts.value(i)))
+                .or_default()
+                .push(i as u32);
         }
         for (p, idx) in by_pane {
             let sel_ids: Vec<u32> = idx.iter().map(|i| ids[*i as usize]).collect();
@@ -546,7 +695,12 @@ impl WindowAgg {
         self.emitted_through = Some(last);
         let keep_from = wm.saturating_sub(size);
         // A pane starting at p is needed until the window [p, p + size) closes.
-        let old: Vec<i64> = self.panes.range(..=keep_from).map(|(p, _)| *p).filter(|p| p + size <= wm).collect();
+        let old: Vec<i64> = self
+            .panes
+            .range(..=keep_from)
+            .map(|(p, _)| *p)
+            .filter(|p| p + size <= wm)
+            .collect();
         for p in old {
             self.panes.remove(&p);
             self.dropped.push(p);
@@ -558,7 +712,11 @@ impl WindowAgg {
         for (_, pane) in self.panes.range_mut(lo..end) {
             pane.seal(&self.kernel)?;
         }
-        let chunks: Vec<&Chunk> = self.panes.range(lo..end).flat_map(|(_, p)| p.chunks.iter()).collect();
+        let chunks: Vec<&Chunk> = self
+            .panes
+            .range(lo..end)
+            .flat_map(|(_, p)| p.chunks.iter())
+            .collect();
         if chunks.is_empty() {
             return Ok(());
         }
@@ -570,7 +728,13 @@ impl WindowAgg {
             }
         }
         if batch.num_rows() > 0 {
-            out.push(Fired { start: Some(lo), end: Some(end), valid_until: Some(end + slide), row_ends: None, batch });
+            out.push(Fired {
+                start: Some(lo),
+                end: Some(end),
+                valid_until: Some(end + slide),
+                row_ends: None,
+                batch,
+            });
         }
         Ok(())
     }
@@ -580,17 +744,35 @@ impl WindowAgg {
         if self.window != WindowSpec::Lifetime {
             return Ok(None);
         }
-        let Some(pane) = self.panes.get_mut(&0) else { return Ok(None) };
+        let Some(pane) = self.panes.get_mut(&0) else {
+            return Ok(None);
+        };
         if pane.dirty.is_empty() {
             return Ok(None);
         }
         pane.compact(&self.kernel, &mut self.scratch)?;
-        let Some(chunk) = pane.chunks.first() else { return Ok(None) };
-        let idx: Vec<u32> = chunk.keys.iter().enumerate().filter(|(_, k)| pane.dirty.contains(k)).map(|(i, _)| i as u32).collect();
+        let Some(chunk) = pane.chunks.first() else {
+            return Ok(None);
+        };
+        let idx: Vec<u32> = chunk
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| pane.dirty.contains(k))
+            .map(|(i, _)| i as u32)
+            .collect();
         let sel = take_chunk(chunk, &idx)?;
         let (mut accs, keys) = self.kernel.merge(&[&sel], &mut self.scratch)?;
-        let (batch, row_ends) = self.kernel.finish_with_time(self.keys.arrays(&keys)?, &mut accs)?;
-        Ok(Some(Fired { start: None, end: if row_ends.is_some() { None } else { end }, valid_until: None, row_ends, batch }))
+        let (batch, row_ends) = self
+            .kernel
+            .finish_with_time(self.keys.arrays(&keys)?, &mut accs)?;
+        Ok(Some(Fired {
+            start: None,
+            end: if row_ends.is_some() { None } else { end },
+            valid_until: None,
+            row_ends,
+            batch,
+        }))
     }
 
     /// The state changes since the last checkpoint; clears the dirty sets.
@@ -604,11 +786,25 @@ impl WindowAgg {
             }
             pane.compact(&self.kernel, &mut self.scratch)?;
             if let Some(chunk) = pane.chunks.first() {
-                let idx: Vec<u32> = chunk.keys.iter().enumerate().filter(|(_, k)| pane.dirty.contains(k)).map(|(i, _)| i as u32).collect();
+                let idx: Vec<u32> = chunk
+                    .keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, k)| pane.dirty.contains(k))
+                    .map(|(i, _)| i as u32)
+                    .collect();
                 let sel = take_chunk(chunk, &idx)?;
-                let rows = self.kernel.state_conv.convert_columns(&sel.states).map_err(|e| EngineError::arrow("encoding state", e))?;
+                let rows = self
+                    .kernel
+                    .state_conv
+                    .convert_columns(&sel.states)
+                    .map_err(|e| EngineError::arrow("encoding state", e))?;
                 for (i, key) in sel.keys.iter().enumerate() {
-                    ops.push(StateOp::Put { pane: start, key: self.keys.bytes(*key).to_vec(), value: rows.row(i).as_ref().to_vec() });
+                    ops.push(StateOp::Put {
+                        pane: start,
+                        key: self.keys.bytes(*key).to_vec(),
+                        value: rows.row(i).as_ref().to_vec(),
+                    });
                 }
             }
             pane.dirty.clear();
@@ -617,7 +813,7 @@ impl WindowAgg {
     }
 
     /// Restores one pane's state rows (from a checkpoint).
-    pub fn restore_pane(&mut self, pane: i64, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    pub fn restore_pane(&mut self, pane: i64, entries: &[StateEntry]) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -627,8 +823,15 @@ impl WindowAgg {
             .state_conv
             .convert_rows(entries.iter().map(|(_, v)| parser.parse(v)))
             .map_err(|e| EngineError::arrow("decoding checkpointed state", e))?;
-        let keys = entries.iter().map(|(k, _)| self.keys.intern_bytes(k)).collect();
-        self.panes.entry(pane).or_default().chunks.push(Chunk { keys, states });
+        let keys = entries
+            .iter()
+            .map(|(k, _)| self.keys.intern_bytes(k))
+            .collect();
+        self.panes
+            .entry(pane)
+            .or_default()
+            .chunks
+            .push(Chunk { keys, states });
         Ok(())
     }
 
@@ -640,21 +843,32 @@ impl WindowAgg {
 
 fn take_chunk(c: &Chunk, idx: &[u32]) -> Result<Chunk> {
     if idx.len() == c.keys.len() {
-        return Ok(Chunk { keys: c.keys.clone(), states: c.states.clone() });
+        return Ok(Chunk {
+            keys: c.keys.clone(),
+            states: c.states.clone(),
+        });
     }
     let ia = UInt32Array::from(idx.to_vec());
     let states = c
         .states
         .iter()
-        .map(|a| take(a.as_ref(), &ia, None).map_err(|e| EngineError::arrow("selecting state rows", e)))
+        .map(|a| {
+            take(a.as_ref(), &ia, None).map_err(|e| EngineError::arrow("selecting state rows", e))
+        })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Chunk { keys: idx.iter().map(|i| c.keys[*i as usize]).collect(), states })
+    Ok(Chunk {
+        keys: idx.iter().map(|i| c.keys[*i as usize]).collect(),
+        states,
+    })
 }
 
 /// The schema of emitted rows: `window_start`, `window_end`, then the view's columns.
 pub fn emitted_schema(output: &Schema) -> SchemaRef {
     let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()));
-    let mut fields = vec![Field::new("window_start", ts.clone(), true), Field::new("window_end", ts, true)];
+    let mut fields = vec![
+        Field::new("window_start", ts.clone(), true),
+        Field::new("window_end", ts, true),
+    ];
     fields.extend(output.fields().iter().map(|f| f.as_ref().clone()));
     Arc::new(Schema::new(fields))
 }

@@ -63,11 +63,17 @@ pub enum EngineError {
 impl EngineError {
     /// A DataFusion error in `view`.
     pub fn df(view: &str, source: DataFusionError) -> Self {
-        EngineError::DataFusion { view: view.to_string(), source }
+        EngineError::DataFusion {
+            view: view.to_string(),
+            source,
+        }
     }
     /// An Arrow error with what was being done.
     pub fn arrow(context: impl Into<String>, source: arrow::error::ArrowError) -> Self {
-        EngineError::Arrow { context: context.into(), source }
+        EngineError::Arrow {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, RecordBatchOptions, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, RecordBatchOptions, UInt32Array,
+};
 use arrow::compute::{filter, filter_record_batch};
 use arrow::datatypes::SchemaRef;
 use datafusion::common::{DFSchema, ScalarValue};
@@ -26,8 +28,13 @@ pub enum PhysStage {
 
 /// Compiles one logical expression against a schema.
 pub fn physical(view: &str, e: &Expr, schema: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
-    create_physical_expr(e, schema, &ExecutionProps::new(), &PhysicalPlanningContext::default())
-        .map_err(|err| EngineError::df(view, err))
+    create_physical_expr(
+        e,
+        schema,
+        &ExecutionProps::new(),
+        &PhysicalPlanningContext::default(),
+    )
+    .map_err(|err| EngineError::df(view, err))
 }
 
 /// Compiles logical stages.
@@ -35,9 +42,18 @@ pub fn compile_stages(view: &str, stages: &[Stage]) -> Result<Vec<PhysStage>> {
     stages
         .iter()
         .map(|s| match s {
-            Stage::Filter { predicate, schema } => Ok(PhysStage::Filter(physical(view, predicate, schema)?)),
-            Stage::Project { exprs, input, output } => {
-                let e = exprs.iter().map(|e| physical(view, e, input)).collect::<Result<Vec<_>>>()?;
+            Stage::Filter { predicate, schema } => {
+                Ok(PhysStage::Filter(physical(view, predicate, schema)?))
+            }
+            Stage::Project {
+                exprs,
+                input,
+                output,
+            } => {
+                let e = exprs
+                    .iter()
+                    .map(|e| physical(view, e, input))
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(PhysStage::Project(e, Arc::new(output.as_arrow().clone())))
             }
         })
@@ -68,11 +84,21 @@ pub struct Rows {
 impl Rows {
     /// Keeps the rows where `mask` is true.
     pub fn filter(&self, mask: &BooleanArray) -> Result<Rows> {
-        let f = |a: &dyn Array| filter(a, mask).map_err(|e| EngineError::arrow("filtering rows", e));
+        let f =
+            |a: &dyn Array| filter(a, mask).map_err(|e| EngineError::arrow("filtering rows", e));
         Ok(Rows {
-            batch: filter_record_batch(&self.batch, mask).map_err(|e| EngineError::arrow("filtering rows", e))?,
-            ts: self.ts.as_ref().map(|t| f(t).map(|a| Int64Array::from(a.to_data()))).transpose()?,
-            wm: self.wm.as_ref().map(|t| f(t).map(|a| Int64Array::from(a.to_data()))).transpose()?,
+            batch: filter_record_batch(&self.batch, mask)
+                .map_err(|e| EngineError::arrow("filtering rows", e))?,
+            ts: self
+                .ts
+                .as_ref()
+                .map(|t| f(t).map(|a| Int64Array::from(a.to_data())))
+                .transpose()?,
+            wm: self
+                .wm
+                .as_ref()
+                .map(|t| f(t).map(|a| Int64Array::from(a.to_data())))
+                .transpose()?,
             rowid: UInt32Array::from(f(&self.rowid)?.to_data()),
         })
     }
@@ -106,13 +132,23 @@ pub fn run_stages(view: &str, stages: &[PhysStage], mut rows: Rows) -> Result<Ro
         }
         match s {
             PhysStage::Filter(p) => {
-                let v = p.evaluate(&rows.batch).map_err(|e| EngineError::df(view, e))?;
-                let mask = match v.into_array(rows.len()).map_err(|e| EngineError::df(view, e))? {
-                    a if a.data_type() == &arrow::datatypes::DataType::Boolean => BooleanArray::from(a.to_data()),
+                let v = p
+                    .evaluate(&rows.batch)
+                    .map_err(|e| EngineError::df(view, e))?;
+                let mask = match v
+                    .into_array(rows.len())
+                    .map_err(|e| EngineError::df(view, e))?
+                {
+                    a if a.data_type() == &arrow::datatypes::DataType::Boolean => {
+                        BooleanArray::from(a.to_data())
+                    }
                     a => {
                         return Err(EngineError::df(
                             view,
-                            datafusion::common::DataFusionError::Internal(format!("filter gave {}", a.data_type())),
+                            datafusion::common::DataFusionError::Internal(format!(
+                                "filter gave {}",
+                                a.data_type()
+                            )),
                         ));
                     }
                 };
@@ -120,15 +156,25 @@ pub fn run_stages(view: &str, stages: &[PhysStage], mut rows: Rows) -> Result<Ro
                     rows = rows.filter(&mask)?;
                 }
             }
-            PhysStage::Project(exprs, schema) => rows.batch = project(view, exprs, schema, &rows.batch)?,
+            PhysStage::Project(exprs, schema) => {
+                rows.batch = project(view, exprs, schema, &rows.batch)?
+            }
         }
     }
     Ok(rows)
 }
 
 /// Evaluates a projection.
-pub fn project(view: &str, exprs: &[Arc<dyn PhysicalExpr>], schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
-    let cols = exprs.iter().map(|e| eval(view, e, batch)).collect::<Result<Vec<_>>>()?;
+pub fn project(
+    view: &str,
+    exprs: &[Arc<dyn PhysicalExpr>],
+    schema: &SchemaRef,
+    batch: &RecordBatch,
+) -> Result<RecordBatch> {
+    let cols = exprs
+        .iter()
+        .map(|e| eval(view, e, batch))
+        .collect::<Result<Vec<_>>>()?;
     RecordBatch::try_new_with_options(
         Arc::clone(schema),
         cols,

@@ -37,7 +37,12 @@ pub struct JobOptions {
 impl JobOptions {
     /// Defaults for a state dir.
     pub fn new(state_dir: PathBuf) -> Self {
-        JobOptions { state_dir, checkpoint_interval: Duration::from_secs(1), batch_rows: 8192, throttle: None }
+        JobOptions {
+            state_dir,
+            checkpoint_interval: Duration::from_secs(1),
+            batch_rows: 8192,
+            throttle: None,
+        }
     }
 }
 
@@ -57,7 +62,10 @@ pub struct Live {
 impl Live {
     /// The committed watermark of a view.
     pub fn watermark(&self, view: &str) -> Option<i64> {
-        self.watermarks.get(view).map(|w| w.load(Ordering::Acquire)).filter(|w| *w != NO_WATERMARK)
+        self.watermarks
+            .get(view)
+            .map(|w| w.load(Ordering::Acquire))
+            .filter(|w| *w != NO_WATERMARK)
     }
 }
 
@@ -112,7 +120,11 @@ impl Job {
     ) -> Result<Job> {
         let view_names: Vec<String> = plan.views.iter().map(|v| v.name.clone()).collect();
         let store = Arc::new(Store::open(&opts.state_dir, &view_names)?);
-        let epoch = store.meta("epoch")?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+        let epoch = store
+            .meta("epoch")?
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
         let mut views = Vec::new();
         let mut metas = HashMap::new();
         for vp in &plan.views {
@@ -124,7 +136,10 @@ impl Job {
                 slide_ms: vp.window().and_then(|w| w.slide_ms()),
                 empty_features: op.empty_features()?,
                 query: vp.query.clone(),
-                window: vp.window().map(|w| w.to_string()).unwrap_or_else(|| "PER EVENT".into()),
+                window: vp
+                    .window()
+                    .map(|w| w.to_string())
+                    .unwrap_or_else(|| "PER EVENT".into()),
             };
             if epoch > 0
                 && let Some(old) = read_view_meta(&store, &vp.name)?
@@ -132,15 +147,18 @@ impl Job {
             {
                 return Err(EngineError::Incompatible {
                     path: opts.state_dir.display().to_string(),
-                    reason: format!("feature view `{}` changed since this state was written; run it with a new --state-dir (or backfill)", vp.name),
+                    reason: format!(
+                        "feature view `{}` changed since this state was written; run it with a new --state-dir (or backfill)",
+                        vp.name
+                    ),
                 });
             }
             if let Some(agg) = op.agg_mut() {
                 agg.restore_emitted(store.meta_i64(&format!("emitted/{}", vp.name))?);
                 let entries = store.state_entries(&vp.name)?;
-                let mut by_pane: BTreeMap<i64, Vec<(Vec<u8>, Vec<u8>)>> = BTreeMap::new();
-                for (p, k, v) in entries {
-                    by_pane.entry(p).or_default().push((k, v));
+                let mut by_pane: BTreeMap<i64, Vec<crate::aggregate::StateEntry>> = BTreeMap::new();
+                for (p, e) in entries {
+                    by_pane.entry(p).or_default().push(e);
                 }
                 for (p, e) in by_pane {
                     agg.restore_pane(p, &e)?;
@@ -157,7 +175,13 @@ impl Job {
             }
             lake_vec.push(l);
         }
-        dead.recover(store.meta("deadletter_len")?.and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))?;
+        dead.recover(
+            store
+                .meta("deadletter_len")?
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0),
+        )?;
         let mut rts = Vec::new();
         for (sp, mut src) in plan.sources.iter().zip(sources) {
             let pos = store.meta(&format!("pos/{}", sp.name))?;
@@ -167,21 +191,38 @@ impl Job {
                 name: sp.name.clone(),
                 event_time: sp.event_time,
                 delay: sp.watermark_delay_ms,
-                wm: store.meta_i64(&watermark_key(&sp.name))?.unwrap_or(NO_WATERMARK),
+                wm: store
+                    .meta_i64(&watermark_key(&sp.name))?
+                    .unwrap_or(NO_WATERMARK),
                 max_ts: store.meta_i64(&format!("maxts/{}", sp.name))?,
                 done: false,
-                views: plan.views.iter().enumerate().filter(|(_, v)| v.source == sp.name).map(|(i, _)| i).collect(),
+                views: plan
+                    .views
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.source == sp.name)
+                    .map(|(i, _)| i)
+                    .collect(),
             });
         }
         let watermarks = plan
             .views
             .iter()
             .map(|v| {
-                let wm = rts.iter().find(|s| s.name == v.source).map(|s| s.wm).unwrap_or(NO_WATERMARK);
+                let wm = rts
+                    .iter()
+                    .find(|s| s.name == v.source)
+                    .map(|s| s.wm)
+                    .unwrap_or(NO_WATERMARK);
                 (v.name.clone(), AtomicI64::new(wm))
             })
             .collect();
-        let live = Arc::new(Live { store, watermarks, views: metas, ready: AtomicBool::new(false) });
+        let live = Arc::new(Live {
+            store,
+            watermarks,
+            views: metas,
+            ready: AtomicBool::new(false),
+        });
         Ok(Job {
             sources: rts,
             views,
@@ -268,10 +309,13 @@ impl Job {
         let (ts, wm) = match s.event_time {
             Some(idx) => {
                 let col = batch.column(idx);
-                let tsa = col.as_any().downcast_ref::<TimestampMillisecondArray>().ok_or_else(|| EngineError::Connector {
-                    what: format!("source {}", s.name),
-                    message: format!("event-time column has type {}", col.data_type()),
-                })?;
+                let tsa = col
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .ok_or_else(|| EngineError::Connector {
+                        what: format!("source {}", s.name),
+                        message: format!("event-time column has type {}", col.data_type()),
+                    })?;
                 let ts = Int64Array::new(tsa.values().clone(), None);
                 let mut wm = Vec::with_capacity(n);
                 let mut cur = s.wm;
@@ -289,7 +333,12 @@ impl Job {
             }
             None => (None, None),
         };
-        let rows = Rows { batch: batch.clone(), ts, wm, rowid: UInt32Array::from_iter_values(0..n as u32) };
+        let rows = Rows {
+            batch: batch.clone(),
+            ts,
+            wm,
+            rowid: UInt32Array::from_iter_values(0..n as u32),
+        };
         let new_wm = self.sources[si].wm;
         let view_ids = self.sources[si].views.clone();
         for vi in view_ids {
@@ -299,11 +348,18 @@ impl Job {
                 let all: Vec<usize> = (0..batch.num_columns()).collect();
                 for rid in late {
                     let r = rid as usize;
-                    let rec = features_json(&batch.slice(r, 1), &all)?.pop().unwrap_or_default();
-                    let (t, w) = (rows.ts.as_ref().map(|a| a.value(r)), rows.wm.as_ref().map(|a| a.value(r)));
+                    let rec = features_json(&batch.slice(r, 1), &all)?
+                        .pop()
+                        .unwrap_or_default();
+                    let (t, w) = (
+                        rows.ts.as_ref().map(|a| a.value(r)),
+                        rows.wm.as_ref().map(|a| a.value(r)),
+                    );
                     let d = DeadLetter {
                         source: self.sources[si].name.clone(),
-                        position: self.sources[si].src.describe_position(positions.get(r).copied().unwrap_or(0)),
+                        position: self.sources[si]
+                            .src
+                            .describe_position(positions.get(r).copied().unwrap_or(0)),
                         kind: "late_event".into(),
                         reason: format!(
                             "late for view `{}`: event time {} is behind the watermark {}; every window holding it had closed",
@@ -321,7 +377,8 @@ impl Job {
             }
         }
         if new_wm != NO_WATERMARK {
-            metrics::gauge!("sluice_watermark_ms", "source" => self.sources[si].name.clone()).set(new_wm as f64);
+            metrics::gauge!("sluice_watermark_ms", "source" => self.sources[si].name.clone())
+                .set(new_wm as f64);
         }
         Ok(())
     }
@@ -332,7 +389,11 @@ impl Job {
         let t0 = Instant::now();
         let epoch = self.epoch + 1;
         for v in self.views.iter_mut() {
-            let end = self.sources.iter().find(|s| s.name == v.plan.source).and_then(|s| s.max_ts);
+            let end = self
+                .sources
+                .iter()
+                .find(|s| s.name == v.plan.source)
+                .and_then(|s| s.max_ts);
             v.before_checkpoint(end)?;
         }
         for (v, lake) in self.views.iter_mut().zip(self.lakes.iter_mut()) {
@@ -341,7 +402,8 @@ impl Job {
                 && !batches.is_empty()
             {
                 let rows = l.write_epoch(epoch, &batches)?;
-                metrics::counter!("sluice_lake_rows_total", "view" => v.name().to_string()).increment(rows as u64);
+                metrics::counter!("sluice_lake_rows_total", "view" => v.name().to_string())
+                    .increment(rows as u64);
             }
         }
         let dl_len = self.dead.commit()?;
@@ -352,10 +414,12 @@ impl Job {
             c.state.push((v.name().to_string(), ops));
             let rows = std::mem::take(&mut v.pending_online);
             self.stats.rows_emitted += rows.len() as u64;
-            metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string()).increment(rows.len() as u64);
+            metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string())
+                .increment(rows.len() as u64);
             c.online.push((v.name().to_string(), rows));
             if let Some(e) = v.agg().and_then(|a| a.emitted_through()) {
-                c.meta.push((format!("emitted/{}", v.name()), e.to_be_bytes().to_vec()));
+                c.meta
+                    .push((format!("emitted/{}", v.name()), e.to_be_bytes().to_vec()));
             }
             if let Some(m) = self.live.views.get(v.name())
                 && let Ok(j) = serde_json::to_vec(m)
@@ -365,29 +429,42 @@ impl Job {
         }
         for s in &self.sources {
             c.meta.push((format!("pos/{}", s.name), s.src.position()));
-            c.meta.push((watermark_key(&s.name), s.wm.to_be_bytes().to_vec()));
+            c.meta
+                .push((watermark_key(&s.name), s.wm.to_be_bytes().to_vec()));
             if let Some(m) = s.max_ts {
-                c.meta.push((format!("maxts/{}", s.name), m.to_be_bytes().to_vec()));
+                c.meta
+                    .push((format!("maxts/{}", s.name), m.to_be_bytes().to_vec()));
             }
         }
-        c.meta.push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
+        c.meta
+            .push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
         c.meta.push(("epoch".into(), epoch.to_be_bytes().to_vec()));
         self.live.store.commit(c)?;
         self.epoch = epoch;
         for v in &self.views {
-            if let (Some(w), Some(s)) = (self.live.watermarks.get(v.name()), self.sources.iter().find(|s| s.name == v.plan.source)) {
+            if let (Some(w), Some(s)) = (
+                self.live.watermarks.get(v.name()),
+                self.sources.iter().find(|s| s.name == v.plan.source),
+            ) {
                 w.store(s.wm, Ordering::Release);
             }
         }
         self.stats.checkpoints += 1;
         self.last_checkpoint = Instant::now();
         metrics::counter!("sluice_checkpoints_total").increment(1);
-        metrics::histogram!("sluice_checkpoint_duration_seconds").record(t0.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_checkpoint_duration_seconds")
+            .record(t0.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// Open panes and keys per view (for reports).
     pub fn state_sizes(&self) -> Vec<(String, usize, usize)> {
-        self.views.iter().filter_map(|v| v.agg().map(|a| (v.name().to_string(), a.sizes().0, a.sizes().1))).collect()
+        self.views
+            .iter()
+            .filter_map(|v| {
+                v.agg()
+                    .map(|a| (v.name().to_string(), a.sizes().0, a.sizes().1))
+            })
+            .collect()
     }
 }

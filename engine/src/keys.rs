@@ -28,7 +28,11 @@ impl KeyDict {
     pub fn new(types: &[DataType]) -> Result<Self> {
         let conv = RowConverter::new(types.iter().map(|t| SortField::new(t.clone())).collect())
             .map_err(|e| EngineError::arrow("key columns", e))?;
-        Ok(KeyDict { conv, ids: HashMap::new(), rows: Vec::new() })
+        Ok(KeyDict {
+            conv,
+            ids: HashMap::new(),
+            rows: Vec::new(),
+        })
     }
 
     /// Number of keys.
@@ -43,7 +47,10 @@ impl KeyDict {
 
     /// Ids of the keys in `cols`, row by row, interning new ones.
     pub fn intern(&mut self, cols: &[ArrayRef], out: &mut Vec<u32>) -> Result<()> {
-        let rows = self.conv.convert_columns(cols).map_err(|e| EngineError::arrow("encoding keys", e))?;
+        let rows = self
+            .conv
+            .convert_columns(cols)
+            .map_err(|e| EngineError::arrow("encoding keys", e))?;
         out.clear();
         out.reserve(rows.num_rows());
         for r in rows.iter() {

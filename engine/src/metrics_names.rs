@@ -2,18 +2,66 @@
 
 /// `(name, kind, help)` of every metric.
 pub const METRICS: &[(&str, &str, &str)] = &[
-    ("sluice_events_in_total", "counter", "Rows decoded from a source (label: source)"),
-    ("sluice_decode_errors_total", "counter", "Records a source could not decode or that did not fit the schema (labels: source, kind)"),
-    ("sluice_dead_letters_total", "counter", "Records written to the dead-letter file (labels: source, kind)"),
-    ("sluice_late_events_total", "counter", "Events that arrived after all their windows closed (label: view)"),
-    ("sluice_watermark_ms", "gauge", "Watermark of a source, ms since the epoch (label: source)"),
-    ("sluice_rows_emitted_total", "counter", "Feature rows emitted: windows closed, lifetime updates, per-event rows (label: view)"),
-    ("sluice_online_writes_total", "counter", "Rows committed to the online store (label: view)"),
-    ("sluice_lake_rows_total", "counter", "Rows written to the Parquet lake (label: view)"),
-    ("sluice_checkpoints_total", "counter", "Checkpoints committed"),
-    ("sluice_checkpoint_duration_seconds", "histogram", "Time to take a checkpoint"),
-    ("sluice_serving_requests_total", "counter", "Serving API requests (labels: route, status)"),
-    ("sluice_serving_latency_seconds", "histogram", "Serving API latency (label: route)"),
+    (
+        "sluice_events_in_total",
+        "counter",
+        "Rows decoded from a source (label: source)",
+    ),
+    (
+        "sluice_decode_errors_total",
+        "counter",
+        "Records a source could not decode or that did not fit the schema (labels: source, kind)",
+    ),
+    (
+        "sluice_dead_letters_total",
+        "counter",
+        "Records written to the dead-letter file (labels: source, kind)",
+    ),
+    (
+        "sluice_late_events_total",
+        "counter",
+        "Events that arrived after all their windows closed (label: view)",
+    ),
+    (
+        "sluice_watermark_ms",
+        "gauge",
+        "Watermark of a source, ms since the epoch (label: source)",
+    ),
+    (
+        "sluice_rows_emitted_total",
+        "counter",
+        "Feature rows emitted: windows closed, lifetime updates, per-event rows (label: view)",
+    ),
+    (
+        "sluice_online_writes_total",
+        "counter",
+        "Rows committed to the online store (label: view)",
+    ),
+    (
+        "sluice_lake_rows_total",
+        "counter",
+        "Rows written to the Parquet lake (label: view)",
+    ),
+    (
+        "sluice_checkpoints_total",
+        "counter",
+        "Checkpoints committed",
+    ),
+    (
+        "sluice_checkpoint_duration_seconds",
+        "histogram",
+        "Time to take a checkpoint",
+    ),
+    (
+        "sluice_serving_requests_total",
+        "counter",
+        "Serving API requests (labels: route, status)",
+    ),
+    (
+        "sluice_serving_latency_seconds",
+        "histogram",
+        "Serving API latency (label: route)",
+    ),
 ];
 
 /// Registers the help texts with the installed recorder.

@@ -39,7 +39,9 @@ pub fn watermark_key(source: &str) -> String {
 
 /// Reads a view's metadata.
 pub fn read_view_meta(store: &Store, view: &str) -> Result<Option<ViewMeta>> {
-    Ok(store.meta(&view_meta_key(view))?.and_then(|b| serde_json::from_slice(&b).ok()))
+    Ok(store
+        .meta(&view_meta_key(view))?
+        .and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
 /// Milliseconds as an RFC 3339 UTC timestamp.
@@ -61,7 +63,12 @@ fn chrono_like(ms: i64) -> Option<String> {
 /// The feature value of `key` as of watermark `wm`: the stored row while it
 /// is valid, the empty-set aggregate once its window has passed, `None` for a
 /// key never seen.
-pub fn read_feature(store: &Store, meta: &ViewMeta, key: &str, wm: Option<i64>) -> Result<Option<Value>> {
+pub fn read_feature(
+    store: &Store,
+    meta: &ViewMeta,
+    key: &str,
+    wm: Option<i64>,
+) -> Result<Option<Value>> {
     let Some(raw) = store.online_get(&meta.name, key)? else {
         return Ok(None);
     };

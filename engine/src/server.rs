@@ -44,7 +44,12 @@ pub fn router(state: ServeState) -> Router {
         .with_state(state)
 }
 
-async fn auth(State(s): State<ServeState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+async fn auth(
+    State(s): State<ServeState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(t) = &s.token {
         let ok = headers
             .get(header::AUTHORIZATION)
@@ -52,7 +57,11 @@ async fn auth(State(s): State<ServeState>, headers: HeaderMap, req: Request, nex
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|v| v.trim() == t.as_ref());
         if !ok {
-            return (StatusCode::UNAUTHORIZED, Json(json!({"error": "missing or wrong bearer token"}))).into_response();
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response();
         }
     }
     next.run(req).await
@@ -60,23 +69,37 @@ async fn auth(State(s): State<ServeState>, headers: HeaderMap, req: Request, nex
 
 fn observe(route: &'static str, status: StatusCode, t0: Instant) {
     metrics::counter!("sluice_serving_requests_total", "route" => route, "status" => status.as_u16().to_string()).increment(1);
-    metrics::histogram!("sluice_serving_latency_seconds", "route" => route).record(t0.elapsed().as_secs_f64());
+    metrics::histogram!("sluice_serving_latency_seconds", "route" => route)
+        .record(t0.elapsed().as_secs_f64());
 }
 
 fn lookup(s: &ServeState, view: &str, key: &str) -> Result<Option<Value>, (StatusCode, Value)> {
     let Some(meta) = s.live.views.get(view) else {
         let known: Vec<&String> = s.live.views.keys().collect();
-        return Err((StatusCode::NOT_FOUND, json!({"error": format!("no feature view `{view}`"), "views": known})));
+        return Err((
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no feature view `{view}`"), "views": known}),
+        ));
     };
-    read_feature(&s.live.store, meta, key, s.live.watermark(view))
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})))
+    read_feature(&s.live.store, meta, key, s.live.watermark(view)).map_err(|e| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        )
+    })
 }
 
-async fn get_feature(State(s): State<ServeState>, Path((view, key)): Path<(String, String)>) -> Response {
+async fn get_feature(
+    State(s): State<ServeState>,
+    Path((view, key)): Path<(String, String)>,
+) -> Response {
     let t0 = Instant::now();
     let (status, body) = match lookup(&s, &view, &key) {
         Ok(Some(v)) => (StatusCode::OK, v),
-        Ok(None) => (StatusCode::NOT_FOUND, json!({"error": "key not found", "key": key})),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            json!({"error": "key not found", "key": key}),
+        ),
         Err(e) => e,
     };
     observe("get", status, t0);
@@ -88,17 +111,33 @@ struct Keys {
     keys: Vec<Value>,
 }
 
-async fn post_features(State(s): State<ServeState>, Path(view): Path<String>, body: Result<Json<Keys>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn post_features(
+    State(s): State<ServeState>,
+    Path(view): Path<String>,
+    body: Result<Json<Keys>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let t0 = Instant::now();
     let Ok(Json(req)) = body else {
         observe("batch", StatusCode::BAD_REQUEST, t0);
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "expected a JSON body {\"keys\": [...]}"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "expected a JSON body {\"keys\": [...]}"})),
+        )
+            .into_response();
     };
     let mut out = Vec::with_capacity(req.keys.len());
     for k in req.keys {
         let key = match &k {
             Value::String(s) => s.clone(),
-            Value::Array(parts) => parts.iter().map(|p| p.as_str().map(str::to_string).unwrap_or_else(|| p.to_string())).collect::<Vec<_>>().join("|"),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| p.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join("|"),
             other => other.to_string(),
         };
         match lookup(&s, &view, &key) {
@@ -121,7 +160,11 @@ async fn post_features(State(s): State<ServeState>, Path(view): Path<String>, bo
 
 async fn metrics_text(State(s): State<ServeState>) -> Response {
     match &s.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
     }
 }

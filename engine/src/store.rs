@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 
 use crate::aggregate::StateOp;
 use crate::error::{EngineError, Result};
@@ -53,13 +55,19 @@ pub struct Commit {
 
 impl Store {
     fn err(&self, source: rocksdb::Error) -> EngineError {
-        EngineError::Store { path: self.path.display().to_string(), source }
+        EngineError::Store {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 
     /// Opens (or creates) the database with a column family per view.
     pub fn open(dir: &Path, views: &[String]) -> Result<Self> {
         let path = dir.join("db");
-        std::fs::create_dir_all(&path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
+        std::fs::create_dir_all(&path).map_err(|e| EngineError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -78,7 +86,10 @@ impl Store {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(n, o)
         });
-        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| EngineError::Store {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         Ok(Store { db, path })
     }
 
@@ -86,19 +97,32 @@ impl Store {
     pub fn open_read_only(dir: &Path) -> Result<Self> {
         let path = dir.join("db");
         if !path.exists() {
-            return Err(EngineError::Incompatible { path: dir.display().to_string(), reason: "no state here; run `sluice run … --state-dir` first".into() });
+            return Err(EngineError::Incompatible {
+                path: dir.display().to_string(),
+                reason: "no state here; run `sluice run … --state-dir` first".into(),
+            });
         }
         let opts = Options::default();
-        let names = DB::list_cf(&opts, &path).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
-        let db = DB::open_cf_for_read_only(&opts, &path, names, false).map_err(|e| EngineError::Store { path: path.display().to_string(), source: e })?;
+        let names = DB::list_cf(&opts, &path).map_err(|e| EngineError::Store {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let db = DB::open_cf_for_read_only(&opts, &path, names, false).map_err(|e| {
+            EngineError::Store {
+                path: path.display().to_string(),
+                source: e,
+            }
+        })?;
         Ok(Store { db, path })
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| EngineError::Incompatible {
-            path: self.path.display().to_string(),
-            reason: format!("column family `{name}` is missing"),
-        })
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| EngineError::Incompatible {
+                path: self.path.display().to_string(),
+                reason: format!("column family `{name}` is missing"),
+            })
     }
 
     /// A metadata value.
@@ -108,15 +132,21 @@ impl Store {
 
     /// A metadata value as i64.
     pub fn meta_i64(&self, key: &str) -> Result<Option<i64>> {
-        Ok(self.meta(key)?.and_then(|v| v.try_into().ok()).map(i64::from_be_bytes))
+        Ok(self
+            .meta(key)?
+            .and_then(|v| v.try_into().ok())
+            .map(i64::from_be_bytes))
     }
 
     /// The online row of `key` in `view`.
     pub fn online_get(&self, view: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        let cf = self.db.cf_handle(&online_cf(view)).ok_or_else(|| EngineError::Incompatible {
-            path: self.path.display().to_string(),
-            reason: format!("no online store for view `{view}`"),
-        })?;
+        let cf = self
+            .db
+            .cf_handle(&online_cf(view))
+            .ok_or_else(|| EngineError::Incompatible {
+                path: self.path.display().to_string(),
+                reason: format!("no online store for view `{view}`"),
+            })?;
         self.db.get_cf(cf, key).map_err(|e| self.err(e))
     }
 
@@ -132,11 +162,14 @@ impl Store {
     }
 
     /// The checkpointed state of `view`: (pane start, key row, state row), ordered by pane.
-    pub fn state_entries(&self, view: &str) -> Result<Vec<(i64, Vec<u8>, Vec<u8>)>> {
+    pub fn state_entries(&self, view: &str) -> Result<Vec<(i64, crate::aggregate::StateEntry)>> {
         let cf = self.cf(STATE)?;
         let prefix = state_prefix(view);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+        {
             let (k, v) = item.map_err(|e| self.err(e))?;
             if !k.starts_with(&prefix) {
                 break;
@@ -148,7 +181,7 @@ impl Store {
             let mut pb = [0u8; 8];
             pb.copy_from_slice(&rest[..8]);
             let pane = (u64::from_be_bytes(pb) ^ (1u64 << 63)) as i64;
-            out.push((pane, rest[8..].to_vec(), v.to_vec()));
+            out.push((pane, (rest[8..].to_vec(), v.to_vec())));
         }
         Ok(out)
     }
@@ -208,7 +241,9 @@ impl Store {
 
 /// Total size of the files under a directory.
 pub fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => dir_size(&e.path()),

@@ -39,12 +39,20 @@ impl ViewOp {
     pub fn new(plan: &ViewPlan) -> Result<Self> {
         let stages = compile_stages(&plan.name, &plan.stages)?;
         let agg = match &plan.kind {
-            ViewKind::Aggregate(a) => Some(WindowAgg::new(&plan.name, a, plan.event_time.as_deref())?),
+            ViewKind::Aggregate(a) => {
+                Some(WindowAgg::new(&plan.name, a, plan.event_time.as_deref())?)
+            }
             ViewKind::PerEvent => None,
         };
         let schema = emitted_schema(&plan.output_schema);
-        let key_idx = plan.keys.iter().filter_map(|k| schema.index_of(k).ok()).collect::<Vec<_>>();
-        let feature_idx = (2..schema.fields().len()).filter(|i| !key_idx.contains(i)).collect();
+        let key_idx = plan
+            .keys
+            .iter()
+            .filter_map(|k| schema.index_of(k).ok())
+            .collect::<Vec<_>>();
+        let feature_idx = (2..schema.fields().len())
+            .filter(|i| !key_idx.contains(i))
+            .collect();
         Ok(ViewOp {
             plan: plan.clone(),
             stages,
@@ -81,8 +89,13 @@ impl ViewOp {
             return Ok(Vec::new());
         }
         let Some(agg) = self.agg.as_mut() else {
-            let ts = rows.ts.as_ref().map(|t| Arc::new(TimestampMillisecondArray::from(t.values().to_vec()).with_timezone("UTC")) as ArrayRef);
-            let ts = ts.unwrap_or_else(|| arrow::array::new_null_array(self.schema.field(0).data_type(), rows.len()));
+            let ts = rows.ts.as_ref().map(|t| {
+                Arc::new(TimestampMillisecondArray::from(t.values().to_vec()).with_timezone("UTC"))
+                    as ArrayRef
+            });
+            let ts = ts.unwrap_or_else(|| {
+                arrow::array::new_null_array(self.schema.field(0).data_type(), rows.len())
+            });
             self.emit_rows(&rows.batch, Arc::clone(&ts), ts, None)?;
             return Ok(Vec::new());
         };
@@ -107,7 +120,9 @@ impl ViewOp {
 
     /// Fires the windows the watermark `wm` closes.
     pub fn advance(&mut self, wm: i64) -> Result<()> {
-        let Some(agg) = self.agg.as_mut() else { return Ok(()) };
+        let Some(agg) = self.agg.as_mut() else {
+            return Ok(());
+        };
         let mut fired = std::mem::take(&mut self.fired);
         let r = agg.fire_until(wm, &mut fired);
         self.emit_fired(&mut fired)?;
@@ -117,7 +132,9 @@ impl ViewOp {
 
     /// Before a checkpoint: lifetime views emit the keys that changed, as of `end`.
     pub fn before_checkpoint(&mut self, end: Option<i64>) -> Result<()> {
-        let Some(agg) = self.agg.as_mut() else { return Ok(()) };
+        let Some(agg) = self.agg.as_mut() else {
+            return Ok(());
+        };
         if let Some(f) = agg.changed_rows(end)? {
             let mut v = vec![f];
             self.emit_fired(&mut v)?;
@@ -136,9 +153,13 @@ impl ViewOp {
     fn emit_fired(&mut self, fired: &mut Vec<Fired>) -> Result<()> {
         for f in fired.drain(..) {
             let n = f.batch.num_rows();
-            let col = |v: Option<i64>| Arc::new(TimestampMillisecondArray::from(vec![v; n]).with_timezone("UTC")) as ArrayRef;
+            let col = |v: Option<i64>| {
+                Arc::new(TimestampMillisecondArray::from(vec![v; n]).with_timezone("UTC"))
+                    as ArrayRef
+            };
             let ends = match &f.row_ends {
-                Some(e) => arrow::compute::cast(e, self.schema.field(1).data_type()).map_err(|e| EngineError::arrow("window_end", e))?,
+                Some(e) => arrow::compute::cast(e, self.schema.field(1).data_type())
+                    .map_err(|e| EngineError::arrow("window_end", e))?,
                 None => col(f.end),
             };
             self.emit_rows(&f.batch, col(f.start), ends, f.valid_until)?;
@@ -146,7 +167,13 @@ impl ViewOp {
         Ok(())
     }
 
-    fn emit_rows(&mut self, batch: &RecordBatch, start: ArrayRef, end: ArrayRef, valid_until: Option<i64>) -> Result<()> {
+    fn emit_rows(
+        &mut self,
+        batch: &RecordBatch,
+        start: ArrayRef,
+        end: ArrayRef,
+        valid_until: Option<i64>,
+    ) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
@@ -154,18 +181,31 @@ impl ViewOp {
         cols.extend(batch.columns().iter().cloned());
         let out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
             .map_err(|e| EngineError::arrow(format!("output of view `{}`", self.plan.name), e))?;
-        metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone()).increment(out.num_rows() as u64);
+        metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone())
+            .increment(out.num_rows() as u64);
         if self.plan.online {
-            let keys: Vec<ArrayRef> = self.key_idx.iter().map(|i| Arc::clone(out.column(*i))).collect();
+            let keys: Vec<ArrayRef> = self
+                .key_idx
+                .iter()
+                .map(|i| Arc::clone(out.column(*i)))
+                .collect();
             let keys = key_strings(&keys)?;
             let feats = features_json(&out, &self.feature_idx)?;
-            let ends = out.column(1).as_any().downcast_ref::<TimestampMillisecondArray>();
-            let starts = out.column(0).as_any().downcast_ref::<TimestampMillisecondArray>();
+            let ends = out
+                .column(1)
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>();
+            let starts = out
+                .column(0)
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>();
             let ms = |a: Option<&TimestampMillisecondArray>, i: usize| match a {
                 Some(a) if a.is_valid(i) => a.value(i).to_string(),
                 _ => "null".to_string(),
             };
-            let vu = valid_until.map(|v| v.to_string()).unwrap_or_else(|| "null".into());
+            let vu = valid_until
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "null".into());
             for (i, (k, f)) in keys.into_iter().zip(feats).enumerate() {
                 let v = format!(
                     "{{\"window_start\":{},\"window_end\":{},\"valid_until\":{vu},\"features\":{}}}",
@@ -184,12 +224,18 @@ impl ViewOp {
 
     /// The JSON features a key reads as when its window is empty.
     pub fn empty_features(&self) -> Result<Option<serde_json::Value>> {
-        let Some(agg) = self.agg.as_ref() else { return Ok(None) };
-        let Some(b) = agg.kernel().empty_row()? else { return Ok(None) };
+        let Some(agg) = self.agg.as_ref() else {
+            return Ok(None);
+        };
+        let Some(b) = agg.kernel().empty_row()? else {
+            return Ok(None);
+        };
         let n = b.num_rows();
-        let mut cols: Vec<ArrayRef> = vec![arrow::array::new_null_array(self.schema.field(0).data_type(), n); 2];
+        let mut cols: Vec<ArrayRef> =
+            vec![arrow::array::new_null_array(self.schema.field(0).data_type(), n); 2];
         cols.extend(b.columns().iter().cloned());
-        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols).map_err(|e| EngineError::arrow("empty row", e))?;
+        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
+            .map_err(|e| EngineError::arrow("empty row", e))?;
         let f = features_json(&out, &self.feature_idx)?;
         Ok(f.first().and_then(|j| serde_json::from_slice(j).ok()))
     }
@@ -202,12 +248,22 @@ impl ViewOp {
 
 /// One JSON object per row with the given columns (NULLs explicit).
 pub fn features_json(batch: &RecordBatch, cols: &[usize]) -> Result<Vec<Vec<u8>>> {
-    let proj = batch.project(cols).map_err(|e| EngineError::arrow("feature columns", e))?;
-    let mut w = WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(Vec::new());
-    w.write(&proj).map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
-    w.finish().map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
+    let proj = batch
+        .project(cols)
+        .map_err(|e| EngineError::arrow("feature columns", e))?;
+    let mut w = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(Vec::new());
+    w.write(&proj)
+        .map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
+    w.finish()
+        .map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
     let buf = w.into_inner();
-    let mut out: Vec<Vec<u8>> = buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| l.to_vec()).collect();
+    let mut out: Vec<Vec<u8>> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| l.to_vec())
+        .collect();
     if proj.num_columns() == 0 {
         out = vec![b"{}".to_vec(); batch.num_rows()];
     }

@@ -45,7 +45,11 @@ impl PipelineError {
     }
 
     /// Adds a "did you mean" hint built from the nearest candidate, if any.
-    pub fn suggest<'a>(mut self, word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Self {
+    pub fn suggest<'a>(
+        mut self,
+        word: &str,
+        candidates: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         if let Some(best) = nearest(word, candidates) {
             self.help = Some(format!("did you mean `{best}`?"));
         }
@@ -62,7 +66,9 @@ impl PipelineError {
 impl fmt::Display for PipelineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.pos {
-            Some(p) if p.line > 0 => write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, self.message)?,
+            Some(p) if p.line > 0 => {
+                write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, self.message)?
+            }
             _ => write!(f, "{}: {}", self.file, self.message)?,
         }
         if let Some(h) = &self.help {
@@ -104,7 +110,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[(i - 1) * w + j] + 1).min(d[i * w + j - 1] + 1).min(d[(i - 1) * w + j - 1] + cost);
+            let mut v = (d[(i - 1) * w + j] + 1)
+                .min(d[i * w + j - 1] + 1)
+                .min(d[(i - 1) * w + j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 v = v.min(d[(i - 2) * w + j - 2] + 1);
             }

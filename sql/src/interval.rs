@@ -7,7 +7,10 @@ use crate::parser::literal_text;
 
 fn unit_ms(unit: &str) -> Option<i64> {
     let u = unit.trim().to_ascii_lowercase();
-    let u = u.strip_suffix('s').filter(|s| !s.is_empty() && *s != "m").unwrap_or(&u);
+    let u = u
+        .strip_suffix('s')
+        .filter(|s| !s.is_empty() && *s != "m")
+        .unwrap_or(&u);
     Some(match u {
         "ms" | "millisecond" => 1,
         "s" | "sec" | "second" => 1_000,
@@ -33,7 +36,8 @@ fn text_ms(text: &str, unit: Option<&str>) -> Result<i64, String> {
             let mut total = 0i64;
             for pair in parts.chunks(2) {
                 let n: f64 = pair[0].parse().map_err(|_| bad())?;
-                let m = unit_ms(pair[1]).ok_or_else(|| format!("unknown interval unit `{}`", pair[1]))?;
+                let m = unit_ms(pair[1])
+                    .ok_or_else(|| format!("unknown interval unit `{}`", pair[1]))?;
                 total += (n * m as f64).round() as i64;
             }
             Ok(total)
@@ -48,14 +52,19 @@ pub fn interval_ms(e: &Expr) -> Result<i64, String> {
     match e {
         Expr::Interval(iv) => {
             if iv.last_field.is_some() {
-                return Err(format!("interval ranges such as `{e}` are not supported; write INTERVAL '90' MINUTE"));
+                return Err(format!(
+                    "interval ranges such as `{e}` are not supported; write INTERVAL '90' MINUTE"
+                ));
             }
-            let text = literal_text(&iv.value).ok_or_else(|| format!("expected a literal interval, found `{e}`"))?;
+            let text = literal_text(&iv.value)
+                .ok_or_else(|| format!("expected a literal interval, found `{e}`"))?;
             let unit = iv.leading_field.as_ref().map(|f| f.to_string());
             text_ms(&text, unit.as_deref())
         }
         Expr::Nested(inner) => interval_ms(inner),
-        _ => Err(format!("expected an INTERVAL literal such as INTERVAL '5' MINUTE, found `{e}`")),
+        _ => Err(format!(
+            "expected an INTERVAL literal such as INTERVAL '5' MINUTE, found `{e}`"
+        )),
     }
 }
 

@@ -9,6 +9,6 @@ pub mod plan;
 
 pub use error::{PipelineError, Pos};
 pub use plan::{
-    fmt_ms, plan_file, plan_pipeline, AggregatePlan, PipelinePlan, SourcePlan, Stage, ViewKind,
-    ViewPlan, WindowSpec, TIMESTAMP_TYPE,
+    AggregatePlan, PipelinePlan, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec,
+    fmt_ms, plan_file, plan_pipeline,
 };

@@ -121,7 +121,10 @@ pub fn parse_pipeline(file: &str, text: &str) -> Result<Vec<Statement>, Pipeline
                     _ => {
                         return Err(p.err_at(
                             &what,
-                            format!("expected SOURCE or FEATURE VIEW after CREATE, found {}", what.token),
+                            format!(
+                                "expected SOURCE or FEATURE VIEW after CREATE, found {}",
+                                what.token
+                            ),
                         ));
                     }
                 }
@@ -187,7 +190,10 @@ impl P<'_> {
         if word(&t).as_deref() == Some(w) {
             Ok(t)
         } else {
-            Err(self.err_at(&t, format!("expected {}, found {}", w.to_uppercase(), t.token)))
+            Err(self.err_at(
+                &t,
+                format!("expected {}, found {}", w.to_uppercase(), t.token),
+            ))
         }
     }
 
@@ -229,8 +235,8 @@ impl P<'_> {
                 self.expect_word("as")?;
                 let at = self.parser.peek_token();
                 let expr = self.parser.parse_expr().map_err(|e| self.pe(e))?;
-                let delay_ms = watermark_delay(&expr, &column.value)
-                    .map_err(|m| self.err_at(&at, m))?;
+                let delay_ms =
+                    watermark_delay(&expr, &column.value).map_err(|m| self.err_at(&at, m))?;
                 watermark = Some(WatermarkDef { column, delay_ms });
             } else {
                 let name = self.name()?;
@@ -290,7 +296,12 @@ impl P<'_> {
                     span: first.span,
                 }),
                 Token::SingleQuotedString(s) => s.clone(),
-                _ => return Err(self.err_at(&first, format!("expected an option name, found {}", first.token))),
+                _ => {
+                    return Err(self.err_at(
+                        &first,
+                        format!("expected an option name, found {}", first.token),
+                    ));
+                }
             };
             while self.parser.peek_token().token == Token::Period {
                 self.parser.next_token();
@@ -300,7 +311,12 @@ impl P<'_> {
                         key.push('.');
                         key.push_str(&w.value.to_ascii_lowercase());
                     }
-                    _ => return Err(self.err_at(&part, format!("expected an option name, found {}", part.token))),
+                    _ => {
+                        return Err(self.err_at(
+                            &part,
+                            format!("expected an option name, found {}", part.token),
+                        ));
+                    }
                 }
             }
             self.expect(Token::Eq)?;
@@ -309,7 +325,11 @@ impl P<'_> {
                 Token::SingleQuotedString(s) | Token::DoubleQuotedString(s) => s.clone(),
                 Token::Number(n, _) => n.clone(),
                 Token::Word(w) => w.value.clone(),
-                _ => return Err(self.err_at(&vt, format!("expected an option value, found {}", vt.token))),
+                _ => {
+                    return Err(
+                        self.err_at(&vt, format!("expected an option value, found {}", vt.token))
+                    );
+                }
             };
             out.push(OptionDef {
                 key: Name {
@@ -343,7 +363,10 @@ impl P<'_> {
         let query = self.parser.parse_query().map_err(|e| self.pe(e))?;
         let t = self.parser.peek_token();
         if !matches!(t.token, Token::SemiColon | Token::EOF) {
-            return Err(self.err_at(&t, format!("expected `;` after the view's query, found {}", t.token)));
+            return Err(self.err_at(
+                &t,
+                format!("expected `;` after the view's query, found {}", t.token),
+            ));
         }
         Ok(ViewDef {
             name,
@@ -399,20 +422,28 @@ mod tests {
                    CREATE FEATURE VIEW v KEY user_id WITH (online = true) AS SELECT user_id, COUNT(*) AS n FROM clicks GROUP BY user_id;";
         let st = parse_pipeline("p.sql", sql).expect("parses");
         assert_eq!(st.len(), 2);
-        let Statement::Source(s) = &st[0] else { panic!("source first") };
+        let Statement::Source(s) = &st[0] else {
+            panic!("source first")
+        };
         assert_eq!(s.columns.len(), 3);
         assert!(s.columns[0].not_null && !s.columns[1].not_null);
         let wm = s.watermark.as_ref().expect("watermark");
         assert_eq!((wm.column.value.as_str(), wm.delay_ms), ("ts", 5000));
         assert_eq!(s.options[2].key.value, "kafka.acks");
-        let Statement::View(v) = &st[1] else { panic!("view second") };
+        let Statement::View(v) = &st[1] else {
+            panic!("view second")
+        };
         assert_eq!(v.keys[0].value, "user_id");
         assert_eq!(v.options[0].value, "true");
     }
 
     #[test]
     fn errors_carry_line_and_column() {
-        let e = parse_pipeline("p.sql", "CREATE SOURCE s (a TEXT,\n  WATERMARK FOR a AS a + 1)").expect_err("bad");
+        let e = parse_pipeline(
+            "p.sql",
+            "CREATE SOURCE s (a TEXT,\n  WATERMARK FOR a AS a + 1)",
+        )
+        .expect_err("bad");
         assert_eq!(e.pos.map(|p| p.line), Some(2));
         let e = parse_pipeline("p.sql", "CREATE TABLE x").expect_err("bad");
         assert!(e.to_string().starts_with("p.sql:1:8:"), "{e}");

@@ -20,7 +20,7 @@ use datafusion::sql::sqlparser::ast::{
 
 use crate::error::{PipelineError, Pos};
 use crate::interval::interval_ms;
-use crate::parser::{normalize, parse_pipeline, OptionDef, SourceDef, Statement, ViewDef};
+use crate::parser::{OptionDef, SourceDef, Statement, ViewDef, normalize, parse_pipeline};
 
 /// The arrow type of a `TIMESTAMP` column: milliseconds since the epoch.
 pub const TIMESTAMP_TYPE: DataType = DataType::Timestamp(TimeUnit::Millisecond, None);
@@ -68,7 +68,12 @@ impl fmt::Display for WindowSpec {
         match self {
             WindowSpec::Tumble { size_ms } => write!(f, "TUMBLE(size={})", fmt_ms(*size_ms)),
             WindowSpec::Hop { slide_ms, size_ms } => {
-                write!(f, "HOP(slide={}, size={})", fmt_ms(*slide_ms), fmt_ms(*size_ms))
+                write!(
+                    f,
+                    "HOP(slide={}, size={})",
+                    fmt_ms(*slide_ms),
+                    fmt_ms(*size_ms)
+                )
             }
             WindowSpec::Lifetime => write!(f, "LIFETIME"),
         }
@@ -77,7 +82,12 @@ impl fmt::Display for WindowSpec {
 
 /// Formats milliseconds as the largest whole unit (`5m`, `1h`, `1500ms`).
 pub fn fmt_ms(ms: i64) -> String {
-    for (unit, len) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, len) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms != 0 && ms % len == 0 {
             return format!("{}{unit}", ms / len);
         }
@@ -216,19 +226,25 @@ const SOURCE_OPTIONS: &[&str] = &[
     "idle_timeout",
 ];
 const VIEW_OPTIONS: &[&str] = &["online", "offline"];
-const TYPES: &str = "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE";
+const TYPES: &str =
+    "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE";
 
 /// Reads, parses and plans a pipeline file.
 pub fn plan_file(path: &Path) -> Result<PipelinePlan, PipelineError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PipelineError::at(&file, None, format!("cannot read the pipeline file: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        PipelineError::at(&file, None, format!("cannot read the pipeline file: {e}"))
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     plan_pipeline(&file, &text, base)
 }
 
 /// Parses and plans pipeline text. Relative paths in options resolve against `base_dir`.
-pub fn plan_pipeline(file: &str, text: &str, base_dir: &Path) -> Result<PipelinePlan, PipelineError> {
+pub fn plan_pipeline(
+    file: &str,
+    text: &str,
+    base_dir: &Path,
+) -> Result<PipelinePlan, PipelineError> {
     let statements = parse_pipeline(file, text)?;
     let mut plan = PipelinePlan {
         file: file.to_string(),
@@ -241,16 +257,27 @@ pub fn plan_pipeline(file: &str, text: &str, base_dir: &Path) -> Result<Pipeline
         match st {
             Statement::Source(s) => {
                 if !names.insert(s.name.value.clone()) {
-                    return Err(PipelineError::at(file, Some(s.name.pos), format!("`{}` is defined twice", s.name.value)));
+                    return Err(PipelineError::at(
+                        file,
+                        Some(s.name.pos),
+                        format!("`{}` is defined twice", s.name.value),
+                    ));
                 }
                 let sp = lower_source(file, &s, base_dir)?;
-                ctx.register_table(sp.name.as_str(), Arc::new(EmptyTable::new(Arc::clone(&sp.schema))))
-                    .map_err(|e| PipelineError::at(file, Some(s.name.pos), e.to_string()))?;
+                ctx.register_table(
+                    sp.name.as_str(),
+                    Arc::new(EmptyTable::new(Arc::clone(&sp.schema))),
+                )
+                .map_err(|e| PipelineError::at(file, Some(s.name.pos), e.to_string()))?;
                 plan.sources.push(sp);
             }
             Statement::View(v) => {
                 if !names.insert(v.name.value.clone()) {
-                    return Err(PipelineError::at(file, Some(v.name.pos), format!("`{}` is defined twice", v.name.value)));
+                    return Err(PipelineError::at(
+                        file,
+                        Some(v.name.pos),
+                        format!("`{}` is defined twice", v.name.value),
+                    ));
                 }
                 let vp = lower_view(file, text, &v, &plan, &ctx, base_dir)?;
                 plan.views.push(vp);
@@ -258,7 +285,11 @@ pub fn plan_pipeline(file: &str, text: &str, base_dir: &Path) -> Result<Pipeline
         }
     }
     if plan.views.is_empty() {
-        return Err(PipelineError::at(file, None, "the pipeline defines no CREATE FEATURE VIEW"));
+        return Err(PipelineError::at(
+            file,
+            None,
+            "the pipeline defines no CREATE FEATURE VIEW",
+        ));
     }
     Ok(plan)
 }
@@ -280,12 +311,21 @@ fn arrow_type(dt: &ast::DataType) -> Option<DataType> {
     })
 }
 
-fn check_options(file: &str, opts: &[OptionDef], known: &[&str], what: &str) -> Result<(), PipelineError> {
+fn check_options(
+    file: &str,
+    opts: &[OptionDef],
+    known: &[&str],
+    what: &str,
+) -> Result<(), PipelineError> {
     let mut seen = HashSet::new();
     for o in opts {
         let k = o.key.value.as_str();
         if !seen.insert(k) {
-            return Err(PipelineError::at(file, Some(o.key.pos), format!("option `{k}` is given twice")));
+            return Err(PipelineError::at(
+                file,
+                Some(o.key.pos),
+                format!("option `{k}` is given twice"),
+            ));
         }
         if what == "source" && k.starts_with("kafka.") {
             continue;
@@ -294,7 +334,10 @@ fn check_options(file: &str, opts: &[OptionDef], known: &[&str], what: &str) -> 
             return Err(PipelineError::at(
                 file,
                 Some(o.key.pos),
-                format!("unknown {what} option `{k}`; known options: {}", known.join(", ")),
+                format!(
+                    "unknown {what} option `{k}`; known options: {}",
+                    known.join(", ")
+                ),
             )
             .suggest(k, known.iter().copied()));
         }
@@ -307,27 +350,56 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
     let mut seen = HashSet::new();
     for c in &s.columns {
         if !seen.insert(c.name.value.clone()) {
-            return Err(PipelineError::at(file, Some(c.name.pos), format!("column `{}` is declared twice", c.name.value)));
+            return Err(PipelineError::at(
+                file,
+                Some(c.name.pos),
+                format!("column `{}` is declared twice", c.name.value),
+            ));
         }
         let dt = arrow_type(&c.data_type).ok_or_else(|| {
-            PipelineError::at(file, Some(c.type_pos), format!("unsupported column type `{}`", c.data_type))
-                .with_help(format!("supported types: {TYPES}"))
+            PipelineError::at(
+                file,
+                Some(c.type_pos),
+                format!("unsupported column type `{}`", c.data_type),
+            )
+            .with_help(format!("supported types: {TYPES}"))
         })?;
         fields.push(Field::new(&c.name.value, dt, !c.not_null));
     }
     if fields.is_empty() {
-        return Err(PipelineError::at(file, Some(s.name.pos), "a source needs at least one column"));
+        return Err(PipelineError::at(
+            file,
+            Some(s.name.pos),
+            "a source needs at least one column",
+        ));
     }
     let schema = Arc::new(Schema::new(fields));
     let (event_time, watermark_delay_ms) = match &s.watermark {
         None => (None, 0),
         Some(w) => {
             let idx = schema.index_of(&w.column.value).map_err(|_| {
-                PipelineError::at(file, Some(w.column.pos), format!("WATERMARK FOR names `{}`, which is not a column of `{}`", w.column.value, s.name.value))
-                    .suggest(&w.column.value, schema.fields().iter().map(|f| f.name().as_str()))
+                PipelineError::at(
+                    file,
+                    Some(w.column.pos),
+                    format!(
+                        "WATERMARK FOR names `{}`, which is not a column of `{}`",
+                        w.column.value, s.name.value
+                    ),
+                )
+                .suggest(
+                    &w.column.value,
+                    schema.fields().iter().map(|f| f.name().as_str()),
+                )
             })?;
             if schema.field(idx).data_type() != &TIMESTAMP_TYPE {
-                return Err(PipelineError::at(file, Some(w.column.pos), format!("the event-time column `{}` must be a TIMESTAMP", w.column.value)));
+                return Err(PipelineError::at(
+                    file,
+                    Some(w.column.pos),
+                    format!(
+                        "the event-time column `{}` must be a TIMESTAMP",
+                        w.column.value
+                    ),
+                ));
             }
             (Some(idx), w.delay_ms)
         }
@@ -337,34 +409,68 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
     for o in &s.options {
         options.insert(o.key.value.clone(), o.value.clone());
     }
-    let opt_pos = |k: &str| s.options.iter().find(|o| o.key.value == k).map(|o| o.value_pos);
+    let opt_pos = |k: &str| {
+        s.options
+            .iter()
+            .find(|o| o.key.value == k)
+            .map(|o| o.value_pos)
+    };
     let connector = options.get("connector").cloned().ok_or_else(|| {
-        PipelineError::at(file, Some(s.name.pos), format!("source `{}` needs a `connector` option ('file' or 'kafka')", s.name.value))
+        PipelineError::at(
+            file,
+            Some(s.name.pos),
+            format!(
+                "source `{}` needs a `connector` option ('file' or 'kafka')",
+                s.name.value
+            ),
+        )
     })?;
     match connector.as_str() {
         "file" => {
             let path = options.get("path").ok_or_else(|| {
-                PipelineError::at(file, Some(s.name.pos), format!("file source `{}` needs a `path` option", s.name.value))
+                PipelineError::at(
+                    file,
+                    Some(s.name.pos),
+                    format!("file source `{}` needs a `path` option", s.name.value),
+                )
             })?;
             let resolved = base_dir.join(path);
             options.insert("path".into(), resolved.display().to_string());
             let format = options.get("format").map(String::as_str).unwrap_or("json");
             if format != "json" {
-                return Err(PipelineError::at(file, opt_pos("format"), format!("file format `{format}` is not supported yet; this build reads 'json' (JSON lines)")));
+                return Err(PipelineError::at(
+                    file,
+                    opt_pos("format"),
+                    format!(
+                        "file format `{format}` is not supported yet; this build reads 'json' (JSON lines)"
+                    ),
+                ));
             }
         }
         "kafka" => {
-            return Err(PipelineError::at(file, opt_pos("connector"), "the kafka connector is not available in this build yet; use connector = 'file'"));
+            return Err(PipelineError::at(
+                file,
+                opt_pos("connector"),
+                "the kafka connector is not available in this build yet; use connector = 'file'",
+            ));
         }
         other => {
-            return Err(PipelineError::at(file, opt_pos("connector"), format!("unknown connector `{other}`; expected 'file' or 'kafka'"))
-                .suggest(other, ["file", "kafka"]));
+            return Err(PipelineError::at(
+                file,
+                opt_pos("connector"),
+                format!("unknown connector `{other}`; expected 'file' or 'kafka'"),
+            )
+            .suggest(other, ["file", "kafka"]));
         }
     }
     if let Some(v) = options.get("max_record_bytes")
         && v.parse::<usize>().is_err()
     {
-        return Err(PipelineError::at(file, opt_pos("max_record_bytes"), format!("max_record_bytes must be a number of bytes, found `{v}`")));
+        return Err(PipelineError::at(
+            file,
+            opt_pos("max_record_bytes"),
+            format!("max_record_bytes must be a number of bytes, found `{v}`"),
+        ));
     }
     Ok(SourcePlan {
         name: s.name.value.clone(),
@@ -408,50 +514,99 @@ fn take_window(file: &str, query: &mut ast::Query) -> Result<Option<WindowCall>,
         }
         let pos = span_pos(e.span());
         if fname == "session" {
-            return Err(PipelineError::at(file, pos, "SESSION windows are not supported yet; use TUMBLE or HOP"));
+            return Err(PipelineError::at(
+                file,
+                pos,
+                "SESSION windows are not supported yet; use TUMBLE or HOP",
+            ));
         }
         if found.is_some() {
-            return Err(PipelineError::at(file, pos, "a feature view has at most one window in GROUP BY"));
+            return Err(PipelineError::at(
+                file,
+                pos,
+                "a feature view has at most one window in GROUP BY",
+            ));
         }
         let FunctionArguments::List(list) = &f.args else {
-            return Err(PipelineError::at(file, pos, format!("{} needs arguments", fname.to_uppercase())));
+            return Err(PipelineError::at(
+                file,
+                pos,
+                format!("{} needs arguments", fname.to_uppercase()),
+            ));
         };
         let mut args = Vec::new();
         for a in &list.args {
             match a {
                 FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => args.push(x.clone()),
-                _ => return Err(PipelineError::at(file, pos, "window arguments must be plain expressions")),
+                _ => {
+                    return Err(PipelineError::at(
+                        file,
+                        pos,
+                        "window arguments must be plain expressions",
+                    ));
+                }
             }
         }
         let want = if fname == "tumble" { 2 } else { 3 };
         if args.len() != want {
-            let usage = if fname == "tumble" { "TUMBLE(ts, INTERVAL '5' MINUTE)" } else { "HOP(ts, INTERVAL '5' MINUTE, INTERVAL '1' HOUR)" };
-            return Err(PipelineError::at(file, pos, format!("{} takes {want} arguments: {usage}", fname.to_uppercase())));
+            let usage = if fname == "tumble" {
+                "TUMBLE(ts, INTERVAL '5' MINUTE)"
+            } else {
+                "HOP(ts, INTERVAL '5' MINUTE, INTERVAL '1' HOUR)"
+            };
+            return Err(PipelineError::at(
+                file,
+                pos,
+                format!("{} takes {want} arguments: {usage}", fname.to_uppercase()),
+            ));
         }
         let time_col = match &args[0] {
             ast::Expr::Identifier(i) => normalize(i),
             ast::Expr::CompoundIdentifier(parts) => parts.last().map(normalize).unwrap_or_default(),
             other => {
-                return Err(PipelineError::at(file, span_pos(other.span()).or(pos), format!("the first argument of {} must be the event-time column", fname.to_uppercase())));
+                return Err(PipelineError::at(
+                    file,
+                    span_pos(other.span()).or(pos),
+                    format!(
+                        "the first argument of {} must be the event-time column",
+                        fname.to_uppercase()
+                    ),
+                ));
             }
         };
-        let ms = |x: &ast::Expr| interval_ms(x).map_err(|m| PipelineError::at(file, span_pos(x.span()).or(pos), m));
+        let ms = |x: &ast::Expr| {
+            interval_ms(x).map_err(|m| PipelineError::at(file, span_pos(x.span()).or(pos), m))
+        };
         let spec = if fname == "tumble" {
             let size_ms = ms(&args[1])?;
             if size_ms <= 0 {
-                return Err(PipelineError::at(file, pos, "the window size must be positive"));
+                return Err(PipelineError::at(
+                    file,
+                    pos,
+                    "the window size must be positive",
+                ));
             }
             WindowSpec::Tumble { size_ms }
         } else {
             let slide_ms = ms(&args[1])?;
             let size_ms = ms(&args[2])?;
             if slide_ms <= 0 || size_ms <= 0 {
-                return Err(PipelineError::at(file, pos, "the window slide and size must be positive"));
+                return Err(PipelineError::at(
+                    file,
+                    pos,
+                    "the window slide and size must be positive",
+                ));
             }
             if size_ms % slide_ms != 0 {
-                return Err(PipelineError::at(file, span_pos(args[2].span()).or(pos), format!(
-                    "HOP size ({}) must be a whole multiple of its slide ({})", fmt_ms(size_ms), fmt_ms(slide_ms)
-                )));
+                return Err(PipelineError::at(
+                    file,
+                    span_pos(args[2].span()).or(pos),
+                    format!(
+                        "HOP size ({}) must be a whole multiple of its slide ({})",
+                        fmt_ms(size_ms),
+                        fmt_ms(slide_ms)
+                    ),
+                ));
             }
             if size_ms == slide_ms {
                 WindowSpec::Tumble { size_ms }
@@ -459,7 +614,11 @@ fn take_window(file: &str, query: &mut ast::Query) -> Result<Option<WindowCall>,
                 WindowSpec::Hop { slide_ms, size_ms }
             }
         };
-        found = Some(WindowCall { spec, time_col, pos: pos.unwrap_or_default() });
+        found = Some(WindowCall {
+            spec,
+            time_col,
+            pos: pos.unwrap_or_default(),
+        });
     }
     *exprs = keep;
     Ok(found)
@@ -469,22 +628,51 @@ fn take_window(file: &str, query: &mut ast::Query) -> Result<Option<WindowCall>,
 fn locate_word(text: &str, from: Pos, word: &str) -> Option<Pos> {
     use datafusion::sql::sqlparser::dialect::GenericDialect;
     use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-    let tokens = Tokenizer::new(&GenericDialect {}, text).tokenize_with_location().ok()?;
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize_with_location()
+        .ok()?;
     tokens.into_iter().find_map(|t| {
         let p: Pos = t.span.start.into();
         match &t.token {
-            Token::Word(w) if (p.line, p.column) >= (from.line, from.column) && w.value.eq_ignore_ascii_case(word) => Some(p),
+            Token::Word(w)
+                if (p.line, p.column) >= (from.line, from.column)
+                    && w.value.eq_ignore_ascii_case(word) =>
+            {
+                Some(p)
+            }
             _ => None,
         }
     })
 }
 
-fn df_error(file: &str, text: &str, fallback: Pos, e: DataFusionError, candidates: &[String], functions: &[String]) -> PipelineError {
+fn df_error(
+    file: &str,
+    text: &str,
+    fallback: Pos,
+    e: DataFusionError,
+    candidates: &[String],
+    functions: &[String],
+) -> PipelineError {
     let diag = e.diagnostic().cloned();
-    if let Some(name) = e.strip_backtrace().split("Invalid function '").nth(1).and_then(|r| r.split('\'').next()) {
-        let pos = diag.as_ref().and_then(|d| d.span).filter(|s| s.start.line > 0).map(|s| Pos { line: s.start.line, column: s.start.column });
-        let pos = pos.or_else(|| locate_word(text, fallback, name)).unwrap_or(fallback);
-        return PipelineError::at(file, Some(pos), format!("unknown function `{name}`")).suggest(name, functions.iter().map(String::as_str));
+    if let Some(name) = e
+        .strip_backtrace()
+        .split("Invalid function '")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+    {
+        let pos = diag
+            .as_ref()
+            .and_then(|d| d.span)
+            .filter(|s| s.start.line > 0)
+            .map(|s| Pos {
+                line: s.start.line,
+                column: s.start.column,
+            });
+        let pos = pos
+            .or_else(|| locate_word(text, fallback, name))
+            .unwrap_or(fallback);
+        return PipelineError::at(file, Some(pos), format!("unknown function `{name}`"))
+            .suggest(name, functions.iter().map(String::as_str));
     }
     let mut msg = e.strip_backtrace().to_string();
     let mut pos = Some(fallback);
@@ -492,7 +680,10 @@ fn df_error(file: &str, text: &str, fallback: Pos, e: DataFusionError, candidate
         if let Some(s) = d.span
             && s.start.line > 0
         {
-            pos = Some(Pos { line: s.start.line, column: s.start.column });
+            pos = Some(Pos {
+                line: s.start.line,
+                column: s.start.column,
+            });
         }
         if !d.message.is_empty() {
             msg = d.message.clone();
@@ -516,7 +707,14 @@ fn df_error(file: &str, text: &str, fallback: Pos, e: DataFusionError, candidate
     err
 }
 
-fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &SessionContext, base_dir: &Path) -> Result<ViewPlan, PipelineError> {
+fn lower_view(
+    file: &str,
+    text: &str,
+    v: &ViewDef,
+    plan: &PipelinePlan,
+    ctx: &SessionContext,
+    base_dir: &Path,
+) -> Result<ViewPlan, PipelineError> {
     check_options(file, &v.options, VIEW_OPTIONS, "feature view")?;
     let mut online = true;
     let mut offline = None;
@@ -526,7 +724,13 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
                 online = match o.value.to_ascii_lowercase().as_str() {
                     "true" => true,
                     "false" => false,
-                    other => return Err(PipelineError::at(file, Some(o.value_pos), format!("online must be true or false, found `{other}`"))),
+                    other => {
+                        return Err(PipelineError::at(
+                            file,
+                            Some(o.value_pos),
+                            format!("online must be true or false, found `{other}`"),
+                        ));
+                    }
                 }
             }
             "offline" => offline = Some(base_dir.join(&o.value)),
@@ -534,58 +738,120 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
         }
     }
     if !online && offline.is_none() {
-        return Err(PipelineError::at(file, Some(v.name.pos), format!("view `{}` writes nowhere: set online = true or offline = 'DIR'", v.name.value)));
+        return Err(PipelineError::at(
+            file,
+            Some(v.name.pos),
+            format!(
+                "view `{}` writes nowhere: set online = true or offline = 'DIR'",
+                v.name.value
+            ),
+        ));
     }
 
     // The source: exactly one table in FROM.
     let mut query = v.query.clone();
     let source_name = match query.body.as_ref() {
-        SetExpr::Select(s) if s.from.len() == 1 && s.from[0].joins.is_empty() => match &s.from[0].relation {
-            ast::TableFactor::Table { name, .. } => {
-                let n = name.0.last().and_then(|p| p.as_ident()).map(normalize).unwrap_or_default();
-                let pos = span_pos(name.span());
-                if plan.source(&n).is_none() {
-                    return Err(PipelineError::at(file, pos.or(Some(v.query_pos)), format!("`{n}` is not a source of this pipeline"))
+        SetExpr::Select(s) if s.from.len() == 1 && s.from[0].joins.is_empty() => {
+            match &s.from[0].relation {
+                ast::TableFactor::Table { name, .. } => {
+                    let n = name
+                        .0
+                        .last()
+                        .and_then(|p| p.as_ident())
+                        .map(normalize)
+                        .unwrap_or_default();
+                    let pos = span_pos(name.span());
+                    if plan.source(&n).is_none() {
+                        return Err(PipelineError::at(
+                            file,
+                            pos.or(Some(v.query_pos)),
+                            format!("`{n}` is not a source of this pipeline"),
+                        )
                         .suggest(&n, plan.sources.iter().map(|s| s.name.as_str())));
+                    }
+                    n
                 }
-                n
+                _ => {
+                    return Err(PipelineError::at(
+                        file,
+                        Some(v.query_pos),
+                        "a feature view reads one source directly: FROM <source>",
+                    ));
+                }
             }
-            _ => return Err(PipelineError::at(file, Some(v.query_pos), "a feature view reads one source directly: FROM <source>")),
-        },
+        }
         SetExpr::Select(s) if s.from.is_empty() => {
-            return Err(PipelineError::at(file, Some(v.query_pos), "a feature view needs FROM <source>"));
+            return Err(PipelineError::at(
+                file,
+                Some(v.query_pos),
+                "a feature view needs FROM <source>",
+            ));
         }
         SetExpr::Select(_) => {
-            return Err(PipelineError::at(file, Some(v.query_pos), "a feature view reads exactly one source; joins are not supported"));
+            return Err(PipelineError::at(
+                file,
+                Some(v.query_pos),
+                "a feature view reads exactly one source; joins are not supported",
+            ));
         }
-        _ => return Err(PipelineError::at(file, Some(v.query_pos), "a feature view is a single SELECT (no UNION, VALUES or set operations)")),
+        _ => {
+            return Err(PipelineError::at(
+                file,
+                Some(v.query_pos),
+                "a feature view is a single SELECT (no UNION, VALUES or set operations)",
+            ));
+        }
     };
-    let source = plan.source(&source_name).ok_or_else(|| PipelineError::at(file, Some(v.query_pos), "source vanished"))?;
+    let source = plan
+        .source(&source_name)
+        .ok_or_else(|| PipelineError::at(file, Some(v.query_pos), "source vanished"))?;
     let window = take_window(file, &mut query)?;
     if let Some(w) = &window {
-        let et = source.event_time.map(|i| source.schema.field(i).name().clone());
+        let et = source
+            .event_time
+            .map(|i| source.schema.field(i).name().clone());
         match et {
             None => {
-                return Err(PipelineError::at(file, Some(w.pos), format!(
-                    "windows need event time, but source `{}` declares no WATERMARK FOR", source.name
-                )));
+                return Err(PipelineError::at(
+                    file,
+                    Some(w.pos),
+                    format!(
+                        "windows need event time, but source `{}` declares no WATERMARK FOR",
+                        source.name
+                    ),
+                ));
             }
             Some(et) if et != w.time_col => {
-                return Err(PipelineError::at(file, Some(w.pos), format!(
-                    "windows run on the event-time column `{et}` of `{}`, not `{}`", source.name, w.time_col
-                )).with_help(format!("write the window over `{et}`")));
+                return Err(PipelineError::at(
+                    file,
+                    Some(w.pos),
+                    format!(
+                        "windows run on the event-time column `{et}` of `{}`, not `{}`",
+                        source.name, w.time_col
+                    ),
+                )
+                .with_help(format!("write the window over `{et}`")));
             }
             Some(_) => {}
         }
     }
     let query_text = v.query.to_string();
-    let candidates: Vec<String> = source.schema.fields().iter().map(|f| f.name().clone()).collect();
+    let candidates: Vec<String> = source
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
 
     // DataFusion plans the SELECT (window call removed); its analyzer coerces types.
     let state = ctx.state();
     let statement = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
     let logical = futures::executor::block_on(state.statement_to_plan(statement))
-        .and_then(|p| state.analyzer().execute_and_check(p, state.config_options(), |_, _| {}))
+        .and_then(|p| {
+            state
+                .analyzer()
+                .execute_and_check(p, state.config_options(), |_, _| {})
+        })
         .map_err(|e| {
             let mut functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
             functions.extend(state.aggregate_functions().keys().cloned());
@@ -602,13 +868,28 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
     loop {
         match node {
             LogicalPlan::Projection(p) => {
-                let st = Stage::Project { exprs: p.expr.clone(), input: Arc::clone(p.input.schema()), output: Arc::clone(&p.schema) };
-                if aggregate.is_none() { post.push(st) } else { stages.push(st) }
+                let st = Stage::Project {
+                    exprs: p.expr.clone(),
+                    input: Arc::clone(p.input.schema()),
+                    output: Arc::clone(&p.schema),
+                };
+                if aggregate.is_none() {
+                    post.push(st)
+                } else {
+                    stages.push(st)
+                }
                 node = p.input.as_ref();
             }
             LogicalPlan::Filter(f) => {
-                let st = Stage::Filter { predicate: f.predicate.clone(), schema: Arc::clone(f.input.schema()) };
-                if aggregate.is_none() { post.push(st) } else { stages.push(st) }
+                let st = Stage::Filter {
+                    predicate: f.predicate.clone(),
+                    schema: Arc::clone(f.input.schema()),
+                };
+                if aggregate.is_none() {
+                    post.push(st)
+                } else {
+                    stages.push(st)
+                }
                 node = f.input.as_ref();
             }
             LogicalPlan::SubqueryAlias(s) => node = s.input.as_ref(),
@@ -630,7 +911,11 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
                     LogicalPlan::Aggregate(_) => "nested aggregation",
                     _ => "this kind of query",
                 };
-                return Err(PipelineError::at(file, Some(v.query_pos), format!("{what} is not supported in a feature view")));
+                return Err(PipelineError::at(
+                    file,
+                    Some(v.query_pos),
+                    format!("{what} is not supported in a feature view"),
+                ));
             }
         }
     }
@@ -641,10 +926,17 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
     let (kind, out_schema) = match aggregate {
         None => {
             if let Some(w) = &window {
-                return Err(PipelineError::at(file, Some(w.pos), "a window needs aggregates and the key in GROUP BY"));
+                return Err(PipelineError::at(
+                    file,
+                    Some(w.pos),
+                    "a window needs aggregates and the key in GROUP BY",
+                ));
             }
             stages = post;
-            let out = stages.last().map(stage_output).unwrap_or_else(|| Arc::clone(&scan_schema));
+            let out = stages
+                .last()
+                .map(stage_output)
+                .unwrap_or_else(|| Arc::clone(&scan_schema));
             (ViewKind::PerEvent, out)
         }
         Some(a) => {
@@ -653,9 +945,13 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
                 match g {
                     Expr::Column(c) => group_names.push(c.name.clone()),
                     other => {
-                        return Err(PipelineError::at(file, Some(v.query_pos), format!(
-                            "GROUP BY takes the key columns and one window; `{other}` is neither"
-                        )));
+                        return Err(PipelineError::at(
+                            file,
+                            Some(v.query_pos),
+                            format!(
+                                "GROUP BY takes the key columns and one window; `{other}` is neither"
+                            ),
+                        ));
                     }
                 }
             }
@@ -664,13 +960,25 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
             let mut have = group_names.clone();
             have.sort();
             if want != have {
-                return Err(PipelineError::at(file, v.keys.first().map(|k| k.pos), format!(
-                    "KEY ({}) must name the GROUP BY columns ({})", keys.join(", "), group_names.join(", ")
-                )));
+                return Err(PipelineError::at(
+                    file,
+                    v.keys.first().map(|k| k.pos),
+                    format!(
+                        "KEY ({}) must name the GROUP BY columns ({})",
+                        keys.join(", "),
+                        group_names.join(", ")
+                    ),
+                ));
             }
-            let out = post.last().map(stage_output).unwrap_or_else(|| Arc::clone(&a.schema));
+            let out = post
+                .last()
+                .map(stage_output)
+                .unwrap_or_else(|| Arc::clone(&a.schema));
             let agg = AggregatePlan {
-                window: window.as_ref().map(|w| w.spec).unwrap_or(WindowSpec::Lifetime),
+                window: window
+                    .as_ref()
+                    .map(|w| w.spec)
+                    .unwrap_or(WindowSpec::Lifetime),
                 group_exprs: a.group_expr.clone(),
                 aggr_exprs: a.aggr_expr.clone(),
                 input_schema: Arc::clone(a.input.schema()),
@@ -683,13 +991,24 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
     let output_schema: SchemaRef = Arc::new(out_schema.as_arrow().clone());
     for k in &v.keys {
         if output_schema.index_of(&k.value).is_err() {
-            return Err(PipelineError::at(file, Some(k.pos), format!("the SELECT must output the key column `{}`", k.value))
-                .suggest(&k.value, output_schema.fields().iter().map(|f| f.name().as_str())));
+            return Err(PipelineError::at(
+                file,
+                Some(k.pos),
+                format!("the SELECT must output the key column `{}`", k.value),
+            )
+            .suggest(
+                &k.value,
+                output_schema.fields().iter().map(|f| f.name().as_str()),
+            ));
         }
     }
     for f in output_schema.fields() {
         if matches!(f.name().as_str(), "window_start" | "window_end") {
-            return Err(PipelineError::at(file, Some(v.query_pos), format!("`{}` is a reserved output column", f.name())));
+            return Err(PipelineError::at(
+                file,
+                Some(v.query_pos),
+                format!("`{}` is a reserved output column", f.name()),
+            ));
         }
     }
     Ok(ViewPlan {
@@ -703,7 +1022,9 @@ fn lower_view(file: &str, text: &str, v: &ViewDef, plan: &PipelinePlan, ctx: &Se
         kind,
         output_schema,
         query: query_text,
-        event_time: source.event_time.map(|i| source.schema.field(i).name().clone()),
+        event_time: source
+            .event_time
+            .map(|i| source.schema.field(i).name().clone()),
     })
 }
 
@@ -719,16 +1040,39 @@ impl fmt::Display for PipelinePlan {
         for s in &self.sources {
             writeln!(f, "Source {} [{}]", s.name, s.connector)?;
             for (i, fl) in s.schema.fields().iter().enumerate() {
-                let et = if Some(i) == s.event_time { format!("  (event time, watermark = max - {})", fmt_ms(s.watermark_delay_ms)) } else { String::new() };
-                writeln!(f, "  {}: {}{}{}", fl.name(), fl.data_type(), if fl.is_nullable() { "" } else { " NOT NULL" }, et)?;
+                let et = if Some(i) == s.event_time {
+                    format!(
+                        "  (event time, watermark = max - {})",
+                        fmt_ms(s.watermark_delay_ms)
+                    )
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    f,
+                    "  {}: {}{}{}",
+                    fl.name(),
+                    fl.data_type(),
+                    if fl.is_nullable() { "" } else { " NOT NULL" },
+                    et
+                )?;
             }
             for (k, v) in &s.options {
                 writeln!(f, "  option {k} = {v}")?;
             }
         }
         for v in &self.views {
-            writeln!(f, "FeatureView {} KEY ({}) online={} offline={}", v.name, v.keys.join(", "), v.online,
-                v.offline.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()))?;
+            writeln!(
+                f,
+                "FeatureView {} KEY ({}) online={} offline={}",
+                v.name,
+                v.keys.join(", "),
+                v.online,
+                v.offline
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "-".into())
+            )?;
             let mut lines = Vec::new();
             match &v.kind {
                 ViewKind::PerEvent => lines.push("EmitPerEvent: latest row per key".to_string()),
@@ -741,12 +1085,19 @@ impl fmt::Display for PipelinePlan {
                         lines.push(fmt_stage(s));
                     }
                     let panes = match a.window {
-                        WindowSpec::Hop { slide_ms, size_ms } => format!(" panes={}x{}", size_ms / slide_ms, fmt_ms(slide_ms)),
+                        WindowSpec::Hop { slide_ms, size_ms } => {
+                            format!(" panes={}x{}", size_ms / slide_ms, fmt_ms(slide_ms))
+                        }
                         _ => String::new(),
                     };
                     let aggs: Vec<String> = a.aggr_exprs.iter().map(|e| e.to_string()).collect();
                     let groups: Vec<String> = a.group_exprs.iter().map(|e| e.to_string()).collect();
-                    lines.push(format!("WindowAggregate: window={}{panes} key=[{}] aggr=[{}] state=RocksDB", a.window, groups.join(", "), aggs.join(", ")));
+                    lines.push(format!(
+                        "WindowAggregate: window={}{panes} key=[{}] aggr=[{}] state=RocksDB",
+                        a.window,
+                        groups.join(", "),
+                        aggs.join(", ")
+                    ));
                 }
             }
             for s in v.stages.iter().rev() {
@@ -785,9 +1136,20 @@ mod tests {
     fn lowers_hop_view() {
         let p = plan("CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, COUNT(*) AS n, SUM(price) / COUNT(*) AS avg_p FROM clicks WHERE price >= 0 GROUP BY user_id, HOP(ts, INTERVAL '5' MINUTE, INTERVAL '1' HOUR);").expect("plans");
         let v = &p.views[0];
-        assert_eq!(v.window(), Some(WindowSpec::Hop { slide_ms: 300_000, size_ms: 3_600_000 }));
+        assert_eq!(
+            v.window(),
+            Some(WindowSpec::Hop {
+                slide_ms: 300_000,
+                size_ms: 3_600_000
+            })
+        );
         assert_eq!(v.stages.len(), 1);
-        let names: Vec<&str> = v.output_schema.fields().iter().map(|f| f.name().as_str()).collect();
+        let names: Vec<&str> = v
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
         assert_eq!(names, ["user_id", "n", "avg_p"]);
         assert_eq!(p.sources[0].options["path"], "/tmp/c.jsonl");
     }
@@ -805,7 +1167,10 @@ mod tests {
         let e = plan("CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, SUM(pricee) AS s FROM clicks GROUP BY user_id;").expect_err("typo");
         assert_eq!(e.pos.map(|p| p.line), Some(3), "{e}");
         assert!(e.to_string().contains("price"), "{e}");
-        let e = plan("CREATE FEATURE VIEW v KEY user_id WITH (onlin = true) AS SELECT user_id FROM clicks;").expect_err("option");
+        let e = plan(
+            "CREATE FEATURE VIEW v KEY user_id WITH (onlin = true) AS SELECT user_id FROM clicks;",
+        )
+        .expect_err("option");
         assert!(e.to_string().contains("did you mean `online`"), "{e}");
         let e = plan("CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, COUNT(*) AS n FROM clickz GROUP BY user_id;").expect_err("source");
         assert!(e.to_string().contains("did you mean `clicks`"), "{e}");

@@ -16,13 +16,19 @@ pub fn bin() -> PathBuf {
 }
 
 pub fn sluice(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("SLUICE_LOG", "warn").output().expect("run sluice")
+    Command::new(bin())
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run sluice")
 }
 
 /// Every Parquet file under `dir`, recursively, sorted by path.
 pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -37,7 +43,10 @@ pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
 
 pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
     let f = std::fs::File::open(path).expect("open parquet");
-    let r = ParquetRecordBatchReaderBuilder::try_new(f).expect("parquet reader").build().expect("build reader");
+    let r = ParquetRecordBatchReaderBuilder::try_new(f)
+        .expect("parquet reader")
+        .build()
+        .expect("build reader");
     r.map(|b| b.expect("read batch")).collect()
 }
 
@@ -47,10 +56,25 @@ pub fn format_rows(batches: &[RecordBatch]) -> (String, Vec<String>) {
     let mut header = String::new();
     let mut rows = Vec::new();
     for b in batches {
-        header = b.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(" | ");
-        let fmts: Vec<ArrayFormatter> = b.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).expect("formatter")).collect();
+        header = b
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let fmts: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).expect("formatter"))
+            .collect();
         for i in 0..b.num_rows() {
-            rows.push(fmts.iter().map(|f| f.value(i).to_string()).collect::<Vec<_>>().join(" | "));
+            rows.push(
+                fmts.iter()
+                    .map(|f| f.value(i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
         }
     }
     (header, rows)
@@ -69,13 +93,23 @@ pub fn lake_rows(lake: &Path, view: &str) -> (String, Vec<String>) {
 
 /// Dead letters as parsed JSON values.
 pub fn dead_letters(state: &Path) -> Vec<serde_json::Value> {
-    let Ok(text) = std::fs::read_to_string(state.join("dead_letters.jsonl")) else { return Vec::new() };
-    text.lines().map(|l| serde_json::from_str(l).expect("dead letter is JSON")).collect()
+    let Ok(text) = std::fs::read_to_string(state.join("dead_letters.jsonl")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("dead letter is JSON"))
+        .collect()
 }
 
 /// `sluice get` output as JSON, or None when the key is missing.
 pub fn get(state: &Path, view: &str, key: &str) -> Option<serde_json::Value> {
-    let out = sluice(&["get", view, key, "--state-dir", &state.display().to_string()]);
+    let out = sluice(&[
+        "get",
+        view,
+        key,
+        "--state-dir",
+        &state.display().to_string(),
+    ]);
     if !out.status.success() {
         return None;
     }
@@ -91,12 +125,16 @@ fn close(a: f64, b: f64) -> bool {
 pub fn rows_match(a: &[String], b: &[String]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
-            let (xs, ys): (Vec<&str>, Vec<&str>) = (x.split(" | ").collect(), y.split(" | ").collect());
+            let (xs, ys): (Vec<&str>, Vec<&str>) =
+                (x.split(" | ").collect(), y.split(" | ").collect());
             xs.len() == ys.len()
-                && xs.iter().zip(&ys).all(|(p, q)| match (p.parse::<f64>(), q.parse::<f64>()) {
-                    (Ok(p), Ok(q)) => close(p, q),
-                    _ => p == q,
-                })
+                && xs
+                    .iter()
+                    .zip(&ys)
+                    .all(|(p, q)| match (p.parse::<f64>(), q.parse::<f64>()) {
+                        (Ok(p), Ok(q)) => close(p, q),
+                        _ => p == q,
+                    })
         })
 }
 
@@ -108,8 +146,14 @@ pub fn json_match(a: &serde_json::Value, b: &serde_json::Value) -> bool {
             (Some(x), Some(y)) => close(x, y),
             _ => x == y,
         },
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_match(p, q)),
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_match(v, w))),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_match(p, q))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_match(v, w)))
+        }
         _ => a == b,
     }
 }

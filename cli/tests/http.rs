@@ -1,0 +1,327 @@
+//! The serving API over real loopback sockets, against a running `sluice run --serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, sluice};
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "run".to_string(),
+        dir.join("p.sql").display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--serve".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut child = Command::new(bin())
+        .args(&args)
+        .env("SLUICE_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut addr_sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !addr_sent && let Some(a) = line.strip_prefix("serving on http://") {
+                let _ = tx.send(Some(a.trim().to_string()));
+                addr_sent = true;
+            }
+            if line.contains("still serving") {
+                let _ = tx.send(None);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address")
+        .expect("address first");
+    // Wait until the (bounded) input is fully processed.
+    assert!(
+        rx.recv_timeout(Duration::from_secs(120)).is_ok(),
+        "the run finished its input"
+    );
+    Server { child, addr }
+}
+
+/// A minimal HTTP/1.1 exchange: (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let (head, mut body) = text
+        .split_once("\r\n\r\n")
+        .map(|(h, b)| (h.to_string(), b.to_string()))
+        .expect("head");
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmp");
+    let events = dir.path().join("events.jsonl");
+    assert!(
+        sluice(&[
+            "gen",
+            "--events",
+            "20000",
+            "--keys",
+            "100",
+            "--minutes",
+            "90",
+            "--out",
+            &events.display().to_string()
+        ])
+        .status
+        .success()
+    );
+    let sql = format!(
+        "{}\nCREATE FEATURE VIEW by_item_user KEY user_id, item_id AS SELECT user_id, item_id, COUNT(*) AS n FROM clicks GROUP BY user_id, item_id;",
+        include_str!("../../examples/quickstart/pipeline.sql")
+    );
+    std::fs::write(dir.path().join("p.sql"), sql).expect("pipeline");
+    dir
+}
+
+#[test]
+fn serving_api_over_loopback() {
+    let dir = setup();
+    let srv = start(dir.path(), &[]);
+    let a = srv.addr.as_str();
+
+    assert_eq!(http(a, "GET", "/healthz", None, &[]).0, 200);
+    assert_eq!(http(a, "GET", "/readyz", None, &[]), (200, "ready".into()));
+
+    let (st, body) = http(a, "GET", "/v1/features/user_activity/u00042", None, &[]);
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["key"], "u00042");
+    assert!(
+        v["window_end"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("2024-01-01T")),
+        "{v}"
+    );
+    assert!(v["valid_until"].is_string(), "{v}");
+    let f = &v["features"];
+    assert!(f["clicks_1h"].as_i64().is_some_and(|n| n > 0), "{v}");
+    for k in ["spend_1h", "avg_price_1h", "distinct_items_1h"] {
+        assert!(f.get(k).is_some(), "feature {k} in {v}");
+    }
+    // The CLI reads the same value from the same store.
+    let cli: Value = serde_json::from_slice(
+        &sluice(&[
+            "get",
+            "user_activity",
+            "u00042",
+            "--state-dir",
+            &dir.path().join("state").display().to_string(),
+        ])
+        .stdout,
+    )
+    .expect("get json");
+    assert_eq!(cli, v);
+
+    let (st, body) = http(a, "GET", "/v1/features/user_activity/nobody", None, &[]);
+    assert_eq!(st, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json")["error"],
+        "key not found"
+    );
+    let (st, body) = http(a, "GET", "/v1/features/no_such_view/u1", None, &[]);
+    assert_eq!(st, 404);
+    assert!(body.contains("user_activity"), "lists the views: {body}");
+
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/features/user_activity",
+        Some(r#"{"keys": ["u00001", "nobody", "u00002"]}"#),
+        &[],
+    );
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let r = v["results"].as_array().expect("results");
+    assert_eq!(r.len(), 3);
+    assert_eq!(
+        (r[0]["key"].clone(), r[0]["found"].clone()),
+        (json!("u00001"), json!(true))
+    );
+    assert_eq!(r[1], json!({"key": "nobody", "found": false}));
+    assert_eq!(r[2]["key"], "u00002");
+
+    // Multi-column keys: as an array or joined by `|`.
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/features/by_item_user",
+        Some(r#"{"keys": [["u00001", "i1"], "u00001|i1"]}"#),
+        &[],
+    );
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["results"][0]["key"], "u00001|i1");
+    assert_eq!(v["results"][0], v["results"][1]);
+
+    assert_eq!(
+        http(
+            a,
+            "POST",
+            "/v1/features/user_activity",
+            Some("{not json"),
+            &[]
+        )
+        .0,
+        400
+    );
+
+    let (st, metrics) = http(a, "GET", "/metrics", None, &[]);
+    assert_eq!(st, 200);
+    for m in [
+        "sluice_events_in_total{source=\"clicks\"} 20000",
+        "sluice_watermark_ms{source=\"clicks\"}",
+        "sluice_rows_emitted_total{view=\"user_activity\"}",
+        "sluice_online_writes_total{view=\"user_activity\"}",
+        "sluice_lake_rows_total{view=\"user_activity\"}",
+        "sluice_checkpoint_duration_seconds_bucket",
+        "sluice_serving_requests_total{route=\"get\",status=\"200\"}",
+        "sluice_serving_latency_seconds_bucket{route=\"get\"",
+    ] {
+        assert!(metrics.contains(m), "metrics lack {m}:\n{metrics}");
+    }
+}
+
+#[test]
+fn bearer_token_guards_the_feature_api() {
+    let dir = setup();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token");
+    let srv = start(
+        dir.path(),
+        &["--auth-token-file", &token.display().to_string()],
+    );
+    let a = srv.addr.as_str();
+    assert_eq!(
+        http(a, "GET", "/v1/features/user_activity/u00042", None, &[]).0,
+        401
+    );
+    assert_eq!(
+        http(
+            a,
+            "GET",
+            "/v1/features/user_activity/u00042",
+            None,
+            &[("Authorization", "Bearer nope")]
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            a,
+            "GET",
+            "/v1/features/user_activity/u00042",
+            None,
+            &[("Authorization", "Bearer s3cret")]
+        )
+        .0,
+        200
+    );
+    // Probes stay open for orchestrators.
+    assert_eq!(http(a, "GET", "/healthz", None, &[]).0, 200);
+    let t0 = Instant::now();
+    assert_eq!(http(a, "GET", "/readyz", None, &[]).0, 200);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn bad_input_is_counted_in_metrics() {
+    let dir = setup();
+    let mut text = std::fs::read_to_string(dir.path().join("events.jsonl")).expect("events");
+    text.push_str("{broken\n{\"user_id\": 5, \"price\": 1, \"ts\": \"2024-01-01T00:00:00Z\"}\n{\"price\": 1, \"ts\": \"2024-01-01T00:00:00Z\"}\n");
+    std::fs::write(dir.path().join("events.jsonl"), text).expect("events");
+    let srv = start(dir.path(), &[]);
+    let (_, metrics) = http(&srv.addr, "GET", "/metrics", None, &[]);
+    for m in [
+        "sluice_decode_errors_total{source=\"clicks\",kind=\"malformed_json\"} 1",
+        "sluice_decode_errors_total{source=\"clicks\",kind=\"wrong_type\"} 1",
+        "sluice_decode_errors_total{source=\"clicks\",kind=\"missing_field\"} 1",
+        "sluice_dead_letters_total{source=\"clicks\",kind=\"missing_field\"} 1",
+    ] {
+        assert!(metrics.contains(m), "metrics lack {m}:\n{metrics}");
+    }
+    let dl = common::dead_letters(&dir.path().join("state"));
+    assert_eq!(dl.len(), 3);
+    assert!(dl.iter().all(|d| d["source"] == "clicks" && d["reason"].as_str().is_some_and(|r| !r.is_empty())));
+    assert_eq!(dl[0]["position"], "events.jsonl:20001");
+}
