@@ -1,6 +1,7 @@
 //! The `sluice` command: wires the SQL front end, the engine and the
 //! connectors together.
 
+mod bench;
 mod generate;
 
 use std::collections::HashMap;
@@ -59,6 +60,8 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8080")]
         serve: String,
     },
+    /// Benchmark the quickstart view (run by hand with --release; see README).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +106,7 @@ fn main() {
         } => get(&state_dir, &view, &key),
         Cmd::Gen(a) => generate::run(&a),
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
+        Cmd::Bench(a) => bench::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -6,6 +6,7 @@
 pub mod deadletter;
 pub mod file;
 pub mod lake;
+pub mod memory;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,6 +18,7 @@ use sluice_sql::PipelinePlan;
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use file::JsonFileSource;
 pub use lake::LakeWriter;
+pub use memory::MemorySource;
 
 /// Builds the sources of a plan, in plan order.
 pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {
