@@ -76,6 +76,20 @@ fn run_args(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// Runs the pipeline in `dir` until its input ends; it must succeed.
+fn run_to_end(dir: &Path) {
+    let out = Command::new(bin())
+        .args(run_args(dir))
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn make_events(dir: &Path) -> std::path::PathBuf {
     let events = dir.join("events.jsonl");
     let out = sluice(&[
@@ -113,16 +127,7 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
     let clean = root.path().join("clean");
     std::fs::create_dir_all(&clean).expect("dir");
     setup(&clean, &events);
-    let out = Command::new(bin())
-        .args(run_args(&clean))
-        .env("SLUICE_LOG", "warn")
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&clean);
     let want = outcome(&clean);
     assert!(
         want.lake[0].1.len() > 1000 && want.lake[1].1.len() > 39_000,
@@ -161,16 +166,7 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
         kills >= 3,
         "the run should have been killed mid-way several times ({kills})"
     );
-    let out = Command::new(bin())
-        .args(run_args(&crashy))
-        .env("SLUICE_LOG", "warn")
-        .output()
-        .expect("final run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&crashy);
     let got = outcome(&crashy);
     for ((view, w), g) in ["activity", "last_click"]
         .iter()

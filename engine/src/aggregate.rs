@@ -464,6 +464,22 @@ impl Pane {
         Ok(())
     }
 
+    /// The merged state of the keys changed since the last checkpoint.
+    fn dirty_state(&mut self, k: &AggKernel, scratch: &mut GroupMap) -> Result<Option<Chunk>> {
+        self.compact(k, scratch)?;
+        let Some(chunk) = self.chunks.first() else {
+            return Ok(None);
+        };
+        let idx: Vec<u32> = chunk
+            .keys
+            .iter()
+            .enumerate()
+            .filter(|(_, key)| self.dirty.contains(key))
+            .map(|(i, _)| i as u32)
+            .collect();
+        take_chunk(chunk, &idx).map(Some)
+    }
+
     /// Seals and merges all chunks into one (one row per key).
     fn compact(&mut self, k: &AggKernel, scratch: &mut GroupMap) -> Result<()> {
         self.seal(k)?;
@@ -750,18 +766,9 @@ impl WindowAgg {
         if pane.dirty.is_empty() {
             return Ok(None);
         }
-        pane.compact(&self.kernel, &mut self.scratch)?;
-        let Some(chunk) = pane.chunks.first() else {
+        let Some(sel) = pane.dirty_state(&self.kernel, &mut self.scratch)? else {
             return Ok(None);
         };
-        let idx: Vec<u32> = chunk
-            .keys
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| pane.dirty.contains(k))
-            .map(|(i, _)| i as u32)
-            .collect();
-        let sel = take_chunk(chunk, &idx)?;
         let (mut accs, keys) = self.kernel.merge(&[&sel], &mut self.scratch)?;
         let (batch, row_ends) = self
             .kernel
@@ -784,16 +791,7 @@ impl WindowAgg {
             if pane.dirty.is_empty() {
                 continue;
             }
-            pane.compact(&self.kernel, &mut self.scratch)?;
-            if let Some(chunk) = pane.chunks.first() {
-                let idx: Vec<u32> = chunk
-                    .keys
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, k)| pane.dirty.contains(k))
-                    .map(|(i, _)| i as u32)
-                    .collect();
-                let sel = take_chunk(chunk, &idx)?;
+            if let Some(sel) = pane.dirty_state(&self.kernel, &mut self.scratch)? {
                 let rows = self
                     .kernel
                     .state_conv
