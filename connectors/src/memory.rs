@@ -33,7 +33,7 @@ impl Source for MemorySource {
     }
 
     fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+        std::sync::Arc::clone(&self.schema)
     }
 
     fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
