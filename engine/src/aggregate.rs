@@ -870,3 +870,147 @@ pub fn emitted_schema(output: &Schema) -> SchemaRef {
     fields.extend(output.fields().iter().map(|f| f.as_ref().clone()));
     Arc::new(Schema::new(fields))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use arrow::array::{AsArray, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::Int64Type;
+    use sluice_sql::{ViewKind, plan_pipeline};
+
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn agg() -> WindowAgg {
+        let sql = "CREATE SOURCE s (k TEXT NOT NULL, x DOUBLE, ts TIMESTAMP NOT NULL, WATERMARK FOR ts AS ts) WITH (connector = 'file', path = 'x');
+                   CREATE FEATURE VIEW v KEY k AS SELECT k, COUNT(*) AS n, SUM(x) AS s FROM s GROUP BY k, HOP(ts, INTERVAL '1' MINUTE, INTERVAL '3' MINUTE);";
+        let plan = plan_pipeline("t.sql", sql, std::path::Path::new(".")).expect("plan");
+        let ViewKind::Aggregate(a) = &plan.views[0].kind else {
+            panic!("aggregate view")
+        };
+        WindowAgg::new("v", a, Some("ts")).expect("agg")
+    }
+
+    fn rows(events: &[(&str, f64, i64)], wm: i64) -> Rows {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("x", DataType::Float64, true),
+            Field::new("ts", sluice_sql::TIMESTAMP_TYPE, false),
+        ]));
+        let ts: Vec<i64> = events.iter().map(|e| e.2).collect();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(
+                    events.iter().map(|e| e.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Float64Array::from(
+                    events.iter().map(|e| e.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(TimestampMillisecondArray::from(ts.clone())),
+            ],
+        )
+        .expect("batch");
+        Rows {
+            batch,
+            ts: Some(Int64Array::from(ts)),
+            wm: Some(Int64Array::from(vec![wm; events.len()])),
+            rowid: UInt32Array::from_iter_values(0..events.len() as u32),
+        }
+    }
+
+    /// (window end, key) → count
+    fn counts(fired: &[Fired]) -> BTreeMap<(i64, String), i64> {
+        let mut out = BTreeMap::new();
+        for f in fired {
+            let keys = f.batch.column(0).as_string::<i32>();
+            let n = f.batch.column(1).as_primitive::<Int64Type>();
+            for i in 0..f.batch.num_rows() {
+                out.insert(
+                    (f.end.unwrap_or(0) / MIN, keys.value(i).to_string()),
+                    n.value(i),
+                );
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn hop_windows_combine_panes() {
+        let mut a = agg();
+        let mut fired = Vec::new();
+        a.process(
+            &rows(
+                &[
+                    ("a", 1.0, 10_000),
+                    ("a", 2.0, MIN + 10_000),
+                    ("b", 5.0, 2 * MIN + 1),
+                ],
+                i64::MIN,
+            ),
+            &mut fired,
+        )
+        .expect("process");
+        a.fire_until(10 * MIN, &mut fired).expect("fire");
+        let c = counts(&fired);
+        let want: BTreeMap<(i64, String), i64> = [
+            ((1, "a"), 1),
+            ((2, "a"), 2),
+            ((3, "a"), 2),
+            ((4, "a"), 1),
+            ((3, "b"), 1),
+            ((4, "b"), 1),
+            ((5, "b"), 1),
+        ]
+        .into_iter()
+        .map(|((e, k), n)| ((e, k.to_string()), n))
+        .collect();
+        assert_eq!(c, want);
+        // Every pane's last window has closed: nothing is kept.
+        assert_eq!(a.sizes().0, 0);
+    }
+
+    #[test]
+    fn state_survives_checkpoint_and_restore() {
+        let events = [("a", 1.0, 10_000), ("b", 2.0, 20_000), ("a", 3.0, MIN + 5)];
+        let mut whole = agg();
+        let mut want = Vec::new();
+        whole
+            .process(&rows(&events, i64::MIN), &mut want)
+            .expect("process");
+        whole.fire_until(10 * MIN, &mut want).expect("fire");
+
+        let mut first = agg();
+        let mut fired = Vec::new();
+        first
+            .process(&rows(&events[..2], i64::MIN), &mut fired)
+            .expect("process");
+        let mut ops = Vec::new();
+        first.checkpoint(&mut ops).expect("checkpoint");
+        let mut restored = agg();
+        let mut by_pane: BTreeMap<i64, Vec<StateEntry>> = BTreeMap::new();
+        for op in ops {
+            if let StateOp::Put { pane, key, value } = op {
+                by_pane.entry(pane).or_default().push((key, value));
+            }
+        }
+        for (p, e) in by_pane {
+            restored.restore_pane(p, &e).expect("restore");
+        }
+        restored
+            .process(&rows(&events[2..], i64::MIN), &mut fired)
+            .expect("process");
+        restored.fire_until(10 * MIN, &mut fired).expect("fire");
+        assert_eq!(counts(&fired), counts(&want));
+    }
+
+    #[test]
+    fn late_rows_are_those_whose_windows_all_closed() {
+        let a = agg();
+        // Watermark 00:05: a 00:01:30 event's last window [00:01, 00:04) closed; a 00:03 event's [00:03, 00:06) has not.
+        let r = rows(&[("a", 1.0, 90_000), ("a", 1.0, 3 * MIN)], 5 * MIN);
+        assert_eq!(a.late_rows(&r), vec![0]);
+    }
+}

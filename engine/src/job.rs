@@ -18,6 +18,9 @@ use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
 use crate::view::{ViewOp, features_json};
 
+/// How often a running job logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// No watermark yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
 
@@ -249,6 +252,8 @@ impl Job {
     /// Runs until every source ends (or `stop` is set), then takes a final checkpoint.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<RunStats> {
         let started = Instant::now();
+        let mut last_progress = Instant::now();
+        let mut last_events = 0u64;
         // Readers see the views' metadata from the start.
         self.checkpoint()?;
         self.live.ready.store(true, Ordering::Release);
@@ -281,6 +286,9 @@ impl Job {
             if self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
                 self.checkpoint()?;
             }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                self.log_progress(started, &mut last_progress, &mut last_events);
+            }
             if let Some(t) = self.opts.throttle {
                 std::thread::sleep(t);
             } else if !any {
@@ -290,6 +298,35 @@ impl Job {
         self.checkpoint()?;
         self.stats.elapsed = started.elapsed();
         Ok(self.stats.clone())
+    }
+
+    fn log_progress(&self, started: Instant, last: &mut Instant, last_events: &mut u64) {
+        let rate =
+            (self.stats.events - *last_events) as f64 / last.elapsed().as_secs_f64().max(1e-9);
+        let event_time: Vec<String> = self
+            .sources
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}={}",
+                    s.name,
+                    s.max_ts
+                        .map(|t| crate::online::fmt_ts(t).to_string())
+                        .unwrap_or_else(|| "-".into())
+                )
+            })
+            .collect();
+        tracing::info!(
+            events = self.stats.events,
+            rate = format!("{rate:.0}/s"),
+            event_time = event_time.join(","),
+            dead_letters = self.stats.dead_letters,
+            epoch = self.epoch,
+            elapsed_s = started.elapsed().as_secs(),
+            "progress"
+        );
+        *last = Instant::now();
+        *last_events = self.stats.events;
     }
 
     fn dead_letter(&mut self, d: &DeadLetter) -> Result<()> {

@@ -225,6 +225,7 @@ const SOURCE_OPTIONS: &[&str] = &[
     "group_id",
     "idle_timeout",
 ];
+const FILE_OPTIONS: &[&str] = &["connector", "path", "format", "max_record_bytes"];
 const VIEW_OPTIONS: &[&str] = &["online", "offline"];
 const TYPES: &str =
     "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE";
@@ -436,6 +437,19 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
             })?;
             let resolved = base_dir.join(path);
             options.insert("path".into(), resolved.display().to_string());
+            for o in &s.options {
+                let k = o.key.value.as_str();
+                if !FILE_OPTIONS.contains(&k) {
+                    return Err(PipelineError::at(
+                        file,
+                        Some(o.key.pos),
+                        format!(
+                            "option `{k}` does not apply to file sources; file sources take: {}",
+                            FILE_OPTIONS.join(", ")
+                        ),
+                    ));
+                }
+            }
             let format = options.get("format").map(String::as_str).unwrap_or("json");
             if format != "json" {
                 return Err(PipelineError::at(
