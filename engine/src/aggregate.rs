@@ -407,7 +407,7 @@ struct Pane {
     group_of: Vec<u32>,
     group_keys: Vec<u32>,
     chunks: Vec<Chunk>,
-    dirty: HashSet<u32>,
+    dirty: HashSet<u32, ahash::RandomState>,
 }
 
 const NO_GROUP: u32 = u32::MAX;

@@ -13,7 +13,7 @@ use crate::error::{EngineError, Result};
 /// Interns key rows (arrow row format) as dense ids.
 pub struct KeyDict {
     conv: RowConverter,
-    ids: HashMap<Box<[u8]>, u32>,
+    ids: HashMap<Box<[u8]>, u32, ahash::RandomState>,
     rows: Vec<Box<[u8]>>,
 }
 
@@ -30,7 +30,7 @@ impl KeyDict {
             .map_err(|e| EngineError::arrow("key columns", e))?;
         Ok(KeyDict {
             conv,
-            ids: HashMap::new(),
+            ids: HashMap::with_hasher(ahash::RandomState::new()),
             rows: Vec::new(),
         })
     }
