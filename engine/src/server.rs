@@ -114,10 +114,11 @@ struct Keys {
 async fn post_features(
     State(s): State<ServeState>,
     Path(view): Path<String>,
-    body: Result<Json<Keys>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Response {
     let t0 = Instant::now();
-    let Ok(Json(req)) = body else {
+    // Any content type: `curl -d` sends form encoding by default.
+    let Ok(req) = serde_json::from_slice::<Keys>(&body) else {
         observe("batch", StatusCode::BAD_REQUEST, t0);
         return (
             StatusCode::BAD_REQUEST,
