@@ -221,14 +221,7 @@ fn rerun_after_end_of_input_is_a_no_op_and_appended_input_continues() {
     let whole = root.path().join("whole");
     std::fs::create_dir_all(&whole).expect("dir");
     setup(&whole, &events);
-    assert!(
-        Command::new(bin())
-            .args(run_args(&whole))
-            .output()
-            .expect("run")
-            .status
-            .success()
-    );
+    run_to_end(&whole);
 
     // The same events in two halves, with a restart in between (and a no-op rerun).
     let split = root.path().join("split");
@@ -236,26 +229,12 @@ fn rerun_after_end_of_input_is_a_no_op_and_appended_input_continues() {
     setup(&split, &events);
     std::fs::write(split.join("events.jsonl"), first.join("\n") + "\n").expect("first half");
     for _ in 0..2 {
-        assert!(
-            Command::new(bin())
-                .args(run_args(&split))
-                .output()
-                .expect("run")
-                .status
-                .success()
-        );
+        run_to_end(&split);
     }
     let mut text = std::fs::read_to_string(split.join("events.jsonl")).expect("read");
     text.push_str(&(second.join("\n") + "\n"));
     std::fs::write(split.join("events.jsonl"), text).expect("second half");
-    assert!(
-        Command::new(bin())
-            .args(run_args(&split))
-            .output()
-            .expect("run")
-            .status
-            .success()
-    );
+    run_to_end(&split);
 
     let (a, b) = (outcome(&whole), outcome(&split));
     for (x, y) in a.lake.iter().zip(&b.lake) {
