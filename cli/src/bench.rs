@@ -184,7 +184,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         &plan,
         src,
         HashMap::new(),
-        Box::new(sluice_connectors::dead_letters(&mem_state)),
+        Box::new(sluice_connectors::dead_letters(&mem_state, &plan)?),
         opts,
     )?;
     let s1 = job.run(&stop)?;
@@ -220,14 +220,14 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let plan =
         sluice_sql::plan_file(&dir.join("pipeline.sql")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let state = dir.join("state");
-    let lakes: HashMap<String, Box<dyn OfflineSink>> = sluice_connectors::build_lakes(&plan);
+    let lakes: HashMap<String, Vec<Box<dyn OfflineSink>>> = sluice_connectors::build_lakes(&plan)?;
     let mut opts = JobOptions::new(state.clone());
     opts.checkpoint_interval = Duration::from_secs(10);
     let mut job = Job::open(
         &plan,
         sluice_connectors::build_sources(&plan)?,
         lakes,
-        Box::new(sluice_connectors::dead_letters(&state)),
+        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
         opts,
     )?;
     let s2 = job.run(&stop)?;

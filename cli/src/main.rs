@@ -183,8 +183,8 @@ fn run_job(
     handle: Option<PrometheusHandle>,
 ) -> anyhow::Result<()> {
     let sources = sluice_connectors::build_sources(p)?;
-    let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p);
-    let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir));
+    let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p)?;
+    let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir, p)?);
     let state_dir = opts.state_dir.clone();
     let mut job = Job::open(p, sources, lakes, dead, opts)?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -22,6 +22,7 @@ pub const NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 #[derive(Debug)]
 pub struct LakeWriter {
     dir: PathBuf,
+    view: String,
     schema: SchemaRef,
 }
 
@@ -52,6 +53,7 @@ impl LakeWriter {
     pub fn new(root: &Path, view: &str, schema: SchemaRef) -> Self {
         LakeWriter {
             dir: root.join(view),
+            view: view.to_string(),
             schema,
         }
     }
@@ -92,6 +94,7 @@ impl OfflineSink for LakeWriter {
         if n == 0 {
             return Ok(0);
         }
+        metrics::counter!("sluice_lake_rows_total", "view" => self.view.clone()).increment(n as u64);
         // Partition by the UTC date of window_end (column 1).
         let ends = all
             .column(1)

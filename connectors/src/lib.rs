@@ -1,10 +1,13 @@
-//! `sluice-connectors`: everything that touches the outside world. File
-//! sources, the Parquet lake writer and the dead-letter file, implementing
+//! `sluice-connectors`: everything that touches the outside world. Kafka and
+//! file sources, Kafka outputs, the Parquet lake writer and the dead-letter
+//! file, implementing
 //! the engine's [`sluice_engine::Source`], [`sluice_engine::OfflineSink`]
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
 pub mod deadletter;
 pub mod file;
+pub mod json;
+pub mod kafka;
 pub mod lake;
 pub mod memory;
 
@@ -12,11 +15,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use sluice_engine::aggregate::emitted_schema;
-use sluice_engine::{EngineError, OfflineSink, Result, Source};
+use sluice_engine::{DeadLetter, DeadLetterSink, EngineError, OfflineSink, Result, Source};
 use sluice_sql::PipelinePlan;
 
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use file::JsonFileSource;
+pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaSource};
 pub use lake::LakeWriter;
 pub use memory::MemorySource;
 
@@ -26,6 +30,7 @@ pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {
         .iter()
         .map(|s| match s.connector.as_str() {
             "file" => Ok(Box::new(JsonFileSource::new(s)?) as Box<dyn Source>),
+            "kafka" => Ok(Box::new(KafkaSource::new(s)?) as Box<dyn Source>),
             other => Err(EngineError::Connector {
                 what: format!("source {}", s.name),
                 message: format!("connector `{other}` is not available"),
@@ -34,24 +39,69 @@ pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {
         .collect()
 }
 
-/// Builds the lake writers of the views that have `offline` set.
-pub fn build_lakes(plan: &PipelinePlan) -> HashMap<String, Box<dyn OfflineSink>> {
-    plan.views
-        .iter()
-        .filter_map(|v| {
-            v.offline.as_ref().map(|root| {
-                let w: Box<dyn OfflineSink> = Box::new(LakeWriter::new(
-                    root,
-                    &v.name,
-                    emitted_schema(&v.output_schema),
-                ));
-                (v.name.clone(), w)
-            })
-        })
-        .collect()
+/// Builds the outputs of each view besides the online store: its lake
+/// writer (`offline`) and its feature-update topic (`kafka_topic`).
+pub fn build_lakes(plan: &PipelinePlan) -> Result<HashMap<String, Vec<Box<dyn OfflineSink>>>> {
+    let mut out = HashMap::new();
+    for v in &plan.views {
+        let mut sinks: Vec<Box<dyn OfflineSink>> = Vec::new();
+        if let Some(root) = &v.offline {
+            sinks.push(Box::new(LakeWriter::new(
+                root,
+                &v.name,
+                emitted_schema(&v.output_schema),
+            )));
+        }
+        let options = plan
+            .source(&v.source)
+            .filter(|s| s.connector == "kafka")
+            .map(|s| s.options.clone())
+            .unwrap_or_default();
+        if let Some(t) = FeatureTopic::new(v, &options)? {
+            sinks.push(Box::new(t));
+        }
+        out.insert(v.name.clone(), sinks);
+    }
+    Ok(out)
 }
 
-/// The dead-letter sink of a state dir.
-pub fn dead_letters(state_dir: &Path) -> DeadLetterFile {
-    DeadLetterFile::new(state_dir)
+/// The dead-letter output: `{state_dir}/dead_letters.jsonl`, except for
+/// sources with a `dead_letter_topic`, whose dead letters go to that topic.
+pub fn dead_letters(state_dir: &Path, plan: &PipelinePlan) -> Result<DeadLetters> {
+    let mut topics = HashMap::new();
+    for s in &plan.sources {
+        if let Some(t) = DeadLetterTopic::new(s)? {
+            topics.insert(s.name.clone(), t);
+        }
+    }
+    Ok(DeadLetters {
+        file: DeadLetterFile::new(state_dir),
+        topics,
+    })
+}
+
+/// Dead letters routed by source: a topic where one is configured, else the file.
+pub struct DeadLetters {
+    file: DeadLetterFile,
+    topics: HashMap<String, DeadLetterTopic>,
+}
+
+impl DeadLetterSink for DeadLetters {
+    fn write(&mut self, letter: &DeadLetter) -> Result<()> {
+        match self.topics.get_mut(&letter.source) {
+            Some(t) => t.send(letter),
+            None => self.file.write(letter),
+        }
+    }
+
+    fn commit(&mut self) -> Result<u64> {
+        for t in self.topics.values_mut() {
+            t.flush()?;
+        }
+        self.file.commit()
+    }
+
+    fn recover(&mut self, committed_len: u64) -> Result<()> {
+        self.file.recover(committed_len)
+    }
 }

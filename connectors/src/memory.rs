@@ -68,6 +68,7 @@ impl Source for MemorySource {
             batch: Some(SourceBatch {
                 batch: b.clone(),
                 row_positions: positions,
+                partitions: Vec::new(),
             }),
             rejected: Vec::new(),
         })

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,12 @@ use crate::view::{ViewOp, features_json};
 
 /// How often a running job logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Sleep of an idle loop, doubling up to `MAX_IDLE_SLEEP` while idle.
+const MIN_IDLE_SLEEP: Duration = Duration::from_millis(2);
+const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
+/// How often a source is asked for its partitions (new partitions appear).
+const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
 /// No watermark yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
@@ -60,9 +67,28 @@ pub struct Live {
     pub views: HashMap<String, ViewMeta>,
     /// Recovery finished; the job is running or done.
     pub ready: AtomicBool,
+    /// Sources that cannot make progress now, with the reason.
+    pub unready: Mutex<BTreeMap<String, String>>,
 }
 
 impl Live {
+    /// Why the job is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("recovering".into());
+        }
+        let down = self.unready.lock().ok()?;
+        if down.is_empty() {
+            return None;
+        }
+        Some(
+            down.iter()
+                .map(|(s, r)| format!("source {s}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
     /// The committed watermark of a view.
     pub fn watermark(&self, view: &str) -> Option<i64> {
         self.watermarks
@@ -72,15 +98,80 @@ impl Live {
     }
 }
 
+/// The watermark input of one partition of a source.
+#[derive(Debug, Clone)]
+struct PartWm {
+    id: u32,
+    /// Largest event time seen in the partition.
+    max: Option<i64>,
+    /// When it last gave a row (or was first assigned).
+    seen: Instant,
+}
+
 struct SourceRt {
     src: Box<dyn Source>,
     name: String,
     event_time: Option<usize>,
     delay: i64,
     wm: i64,
+    /// Largest event time over all partitions.
     max_ts: Option<i64>,
     done: bool,
     views: Vec<usize>,
+    parts: Vec<PartWm>,
+    idle: Option<Duration>,
+    last_parts_refresh: Instant,
+    down: Option<String>,
+}
+
+impl SourceRt {
+    fn part_index(&mut self, id: u32, now: Instant) -> usize {
+        match self.parts.iter().position(|p| p.id == id) {
+            Some(i) => i,
+            None => {
+                self.parts.push(PartWm {
+                    id,
+                    max: None,
+                    seen: now,
+                });
+                self.parts.len() - 1
+            }
+        }
+    }
+
+    /// The watermark the partitions allow: the minimum over partitions that
+    /// are not idle of their largest event time, less the delay. `None` while
+    /// a live partition has no data yet, or when every partition is idle.
+    fn candidate(&self, now: Instant) -> Option<i64> {
+        let mut min: Option<i64> = None;
+        for p in &self.parts {
+            if self
+                .idle
+                .is_some_and(|d| now.saturating_duration_since(p.seen) >= d)
+            {
+                continue;
+            }
+            let m = p.max?;
+            min = Some(min.map_or(m, |x| x.min(m)));
+        }
+        min.map(|m| m.saturating_sub(self.delay))
+    }
+
+    fn add_partitions(&mut self, now: Instant) {
+        for id in self.src.partitions() {
+            self.part_index(id, now);
+        }
+        self.last_parts_refresh = now;
+    }
+
+    fn parts_json(&self) -> Vec<u8> {
+        let m: BTreeMap<String, i64> = self
+            .parts
+            .iter()
+            .filter_map(|p| p.max.map(|m| (p.id.to_string(), m)))
+            .collect();
+        serde_json::to_vec(&m).unwrap_or_default()
+    }
 }
 
 /// Figures of a finished run.
@@ -102,7 +193,7 @@ pub struct RunStats {
 pub struct Job {
     sources: Vec<SourceRt>,
     views: Vec<ViewOp>,
-    lakes: Vec<Option<Box<dyn OfflineSink>>>,
+    lakes: Vec<Vec<Box<dyn OfflineSink>>>,
     dead: Box<dyn DeadLetterSink>,
     epoch: u64,
     live: Arc<Live>,
@@ -117,7 +208,7 @@ impl Job {
     pub fn open(
         plan: &PipelinePlan,
         sources: Vec<Box<dyn Source>>,
-        mut lakes: HashMap<String, Box<dyn OfflineSink>>,
+        mut lakes: HashMap<String, Vec<Box<dyn OfflineSink>>>,
         mut dead: Box<dyn DeadLetterSink>,
         opts: JobOptions,
     ) -> Result<Job> {
@@ -172,11 +263,11 @@ impl Job {
         }
         let mut lake_vec = Vec::new();
         for vp in &plan.views {
-            let mut l = lakes.remove(&vp.name);
-            if let Some(l) = l.as_mut() {
+            let mut sinks = lakes.remove(&vp.name).unwrap_or_default();
+            for l in sinks.iter_mut() {
                 l.recover(epoch)?;
             }
-            lake_vec.push(l);
+            lake_vec.push(sinks);
         }
         dead.recover(
             store
@@ -186,10 +277,18 @@ impl Job {
                 .unwrap_or(0),
         )?;
         let mut rts = Vec::new();
+        let now = Instant::now();
         for (sp, mut src) in plan.sources.iter().zip(sources) {
             let pos = store.meta(&format!("pos/{}", sp.name))?;
             src.seek(pos.as_deref())?;
-            rts.push(SourceRt {
+            let parts: BTreeMap<String, i64> = match store.meta(&format!("parts/{}", sp.name))? {
+                Some(b) => serde_json::from_slice(&b).map_err(|e| EngineError::Incompatible {
+                    path: opts.state_dir.display().to_string(),
+                    reason: format!("unreadable partition watermarks of source {}: {e}", sp.name),
+                })?,
+                None => BTreeMap::new(),
+            };
+            let mut rt = SourceRt {
                 src,
                 name: sp.name.clone(),
                 event_time: sp.event_time,
@@ -206,7 +305,34 @@ impl Job {
                     .filter(|(_, v)| v.source == sp.name)
                     .map(|(i, _)| i)
                     .collect(),
-            });
+                parts: parts
+                    .into_iter()
+                    .filter_map(|(k, m)| {
+                        k.parse().ok().map(|id| PartWm {
+                            id,
+                            max: Some(m),
+                            seen: now,
+                        })
+                    })
+                    .collect(),
+                idle: sp
+                    .idle_timeout_ms
+                    .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+                last_parts_refresh: now,
+                down: None,
+            };
+            // State written before partitions were tracked: one partition.
+            if rt.parts.is_empty()
+                && let Some(m) = rt.max_ts
+            {
+                rt.parts.push(PartWm {
+                    id: 0,
+                    max: Some(m),
+                    seen: now,
+                });
+            }
+            rt.add_partitions(now);
+            rts.push(rt);
         }
         let watermarks = plan
             .views
@@ -225,6 +351,7 @@ impl Job {
             watermarks,
             views: metas,
             ready: AtomicBool::new(false),
+            unready: Mutex::new(BTreeMap::new()),
         });
         Ok(Job {
             sources: rts,
@@ -254,6 +381,7 @@ impl Job {
         let started = Instant::now();
         let mut last_progress = Instant::now();
         let mut last_events = 0u64;
+        let mut idle_sleep = MIN_IDLE_SLEEP;
         // Readers see the views' metadata from the start.
         self.checkpoint()?;
         self.live.ready.store(true, Ordering::Release);
@@ -265,6 +393,7 @@ impl Job {
                     continue;
                 }
                 all_done = false;
+                let mut got_rows = false;
                 match self.sources[si].src.poll(self.opts.batch_rows)? {
                     Poll::Data { batch, rejected } => {
                         any = true;
@@ -273,12 +402,17 @@ impl Job {
                             metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.clone()).increment(1);
                         }
                         if let Some(b) = batch {
-                            self.on_batch(si, b.batch, &b.row_positions)?;
+                            got_rows = true;
+                            self.on_batch(si, b.batch, &b.row_positions, &b.partitions)?;
                         }
                     }
                     Poll::Idle => {}
                     Poll::End => self.sources[si].done = true,
                 }
+                if !got_rows {
+                    self.refresh_watermark(si)?;
+                }
+                self.check_health(si);
             }
             if all_done {
                 break;
@@ -292,7 +426,12 @@ impl Job {
             if let Some(t) = self.opts.throttle {
                 std::thread::sleep(t);
             } else if !any {
-                std::thread::sleep(Duration::from_millis(5));
+                // Back off while nothing arrives (a source's own poll may
+                // also wait); start again at once when data comes.
+                std::thread::sleep(idle_sleep);
+                idle_sleep = (idle_sleep * 2).min(MAX_IDLE_SLEEP);
+            } else {
+                idle_sleep = MIN_IDLE_SLEEP;
             }
         }
         self.checkpoint()?;
@@ -335,7 +474,60 @@ impl Job {
         self.dead.write(d)
     }
 
-    fn on_batch(&mut self, si: usize, batch: RecordBatch, positions: &[u64]) -> Result<()> {
+    /// Marks a source down or up again (for `/readyz` and metrics).
+    fn check_health(&mut self, si: usize) {
+        let s = &mut self.sources[si];
+        let h = s.src.health();
+        if h == s.down {
+            return;
+        }
+        match &h {
+            Some(reason) => tracing::warn!(source = %s.name, %reason, "source cannot make progress"),
+            None => tracing::info!(source = %s.name, "source healthy again"),
+        }
+        metrics::gauge!("sluice_source_up", "source" => s.name.clone())
+            .set(if h.is_some() { 0.0 } else { 1.0 });
+        if let Ok(mut m) = self.live.unready.lock() {
+            match &h {
+                Some(r) => m.insert(s.name.clone(), r.clone()),
+                None => m.remove(&s.name),
+            };
+        }
+        s.down = h;
+    }
+
+    /// Lets idle partitions stop holding the watermark back, and picks up
+    /// new partitions.
+    fn refresh_watermark(&mut self, si: usize) -> Result<()> {
+        let now = Instant::now();
+        let s = &mut self.sources[si];
+        if now.saturating_duration_since(s.last_parts_refresh) >= PARTITION_REFRESH {
+            s.add_partitions(now);
+        }
+        if s.idle.is_none() {
+            return Ok(());
+        }
+        let Some(c) = s.candidate(now) else {
+            return Ok(());
+        };
+        if c <= s.wm {
+            return Ok(());
+        }
+        s.wm = c;
+        metrics::gauge!("sluice_watermark_ms", "source" => s.name.clone()).set(c as f64);
+        for vi in s.views.clone() {
+            self.views[vi].advance(c)?;
+        }
+        Ok(())
+    }
+
+    fn on_batch(
+        &mut self,
+        si: usize,
+        batch: RecordBatch,
+        positions: &[u64],
+        partitions: &[u32],
+    ) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -357,11 +549,23 @@ impl Job {
                 let mut wm = Vec::with_capacity(n);
                 let mut cur = s.wm;
                 let mut max = s.max_ts.unwrap_or(i64::MIN);
-                for t in ts.values().iter() {
+                let now = Instant::now();
+                let mut pid = u32::MAX;
+                let mut pi = 0usize;
+                for (r, t) in ts.values().iter().enumerate() {
+                    let id = partitions.get(r).copied().unwrap_or(0);
+                    if id != pid {
+                        pid = id;
+                        pi = s.part_index(id, now);
+                        s.parts[pi].seen = now;
+                    }
                     wm.push(cur);
-                    if *t > max {
-                        max = *t;
-                        cur = cur.max(max.saturating_sub(s.delay));
+                    max = max.max(*t);
+                    if s.parts[pi].max.is_none_or(|m| *t > m) {
+                        s.parts[pi].max = Some(*t);
+                        if let Some(c) = s.candidate(now) {
+                            cur = cur.max(c);
+                        }
                     }
                 }
                 s.max_ts = Some(max);
@@ -435,12 +639,11 @@ impl Job {
         }
         for (v, lake) in self.views.iter_mut().zip(self.lakes.iter_mut()) {
             let batches = std::mem::take(&mut v.pending_lake);
-            if let Some(l) = lake
-                && !batches.is_empty()
-            {
-                let rows = l.write_epoch(epoch, &batches)?;
-                metrics::counter!("sluice_lake_rows_total", "view" => v.name().to_string())
-                    .increment(rows as u64);
+            if batches.is_empty() {
+                continue;
+            }
+            for l in lake.iter_mut() {
+                l.write_epoch(epoch, &batches)?;
             }
         }
         let dl_len = self.dead.commit()?;
@@ -472,12 +675,20 @@ impl Job {
                 c.meta
                     .push((format!("maxts/{}", s.name), m.to_be_bytes().to_vec()));
             }
+            c.meta.push((format!("parts/{}", s.name), s.parts_json()));
         }
         c.meta
             .push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
         c.meta.push(("epoch".into(), epoch.to_be_bytes().to_vec()));
         self.live.store.commit(c)?;
         self.epoch = epoch;
+        for s in self.sources.iter_mut() {
+            // Only informs outside tools (consumer-group lag); the offsets
+            // that count are the ones just committed with the state.
+            if let Err(e) = s.src.committed() {
+                tracing::warn!(source = %s.name, error = %e, "could not report committed positions");
+            }
+        }
         for v in &self.views {
             if let (Some(w), Some(s)) = (
                 self.live.watermarks.get(v.name()),

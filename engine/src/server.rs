@@ -3,7 +3,6 @@
 //! rule is the view's committed watermark.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::{Path, Request, State};
@@ -171,9 +170,8 @@ async fn metrics_text(State(s): State<ServeState>) -> Response {
 }
 
 async fn readyz(State(s): State<ServeState>) -> Response {
-    if s.live.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "recovering").into_response()
+    match s.live.not_ready() {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }

@@ -28,6 +28,9 @@ pub struct SourceBatch {
     pub batch: RecordBatch,
     /// A position label per row (line number, offset).
     pub row_positions: Vec<u64>,
+    /// The partition of each row, for per-partition watermarks; empty when
+    /// the source has one partition (0).
+    pub partitions: Vec<u32>,
 }
 
 /// What one poll of a source gave.
@@ -61,6 +64,21 @@ pub trait Source: Send {
     fn position(&self) -> Vec<u8>;
     /// Describes a row position from [`SourceBatch::row_positions`] for a dead letter.
     fn describe_position(&self, pos: u64) -> String;
+    /// The partitions this source reads; each holds the watermark back until
+    /// it has data or has been idle for the source's `idle_timeout`.
+    fn partitions(&self) -> Vec<u32> {
+        vec![0]
+    }
+    /// Why the source cannot make progress now (e.g. its brokers are
+    /// unreachable), or `None` when it is healthy.
+    fn health(&self) -> Option<String> {
+        None
+    }
+    /// Called after a checkpoint holding [`Source::position`] committed
+    /// (e.g. to report offsets to a consumer group for lag monitoring).
+    fn committed(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The offline output of one feature view: files of an epoch must be durable

@@ -216,7 +216,7 @@ impl ViewOp {
                 self.pending_online.push((k, v.into_bytes()));
             }
         }
-        if self.plan.offline.is_some() {
+        if self.plan.offline.is_some() || self.plan.kafka_topic.is_some() {
             self.pending_lake.push(out);
         }
         Ok(())

@@ -46,6 +46,25 @@ fn text_ms(text: &str, unit: Option<&str>) -> Result<i64, String> {
     }
 }
 
+/// A duration written in an option value: `'30 seconds'`, `'1 minute 30 s'`,
+/// `'500ms'` or `'2m'`, in milliseconds.
+pub fn duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if let [one] = t.split_whitespace().collect::<Vec<_>>().as_slice() {
+        let split = one
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(one.len());
+        let (n, u) = one.split_at(split);
+        if u.is_empty() {
+            return Err(format!(
+                "`{text}` has no unit; write e.g. '30 seconds' or '500ms'"
+            ));
+        }
+        return text_ms(n, Some(u));
+    }
+    text_ms(t, None)
+}
+
 /// The length of an `INTERVAL` expression, in milliseconds. Months and years
 /// have no fixed length and are rejected.
 pub fn interval_ms(e: &Expr) -> Result<i64, String> {
@@ -78,5 +97,9 @@ mod tests {
         assert_eq!(text_ms("1 hour 30 minutes", None), Ok(5_400_000));
         assert_eq!(text_ms("2", Some("SECONDS")), Ok(2_000));
         assert!(text_ms("1", Some("MONTH")).is_err());
+        assert_eq!(duration_ms("30 seconds"), Ok(30_000));
+        assert_eq!(duration_ms("500ms"), Ok(500));
+        assert_eq!(duration_ms("2m"), Ok(120_000));
+        assert!(duration_ms("30").is_err());
     }
 }

@@ -30,6 +30,9 @@ pub struct ColumnDef {
     pub type_pos: Pos,
     /// `NOT NULL` was given.
     pub not_null: bool,
+    /// `METADATA [FROM 'name']`: the column is filled from the record's
+    /// metadata (Kafka key, partition, offset, timestamp), not its payload.
+    pub metadata: Option<(String, Pos)>,
 }
 
 /// `WATERMARK FOR col AS col - INTERVAL …`.
@@ -250,11 +253,33 @@ impl P<'_> {
                 } else if self.peek_is_word("null") {
                     self.parser.next_token();
                 }
+                let mut metadata = None;
+                if self.peek_is_word("metadata") {
+                    let t = self.parser.next_token();
+                    let pos: Pos = t.span.start.into();
+                    if self.peek_is_word("from") {
+                        self.parser.next_token();
+                        let v = self.parser.next_token();
+                        let text = match &v.token {
+                            Token::SingleQuotedString(s) => s.clone(),
+                            other => {
+                                return Err(self.err_at(
+                                    &v,
+                                    format!("expected a quoted metadata name after FROM, found {other}"),
+                                ));
+                            }
+                        };
+                        metadata = Some((text, v.span.start.into()));
+                    } else {
+                        metadata = Some((name.value.clone(), pos));
+                    }
+                }
                 columns.push(ColumnDef {
                     name,
                     data_type,
                     type_pos: tt.span.start.into(),
                     not_null,
+                    metadata,
                 });
             }
             let t = self.parser.next_token();

@@ -110,6 +110,48 @@ pub struct SourcePlan {
     pub connector: String,
     /// All `WITH` options (validated), relative paths resolved against the pipeline file.
     pub options: BTreeMap<String, String>,
+    /// Columns filled from record metadata instead of the payload.
+    pub metadata: Vec<MetadataColumn>,
+    /// A partition with no new records for this long stops holding the
+    /// source's watermark back (`idle_timeout`); `None`: never.
+    pub idle_timeout_ms: Option<i64>,
+}
+
+/// What a metadata column holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataKind {
+    /// The Kafka message key (TEXT).
+    Key,
+    /// The partition number (INT or BIGINT).
+    Partition,
+    /// The offset within the partition (BIGINT).
+    Offset,
+    /// The Kafka message timestamp (TIMESTAMP).
+    Timestamp,
+}
+
+/// A source column filled from record metadata.
+#[derive(Debug, Clone)]
+pub struct MetadataColumn {
+    /// Index in the source schema.
+    pub index: usize,
+    /// What it holds.
+    pub kind: MetadataKind,
+}
+
+impl SourcePlan {
+    /// The schema of the payload: the declared columns less the metadata ones.
+    pub fn payload_schema(&self) -> SchemaRef {
+        let fields: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.metadata.iter().any(|m| m.index == *i))
+            .map(|(_, f)| Arc::clone(f))
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
 }
 
 /// A row-wise step evaluated on batches before (or after) aggregation.
@@ -172,6 +214,10 @@ pub struct ViewPlan {
     pub online: bool,
     /// Lake root for the offline store, if any.
     pub offline: Option<PathBuf>,
+    /// Kafka topic that also receives every emitted row (`kafka_topic`).
+    pub kafka_topic: Option<String>,
+    /// Brokers for `kafka_topic` (`kafka_brokers`, else the source's).
+    pub kafka_brokers: Option<String>,
     /// Schema of the scanned source (qualified by the source name).
     pub scan_schema: DFSchemaRef,
     /// Row-wise stages before aggregation (all stages, for a per-event view).
@@ -224,9 +270,21 @@ const SOURCE_OPTIONS: &[&str] = &[
     "start",
     "group_id",
     "idle_timeout",
+    "dead_letter_topic",
 ];
 const FILE_OPTIONS: &[&str] = &["connector", "path", "format", "max_record_bytes"];
-const VIEW_OPTIONS: &[&str] = &["online", "offline"];
+const KAFKA_OPTIONS: &[&str] = &[
+    "connector",
+    "topic",
+    "brokers",
+    "format",
+    "group_id",
+    "start",
+    "idle_timeout",
+    "dead_letter_topic",
+    "max_record_bytes",
+];
+const VIEW_OPTIONS: &[&str] = &["online", "offline", "kafka_topic", "kafka_brokers"];
 const TYPES: &str =
     "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE";
 
@@ -348,6 +406,7 @@ fn check_options(
 
 fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan, PipelineError> {
     let mut fields = Vec::new();
+    let mut metadata = Vec::new();
     let mut seen = HashSet::new();
     for c in &s.columns {
         if !seen.insert(c.name.value.clone()) {
@@ -365,6 +424,47 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
             )
             .with_help(format!("supported types: {TYPES}"))
         })?;
+        if let Some((m, pos)) = &c.metadata {
+            let kind = match m.to_ascii_lowercase().as_str() {
+                "key" => MetadataKind::Key,
+                "partition" => MetadataKind::Partition,
+                "offset" => MetadataKind::Offset,
+                "timestamp" => MetadataKind::Timestamp,
+                other => {
+                    return Err(PipelineError::at(
+                        file,
+                        Some(*pos),
+                        format!(
+                            "unknown metadata `{other}`; Kafka sources offer key, partition, offset, timestamp"
+                        ),
+                    )
+                    .suggest(other, ["key", "partition", "offset", "timestamp"]));
+                }
+            };
+            let ok = match kind {
+                MetadataKind::Key => dt == DataType::Utf8,
+                MetadataKind::Partition => matches!(dt, DataType::Int32 | DataType::Int64),
+                MetadataKind::Offset => dt == DataType::Int64,
+                MetadataKind::Timestamp => dt == TIMESTAMP_TYPE,
+            };
+            if !ok {
+                let want = match kind {
+                    MetadataKind::Key => "TEXT",
+                    MetadataKind::Partition => "INT or BIGINT",
+                    MetadataKind::Offset => "BIGINT",
+                    MetadataKind::Timestamp => "TIMESTAMP",
+                };
+                return Err(PipelineError::at(
+                    file,
+                    Some(c.type_pos),
+                    format!("metadata column `{}` must be {want}", c.name.value),
+                ));
+            }
+            metadata.push(MetadataColumn {
+                index: fields.len(),
+                kind,
+            });
+        }
         fields.push(Field::new(&c.name.value, dt, !c.not_null));
     }
     if fields.is_empty() {
@@ -462,11 +562,48 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
             }
         }
         "kafka" => {
-            return Err(PipelineError::at(
-                file,
-                opt_pos("connector"),
-                "the kafka connector is not available in this build yet; use connector = 'file'",
-            ));
+            for o in &s.options {
+                let k = o.key.value.as_str();
+                if !KAFKA_OPTIONS.contains(&k) && !k.starts_with("kafka.") {
+                    return Err(PipelineError::at(
+                        file,
+                        Some(o.key.pos),
+                        format!(
+                            "option `{k}` does not apply to Kafka sources; they take: {} and kafka.* (passed to librdkafka)",
+                            KAFKA_OPTIONS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            for required in ["topic", "brokers"] {
+                if options.get(required).is_none_or(|v| v.trim().is_empty()) {
+                    return Err(PipelineError::at(
+                        file,
+                        Some(s.name.pos),
+                        format!(
+                            "Kafka source `{}` needs a `{required}` option",
+                            s.name.value
+                        ),
+                    ));
+                }
+            }
+            let format = options.get("format").map(String::as_str).unwrap_or("json");
+            if format != "json" {
+                return Err(PipelineError::at(
+                    file,
+                    opt_pos("format"),
+                    format!("Kafka format `{format}` is not supported; this build reads 'json'"),
+                ));
+            }
+            let start = options.get("start").map(String::as_str).unwrap_or("earliest");
+            if !["earliest", "latest", "committed"].contains(&start) {
+                return Err(PipelineError::at(
+                    file,
+                    opt_pos("start"),
+                    format!("start must be 'earliest', 'latest' or 'committed', found `{start}`"),
+                )
+                .suggest(start, ["earliest", "latest", "committed"]));
+            }
         }
         other => {
             return Err(PipelineError::at(
@@ -486,6 +623,25 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
             format!("max_record_bytes must be a number of bytes, found `{v}`"),
         ));
     }
+    if connector != "kafka"
+        && let Some(c) = s.columns.iter().find(|c| c.metadata.is_some())
+    {
+        return Err(PipelineError::at(
+            file,
+            c.metadata.as_ref().map(|m| m.1),
+            format!(
+                "column `{}`: METADATA columns are only offered by Kafka sources",
+                c.name.value
+            ),
+        ));
+    }
+    let idle_timeout_ms = match options.get("idle_timeout") {
+        None => None,
+        Some(v) => Some(
+            crate::interval::duration_ms(v)
+                .map_err(|m| PipelineError::at(file, opt_pos("idle_timeout"), m))?,
+        ),
+    };
     Ok(SourcePlan {
         name: s.name.value.clone(),
         schema,
@@ -493,6 +649,8 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
         watermark_delay_ms,
         connector,
         options,
+        metadata,
+        idle_timeout_ms,
     })
 }
 
@@ -732,6 +890,8 @@ fn lower_view(
     check_options(file, &v.options, VIEW_OPTIONS, "feature view")?;
     let mut online = true;
     let mut offline = None;
+    let mut kafka_topic = None;
+    let mut kafka_brokers = None;
     for o in &v.options {
         match o.key.value.as_str() {
             "online" => {
@@ -748,10 +908,12 @@ fn lower_view(
                 }
             }
             "offline" => offline = Some(base_dir.join(&o.value)),
+            "kafka_topic" => kafka_topic = Some(o.value.clone()),
+            "kafka_brokers" => kafka_brokers = Some(o.value.clone()),
             _ => {}
         }
     }
-    if !online && offline.is_none() {
+    if !online && offline.is_none() && kafka_topic.is_none() {
         return Err(PipelineError::at(
             file,
             Some(v.name.pos),
@@ -1025,12 +1187,31 @@ fn lower_view(
             ));
         }
     }
+    if kafka_topic.is_some() && kafka_brokers.is_none() {
+        match plan.source(&source_name) {
+            Some(sp) if sp.connector == "kafka" => {
+                kafka_brokers = sp.options.get("brokers").cloned();
+            }
+            _ => {
+                return Err(PipelineError::at(
+                    file,
+                    Some(v.name.pos),
+                    format!(
+                        "view `{}` sets kafka_topic but its source is not Kafka; add kafka_brokers = 'host:port'",
+                        v.name.value
+                    ),
+                ));
+            }
+        }
+    }
     Ok(ViewPlan {
         name: v.name.value.clone(),
         source: source_name,
         keys,
         online,
         offline,
+        kafka_topic,
+        kafka_brokers,
         scan_schema,
         stages,
         kind,
@@ -1062,30 +1243,46 @@ impl fmt::Display for PipelinePlan {
                 } else {
                     String::new()
                 };
+                let meta = s
+                    .metadata
+                    .iter()
+                    .find(|m| m.index == i)
+                    .map(|m| format!("  (metadata: {:?})", m.kind).to_lowercase())
+                    .unwrap_or_default();
                 writeln!(
                     f,
-                    "  {}: {}{}{}",
+                    "  {}: {}{}{}{}",
                     fl.name(),
                     fl.data_type(),
                     if fl.is_nullable() { "" } else { " NOT NULL" },
-                    et
+                    et,
+                    meta
                 )?;
             }
             for (k, v) in &s.options {
+                // Credentials passed to librdkafka are not echoed.
+                let secret = ["password", "secret", "token"]
+                    .iter()
+                    .any(|w| k.contains(w));
+                let v = if secret { "********" } else { v.as_str() };
                 writeln!(f, "  option {k} = {v}")?;
             }
         }
         for v in &self.views {
             writeln!(
                 f,
-                "FeatureView {} KEY ({}) online={} offline={}",
+                "FeatureView {} KEY ({}) online={} offline={}{}",
                 v.name,
                 v.keys.join(", "),
                 v.online,
                 v.offline
                     .as_ref()
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                v.kafka_topic
+                    .as_ref()
+                    .map(|t| format!(" kafka_topic={t}"))
+                    .unwrap_or_default()
             )?;
             let mut lines = Vec::new();
             match &v.kind {

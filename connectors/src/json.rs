@@ -1,0 +1,206 @@
+//! JSON records to Arrow, shared by the file and Kafka sources: a chunk of
+//! records is decoded in one pass by arrow-json; only when that fails are the
+//! records decoded one by one to find and dead-letter the bad ones.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray, RecordBatch};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::json::ReaderBuilder;
+use arrow::json::reader::Decoder;
+use sluice_engine::{DeadLetter, EngineError, Result};
+
+/// How much of a rejected record a dead letter keeps.
+pub const RECORD_PREVIEW: usize = 4096;
+
+/// One record inside a chunk buffer: `buf[start..end]`, with the caller's
+/// position label.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+    /// The caller's position label (line number, packed partition/offset).
+    pub pos: u64,
+}
+
+/// Builds a dead letter for a record: `(position, bytes, kind, reason)`.
+pub type Reject<'a> = &'a dyn Fn(u64, &[u8], &str, String) -> DeadLetter;
+
+/// Decodes JSON objects into a declared schema.
+pub struct JsonRecords {
+    name: String,
+    /// The declared schema (NOT NULL columns non-nullable).
+    schema: SchemaRef,
+    /// The same columns, all nullable, so a missing field is found by us.
+    decode_schema: SchemaRef,
+    decoder: Decoder,
+}
+
+impl JsonRecords {
+    /// A decoder for the rows of source `name`.
+    pub fn new(name: &str, schema: SchemaRef) -> Result<Self> {
+        let decode_schema = Arc::new(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let decoder = new_decoder(&decode_schema, name)?;
+        Ok(JsonRecords {
+            name: name.to_string(),
+            schema,
+            decode_schema,
+            decoder,
+        })
+    }
+
+    /// Decodes the records `spans` of `buf` (the bytes between them must be
+    /// whitespace). Returns the rows that fit the schema, and for each row the
+    /// index of its span; records that do not fit go to `rejected`.
+    pub fn decode(
+        &mut self,
+        buf: &[u8],
+        spans: &[Span],
+        reject: Reject<'_>,
+        rejected: &mut Vec<DeadLetter>,
+    ) -> Result<Option<(RecordBatch, Vec<usize>)>> {
+        if spans.is_empty() {
+            return Ok(None);
+        }
+        let whole = &buf[spans[0].start..spans[spans.len() - 1].end];
+        // Fast path: the whole chunk at once.
+        let fast = match self.decoder.decode(whole) {
+            Ok(used) if used == whole.len() => match self.decoder.flush() {
+                Ok(Some(b)) if b.num_rows() == spans.len() => Some(b),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (batch, rows) = match fast {
+            Some(b) => (b, (0..spans.len()).collect::<Vec<_>>()),
+            None => {
+                self.decoder = new_decoder(&self.decode_schema, &self.name)?;
+                let (bs, rows) = self.decode_each(buf, spans, reject, rejected)?;
+                if bs.is_empty() {
+                    return Ok(None);
+                }
+                let b = concat_batches(&self.decode_schema, &bs)
+                    .map_err(|e| EngineError::arrow("joining decoded rows", e))?;
+                (b, rows)
+            }
+        };
+        // NOT NULL columns: rows missing them are dead letters.
+        let mut keep: Option<Vec<bool>> = None;
+        for (i, f) in self.schema.fields().iter().enumerate() {
+            let col = batch.column(i);
+            if f.is_nullable() || col.null_count() == 0 {
+                continue;
+            }
+            let k = keep.get_or_insert_with(|| vec![true; batch.num_rows()]);
+            for (r, kr) in k.iter_mut().enumerate() {
+                if *kr && col.is_null(r) {
+                    *kr = false;
+                    let sp = spans[rows[r]];
+                    rejected.push(reject(
+                        sp.pos,
+                        &buf[sp.start..sp.end],
+                        "missing_field",
+                        format!("required field `{}` is missing or null", f.name()),
+                    ));
+                }
+            }
+        }
+        let (batch, rows) = match keep {
+            None => (batch, rows),
+            Some(k) => {
+                let rows = rows
+                    .iter()
+                    .zip(&k)
+                    .filter(|(_, k)| **k)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let b = filter_record_batch(&batch, &BooleanArray::from(k))
+                    .map_err(|e| EngineError::arrow("dropping rows with missing fields", e))?;
+                (b, rows)
+            }
+        };
+        if batch.num_rows() == 0 {
+            return Ok(None);
+        }
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())
+            .map_err(|e| EngineError::arrow(format!("source {}", self.name), e))?;
+        Ok(Some((batch, rows)))
+    }
+
+    /// Decodes records one at a time (after a chunk failed) to find the bad ones.
+    fn decode_each(
+        &mut self,
+        buf: &[u8],
+        spans: &[Span],
+        reject: Reject<'_>,
+        rejected: &mut Vec<DeadLetter>,
+    ) -> Result<(Vec<RecordBatch>, Vec<usize>)> {
+        let mut batches = Vec::new();
+        let mut rows = Vec::new();
+        for (i, sp) in spans.iter().enumerate() {
+            let rec = &buf[sp.start..sp.end];
+            let r = self.decoder.decode(rec).and_then(|_| self.decoder.flush());
+            match r {
+                Ok(Some(b)) if b.num_rows() == 1 => {
+                    batches.push(b);
+                    rows.push(i);
+                }
+                Ok(_) => {
+                    rejected.push(reject(
+                        sp.pos,
+                        rec,
+                        "malformed_json",
+                        "the record holds no single JSON object".into(),
+                    ));
+                    self.decoder = new_decoder(&self.decode_schema, &self.name)?;
+                }
+                Err(err) => {
+                    rejected.push(classify(sp.pos, rec, &err, reject));
+                    self.decoder = new_decoder(&self.decode_schema, &self.name)?;
+                }
+            }
+        }
+        Ok((batches, rows))
+    }
+}
+
+/// Why a record arrow-json refused is bad: not JSON, not an object, or a
+/// field of the wrong type.
+fn classify(pos: u64, rec: &[u8], err: &arrow::error::ArrowError, reject: Reject<'_>) -> DeadLetter {
+    match serde_json::from_slice::<serde_json::Value>(rec) {
+        Ok(serde_json::Value::Object(_)) => reject(
+            pos,
+            rec,
+            "wrong_type",
+            format!("a field does not fit the declared schema: {err}"),
+        ),
+        Ok(_) => reject(
+            pos,
+            rec,
+            "malformed_json",
+            "the record is valid JSON but not an object".into(),
+        ),
+        Err(e) => reject(pos, rec, "malformed_json", format!("not valid JSON: {e}")),
+    }
+}
+
+fn new_decoder(schema: &SchemaRef, name: &str) -> Result<Decoder> {
+    ReaderBuilder::new(Arc::clone(schema))
+        .with_batch_size(1 << 20)
+        .build_decoder()
+        .map_err(|e| EngineError::arrow(format!("JSON decoder for source {name}"), e))
+}
+
+/// The first `RECORD_PREVIEW` bytes of a record, as text.
+pub fn preview(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(RECORD_PREVIEW)]).into_owned()
+}
