@@ -88,6 +88,22 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// One event as a JSON object (no newline).
+pub fn event_json(e: &Event) -> String {
+    format!(
+        "{{\"user_id\":\"u{:05}\",\"item_id\":\"i{}\",\"price\":{}.{:02},\"ts\":\"{}\"}}",
+        e.user,
+        e.item,
+        if e.price_cents < 0 {
+            "-0".to_string()
+        } else {
+            (e.price_cents / 100).to_string()
+        },
+        e.price_cents.abs() % 100,
+        rfc3339(e.ts)
+    )
+}
+
 /// Writes the events as JSON lines.
 pub fn run(a: &GenArgs) -> anyhow::Result<()> {
     if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -97,19 +113,7 @@ pub fn run(a: &GenArgs) -> anyhow::Result<()> {
     let mut rng = Rng::new(a.seed);
     for i in 0..a.events {
         let e = event(&mut rng, i, a.events, a.keys, a.minutes);
-        writeln!(
-            w,
-            "{{\"user_id\":\"u{:05}\",\"item_id\":\"i{}\",\"price\":{}.{:02},\"ts\":\"{}\"}}",
-            e.user,
-            e.item,
-            if e.price_cents < 0 {
-                "-0".to_string()
-            } else {
-                (e.price_cents / 100).to_string()
-            },
-            e.price_cents.abs() % 100,
-            rfc3339(e.ts)
-        )?;
+        writeln!(w, "{}", event_json(&e))?;
     }
     w.flush()?;
     Ok(())

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod produce;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ enum Cmd {
     },
     /// Generate click events as JSON lines (for the quickstart and benchmarks).
     Gen(generate::GenArgs),
+    /// Write a clickstream to a Kafka topic at a chosen rate, keyed by user.
+    Produce(produce::ProduceArgs),
     /// Embedded end-to-end demo: generate events, run the quickstart pipeline, serve features.
     Demo {
         /// Working directory for events, state and lake.
@@ -83,6 +86,10 @@ struct RunArgs {
     /// Rows per source poll.
     #[arg(long, default_value_t = 8192)]
     batch_rows: usize,
+    /// Read Kafka sources up to the offsets current at start, then stop
+    /// (a catch-up run); without it a Kafka source runs until interrupted.
+    #[arg(long)]
+    stop_at_end: bool,
     /// Sleep after every batch (for tests that need a long-running job).
     #[arg(long, hide = true)]
     throttle_ms: Option<u64>,
@@ -105,6 +112,7 @@ fn main() {
             state_dir,
         } => get(&state_dir, &view, &key),
         Cmd::Gen(a) => generate::run(&a),
+        Cmd::Produce(a) => produce::run(&a).map(|_| ()),
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
         Cmd::Bench(a) => bench::run(&a),
     };
@@ -172,17 +180,18 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         batch_rows: a.batch_rows.max(1),
         throttle: a.throttle_ms.map(Duration::from_millis),
     };
-    run_job(&p, opts, a.serve, token, Some(handle))
+    let sources = sluice_connectors::build_sources_with(&p, a.stop_at_end)?;
+    run_job(&p, sources, opts, a.serve, token, Some(handle))
 }
 
 fn run_job(
     p: &sluice_sql::PipelinePlan,
+    sources: Vec<Box<dyn sluice_engine::Source>>,
     opts: JobOptions,
     serve: Option<SocketAddr>,
     token: Option<String>,
     handle: Option<PrometheusHandle>,
 ) -> anyhow::Result<()> {
-    let sources = sluice_connectors::build_sources(p)?;
     let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p)?;
     let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir, p)?);
     let state_dir = opts.state_dir.clone();
@@ -311,6 +320,7 @@ fn demo(dir: &Path, events: u64, serve: &str) -> anyhow::Result<()> {
     }
     run_job(
         &p,
+        sluice_connectors::build_sources(&p)?,
         JobOptions::new(state.clone()),
         serve_addr,
         None,

@@ -223,6 +223,9 @@ pub struct KafkaSource {
     buf: Vec<u8>,
     last_lag: Instant,
     assigned: bool,
+    /// Bounded run: the offsets to stop at, fixed when the source starts.
+    stop_at: Option<BTreeMap<i32, i64>>,
+    bounded: bool,
 }
 
 impl KafkaSource {
@@ -288,6 +291,40 @@ impl KafkaSource {
             buf: Vec::new(),
             last_lag: Instant::now(),
             assigned: false,
+            stop_at: None,
+            bounded: false,
+        })
+    }
+
+    /// Makes the source bounded: it ends once it has read every partition
+    /// up to the end offsets current when it starts (a catch-up run).
+    pub fn stop_at_end(mut self) -> Self {
+        self.bounded = true;
+        self
+    }
+
+    /// A bounded source has reached its end offsets.
+    fn at_end(&self) -> bool {
+        let Some(stop) = &self.stop_at else {
+            return false;
+        };
+        // The consumer's fetch position also steps over control records.
+        let pos: BTreeMap<i32, i64> = self
+            .consumer
+            .position()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        stop.iter().all(|(p, end)| {
+            let n = self.next.get(p).copied().unwrap_or(0);
+            n.max(pos.get(p).copied().unwrap_or(0)) >= *end
         })
     }
 
@@ -491,6 +528,20 @@ impl Source for KafkaSource {
         next.extend(self.resolve_start(&missing)?);
         self.next = next;
         self.reported = self.next.clone();
+        if self.bounded {
+            let mut stop = BTreeMap::new();
+            for p in &partitions {
+                let (_, hi) = self
+                    .consumer
+                    .fetch_watermarks(&self.topic, *p, CONNECT_TIMEOUT)
+                    .map_err(|e| {
+                        conn_err(&self.what(), format!("cannot read the end offset of partition {p}: {e}"))
+                    })?;
+                stop.insert(*p, hi);
+            }
+            tracing::info!(source = %self.name, end = ?stop, "bounded run: stopping at these offsets");
+            self.stop_at = Some(stop);
+        }
         self.assign()?;
         tracing::info!(source = %self.name, topic = %self.topic, offsets = ?self.next, "Kafka source assigned");
         Ok(())
@@ -579,7 +630,7 @@ impl Source for KafkaSource {
         }
         self.publish_lag();
         if received == 0 {
-            return Ok(Poll::Idle);
+            return Ok(if self.at_end() { Poll::End } else { Poll::Idle });
         }
         let buf = std::mem::take(&mut self.buf);
         let (name, topic) = (&self.name, &self.topic);
@@ -718,6 +769,12 @@ impl TopicWriter {
         topic: &str,
         options: &BTreeMap<String, String>,
     ) -> Result<Self> {
+        // An output topic that does not exist yet is created (one
+        // partition); where clients may not create topics this fails with
+        // the broker's reason.
+        if ensure_topic(brokers, topic, 1, options)? {
+            tracing::info!(client = %label, %topic, "created output topic");
+        }
         let mut cfg = client_config(brokers);
         cfg.set("acks", "all").set("linger.ms", "20");
         apply_user_options(&mut cfg, options);
@@ -935,4 +992,54 @@ impl DeadLetterTopic {
     pub fn flush(&mut self) -> Result<()> {
         self.writer.flush()
     }
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists; returns
+/// whether it was created.
+pub fn ensure_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    options: &BTreeMap<String, String>,
+) -> Result<bool> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let what = format!("topic `{topic}` at {brokers}");
+    let mut cfg = client_config(brokers);
+    apply_user_options(&mut cfg, options);
+    let admin: AdminClient<Context> = cfg
+        .create_with_context(Context::new("admin"))
+        .map_err(|e| conn_err(&what, format!("invalid Kafka client settings: {e}")))?;
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
+        .map_err(|e| {
+            conn_err(
+                &what,
+                format!(
+                    "cannot reach the brokers within {} s: {e}",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
+    if md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    {
+        return Ok(false);
+    }
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
+    let res = futures::executor::block_on(admin.create_topics([&new], &opts))
+        .map_err(|e| conn_err(&what, format!("cannot create the topic: {e}")))?;
+    for r in res {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
+            Err((_, code)) => {
+                return Err(conn_err(&what, format!("cannot create the topic: {code}")));
+            }
+        }
+    }
+    Ok(true)
 }

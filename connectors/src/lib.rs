@@ -26,11 +26,21 @@ pub use memory::MemorySource;
 
 /// Builds the sources of a plan, in plan order.
 pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {
+    build_sources_with(plan, false)
+}
+
+/// Builds the sources of a plan; with `stop_at_end`, Kafka sources end at
+/// the offsets current when they start instead of running forever.
+pub fn build_sources_with(plan: &PipelinePlan, stop_at_end: bool) -> Result<Vec<Box<dyn Source>>> {
     plan.sources
         .iter()
         .map(|s| match s.connector.as_str() {
             "file" => Ok(Box::new(JsonFileSource::new(s)?) as Box<dyn Source>),
-            "kafka" => Ok(Box::new(KafkaSource::new(s)?) as Box<dyn Source>),
+            "kafka" => {
+                let k = KafkaSource::new(s)?;
+                let k = if stop_at_end { k.stop_at_end() } else { k };
+                Ok(Box::new(k) as Box<dyn Source>)
+            }
             other => Err(EngineError::Connector {
                 what: format!("source {}", s.name),
                 message: format!("connector `{other}` is not available"),

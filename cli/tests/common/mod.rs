@@ -157,3 +157,118 @@ pub fn json_match(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         _ => a == b,
     }
 }
+
+/// The Kafka-protocol broker the tests run against: `tansu` (from
+/// crates.io, installed by `.ci/run`) with a file-backed log, on a free
+/// loopback port, so it can be stopped and restarted without losing data.
+pub struct Broker {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_TANSU") {
+        return PathBuf::from(p);
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        let p = Path::new(&home).join(".cache/sluice/tansu/bin/tansu");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "the Kafka tests need the tansu broker: run `bash .ci/run` once, or \
+         `cargo install tansu --version 0.6.0 --features libsql,dynostore --root ~/.cache/sluice/tansu`, \
+         or set SLUICE_TANSU to its path"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("broker dir"),
+        };
+        b.spawn();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .expect("broker log");
+        let child = Command::new(tansu_bin())
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the broker (SIGKILL: no clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and log.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `sluice produce` into `topic`; panics if it fails.
+pub fn produce(broker: &str, topic: &str, extra: &[&str]) {
+    let mut args = vec!["produce", "--brokers", broker, "--topic", topic];
+    args.extend_from_slice(extra);
+    let out = sluice(&args);
+    assert!(
+        out.status.success(),
+        "produce failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,493 @@
+//! Kafka end to end against a real Kafka-protocol broker (tansu, started by
+//! each test on its own loopback port): Kafka input equals file input,
+//! exactly-once state under `kill -9` while a producer writes, broker
+//! outages, clear start-up errors, dead letters and feature updates to topics.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Broker, bin, dead_letters, json_match, lake_rows, produce, rows_match, sluice};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_engine::store::Store;
+
+const VIEWS: &str = "
+CREATE FEATURE VIEW activity KEY user_id WITH (offline = 'lake') AS
+    SELECT user_id, COUNT(*) AS n, SUM(price) AS spend, APPROX_DISTINCT(item_id) AS items
+    FROM clicks WHERE price >= 0 GROUP BY user_id, HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE);
+CREATE FEATURE VIEW last_click KEY user_id WITH (offline = 'lake') AS
+    SELECT user_id, item_id, price FROM clicks;
+";
+
+fn kafka_pipeline(broker: &str, topic: &str, extra_columns: &str, extra_options: &str) -> String {
+    format!(
+        "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,{extra_columns}
+    WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+  WITH (connector = 'kafka', topic = '{topic}', brokers = '{broker}', format = 'json'{extra_options});
+{VIEWS}"
+    )
+}
+
+fn run_cmd(dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args([
+        "run",
+        &dir.join("p.sql").display().to_string(),
+        "--state-dir",
+        &dir.join("state").display().to_string(),
+    ])
+    .args(extra)
+    .env("SLUICE_LOG", "warn");
+    c
+}
+
+/// A bounded run (`--stop-at-end`) that must succeed.
+fn catch_up(dir: &Path, extra: &[&str]) {
+    let mut args = vec!["--stop-at-end"];
+    args.extend_from_slice(extra);
+    let out = run_cmd(dir, &args).output().expect("run");
+    assert!(
+        out.status.success(),
+        "run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+type OnlineRows = Vec<(String, Vec<u8>)>;
+
+struct Outcome {
+    lake: Vec<(String, Vec<String>)>,
+    online: Vec<(String, OnlineRows)>,
+    dead: Vec<serde_json::Value>,
+}
+
+fn outcome(dir: &Path) -> Outcome {
+    let state = dir.join("state");
+    let store = Store::open_read_only(&state).expect("state");
+    Outcome {
+        lake: ["activity", "last_click"]
+            .iter()
+            .map(|v| lake_rows(&dir.join("lake"), v))
+            .collect(),
+        online: ["activity", "last_click"]
+            .iter()
+            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
+            .collect(),
+        dead: dead_letters(&state),
+    }
+}
+
+fn online_match(a: &OnlineRows, b: &OnlineRows) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
+            let (x, y): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(va).expect("json"),
+                serde_json::from_slice(vb).expect("json"),
+            );
+            ka == kb && json_match(&x, &y)
+        })
+}
+
+fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
+    for (i, ((ha, ra), (hb, rb))) in a.lake.iter().zip(&b.lake).enumerate() {
+        assert!(!ra.is_empty(), "{what}: lake {i} is empty");
+        assert_eq!(ha, hb, "{what}: lake {i} columns");
+        assert!(
+            rows_match(ra, rb),
+            "{what}: lake rows of view {i} differ ({} vs {} rows)",
+            ra.len(),
+            rb.len()
+        );
+    }
+    for ((va, ra), (_, rb)) in a.online.iter().zip(&b.online) {
+        assert!(
+            online_match(ra, rb),
+            "{what}: online store of {va} differs ({} vs {} keys)",
+            ra.len(),
+            rb.len()
+        );
+    }
+    assert_eq!(a.dead, b.dead, "{what}: dead letters differ");
+}
+
+/// The same events through a 4-partition topic and through a JSON-lines
+/// file give the same lake and online store; metadata columns are filled.
+#[test]
+fn kafka_source_equals_file_source() {
+    let broker = Broker::start();
+    let root = tempfile::tempdir().expect("tmp");
+    let gen_args = [
+        "--events", "30000", "--keys", "300", "--minutes", "60", "--seed", "7",
+    ];
+    let mut p = vec!["--partitions", "4"];
+    p.extend_from_slice(&gen_args);
+    produce(&broker.addr(), "clicks", &p);
+
+    let kdir = root.path().join("kafka");
+    std::fs::create_dir_all(&kdir).expect("dir");
+    let meta_view = "
+CREATE FEATURE VIEW meta KEY user_id WITH (online = false, offline = 'lake') AS
+    SELECT user_id, k, part, off, kts FROM clicks;";
+    std::fs::write(
+        kdir.join("p.sql"),
+        kafka_pipeline(
+            &broker.addr(),
+            "clicks",
+            "\n    k TEXT METADATA FROM 'key', part INT METADATA FROM 'partition', off BIGINT METADATA FROM 'offset', kts TIMESTAMP METADATA FROM 'timestamp',",
+            "",
+        ) + meta_view,
+    )
+    .expect("pipeline");
+    catch_up(&kdir, &["--checkpoint-interval-ms", "200"]);
+
+    let fdir = root.path().join("file");
+    std::fs::create_dir_all(&fdir).expect("dir");
+    let mut g = vec!["gen", "--out"];
+    let events = fdir.join("events.jsonl").display().to_string();
+    g.push(&events);
+    g.extend_from_slice(&gen_args);
+    assert!(sluice(&g).status.success());
+    std::fs::write(
+        fdir.join("p.sql"),
+        "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
+    WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'file', path = 'events.jsonl');"
+            .to_string()
+            + VIEWS,
+    )
+    .expect("pipeline");
+    catch_up(&fdir, &[]);
+
+    assert_same(&outcome(&kdir), &outcome(&fdir), "kafka vs file");
+
+    // Metadata: key = user_id, 4 partitions, (partition, offset) unique.
+    let (h, rows) = lake_rows(&kdir.join("lake"), "meta");
+    assert!(h.ends_with("user_id | k | part | off | kts"), "{h}");
+    assert_eq!(rows.len(), 30000);
+    let mut seen = std::collections::HashSet::new();
+    let mut parts = std::collections::HashSet::new();
+    for r in &rows {
+        let f: Vec<&str> = r.split(" | ").collect();
+        assert_eq!(f[2], f[3], "message key is the user: {r}");
+        assert!(f[6] != "NULL", "Kafka timestamp present: {r}");
+        parts.insert(f[4].to_string());
+        assert!(seen.insert((f[4].to_string(), f[5].to_string())), "{r}");
+    }
+    assert_eq!(parts.len(), 4, "events of all 4 partitions: {parts:?}");
+}
+
+fn spawn_run(dir: &Path, extra: &[&str]) -> Child {
+    run_cmd(dir, extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn run")
+}
+
+/// `kill -9` of `sluice run` at random moments while a producer is still
+/// writing, then a catch-up run: the lake, online store and dead letters
+/// equal one uninterrupted run over the same topic.
+#[test]
+fn kill_nine_while_producing_is_exactly_once() {
+    let broker = Broker::start();
+    let root = tempfile::tempdir().expect("tmp");
+    let addr = broker.addr();
+    // The producer writes ~8 s of events (some malformed) into 3 partitions.
+    let producer = Command::new(bin())
+        .args([
+            "produce",
+            "--brokers",
+            &addr,
+            "--topic",
+            "clicks",
+            "--partitions",
+            "3",
+            "--events",
+            "40000",
+            "--keys",
+            "200",
+            "--minutes",
+            "60",
+            "--rate",
+            "5000",
+            "--bad-every",
+            "997",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("producer");
+    let crashed = root.path().join("crashed");
+    std::fs::create_dir_all(&crashed).expect("dir");
+    std::fs::write(crashed.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    // Wait for the topic to exist.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut seed = 0x5eed_u64;
+    let mut kills = 0;
+    while kills < 5 {
+        let mut child = spawn_run(
+            &crashed,
+            &["--checkpoint-interval-ms", "50", "--batch-rows", "500"],
+        );
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let ms = 700 + (seed >> 33) % 1200;
+        std::thread::sleep(Duration::from_millis(ms));
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+        kills += 1;
+    }
+    let pout = producer.wait_with_output().expect("producer");
+    assert!(
+        pout.status.success(),
+        "producer: {}",
+        String::from_utf8_lossy(&pout.stderr)
+    );
+    catch_up(&crashed, &["--checkpoint-interval-ms", "50"]);
+
+    let clean = root.path().join("clean");
+    std::fs::create_dir_all(&clean).expect("dir");
+    std::fs::write(clean.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    catch_up(&clean, &[]);
+
+    let a = outcome(&crashed);
+    let b = outcome(&clean);
+    assert_eq!(b.dead.len(), 40000 / 997, "malformed records dead-lettered");
+    assert_same(&a, &b, "after 5 kills");
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// The broker dies under a running pipeline: `/readyz` turns 503 and
+/// `sluice_source_up` 0; once it is back the pipeline catches up with
+/// nothing lost (same lake as a clean run).
+#[test]
+fn broker_outage_then_catch_up() {
+    let mut broker = Broker::start();
+    let addr = broker.addr();
+    let root = tempfile::tempdir().expect("tmp");
+    let common_args = ["--keys", "100", "--minutes", "30", "--of", "20000"];
+    let mut a = vec!["--partitions", "2", "--events", "10000"];
+    a.extend_from_slice(&common_args);
+    produce(&addr, "clicks", &a);
+
+    let dir = root.path().join("live");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let http = format!("127.0.0.1:{port}");
+    let mut run = spawn_run(
+        &dir,
+        &["--serve", &http, "--checkpoint-interval-ms", "200"],
+    );
+    wait_for("10k events", 60, || {
+        metric(&http, "sluice_events_in_total") == Some(10000.0)
+    });
+    assert_eq!(http_get(&http, "/readyz").0, 200);
+
+    broker.stop();
+    wait_for("readyz 503", 60, || http_get(&http, "/readyz").0 == 503);
+    let (_, why) = http_get(&http, "/readyz");
+    assert!(why.contains("clicks"), "readyz names the source: {why}");
+    assert_eq!(metric(&http, "sluice_source_up"), Some(0.0));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(run.try_wait().expect("status").is_none(), "pipeline kept running");
+
+    broker.restart();
+    let mut a = vec!["--first", "10000", "--events", "10000"];
+    a.extend_from_slice(&common_args);
+    produce(&addr, "clicks", &a);
+    wait_for("20k events after the outage", 120, || {
+        metric(&http, "sluice_events_in_total") == Some(20000.0)
+    });
+    wait_for("readyz 200 again", 60, || http_get(&http, "/readyz").0 == 200);
+    assert_eq!(metric(&http, "sluice_source_up"), Some(1.0));
+    // Stop it cleanly (SIGTERM), then compare with a clean catch-up run.
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
+    let st = run.wait().expect("wait");
+    assert!(st.success(), "clean shutdown: {st:?}");
+    catch_up(&dir, &[]);
+
+    let clean = root.path().join("clean");
+    std::fs::create_dir_all(&clean).expect("dir");
+    std::fs::write(clean.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    catch_up(&clean, &[]);
+    assert_same(&outcome(&dir), &outcome(&clean), "after a broker outage");
+}
+
+/// Wrong broker address and a missing topic end the run with a message
+/// that says so, within seconds.
+#[test]
+fn startup_errors_are_clear() {
+    let broker = Broker::start();
+    let root = tempfile::tempdir().expect("tmp");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let cases = [
+        (
+            format!("127.0.0.1:{closed}"),
+            "clicks",
+            "cannot read topic metadata",
+        ),
+        (broker.addr(), "no_such_topic", "does not exist"),
+    ];
+    for (addr, topic, expect) in cases {
+        let dir = root.path().join(topic);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, topic, "", "")).expect("sql");
+        let t = Instant::now();
+        let out = run_cmd(&dir, &[]).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{topic}: must fail");
+        assert!(err.contains(expect), "{topic}: {err}");
+        assert!(err.contains(topic) && err.contains(&addr), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    }
+}
+
+fn read_topic(addr: &str, topic: &str, want: usize) -> Vec<(Vec<u8>, Vec<u8>, Vec<(String, String)>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .set("group.id", "test-reader")
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.len() < want && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().unwrap_or_default().to_vec(),
+                headers,
+            ));
+        }
+    }
+    // Nothing beyond what was expected.
+    std::thread::sleep(Duration::from_millis(500));
+    while let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+        out.push((m.key().unwrap_or_default().to_vec(), Vec::new(), Vec::new()));
+    }
+    out
+}
+
+/// `dead_letter_topic` receives the bad records with headers naming source,
+/// partition, offset and reason; `kafka_topic` receives every emitted row
+/// keyed by the entity key.
+#[test]
+fn dead_letters_and_feature_updates_to_topics() {
+    let broker = Broker::start();
+    let addr = broker.addr();
+    let root = tempfile::tempdir().expect("tmp");
+    produce(
+        &addr,
+        "clicks",
+        &[
+            "--partitions", "2", "--events", "5000", "--keys", "50", "--minutes", "30",
+            "--bad-every", "500",
+        ],
+    );
+    let dir = root.path().join("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sql = format!(
+        "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
+    WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+  WITH (connector = 'kafka', topic = 'clicks', brokers = '{addr}', dead_letter_topic = 'clicks_dlq');
+CREATE FEATURE VIEW activity KEY user_id WITH (offline = 'lake', kafka_topic = 'features') AS
+    SELECT user_id, COUNT(*) AS n FROM clicks GROUP BY user_id, TUMBLE(ts, INTERVAL '5' MINUTE);"
+    );
+    std::fs::write(dir.join("p.sql"), sql).expect("sql");
+    catch_up(&dir, &[]);
+    assert!(
+        dead_letters(&dir.join("state")).is_empty(),
+        "dead letters went to the topic, not the file"
+    );
+    let dlq = read_topic(&addr, "clicks_dlq", 10);
+    assert_eq!(dlq.len(), 10, "5000 / 500 malformed records");
+    for (_, payload, headers) in &dlq {
+        let h: std::collections::HashMap<_, _> = headers.iter().cloned().collect();
+        assert_eq!(h.get("sluice-source").map(String::as_str), Some("clicks"));
+        assert_eq!(h.get("sluice-kind").map(String::as_str), Some("malformed_json"));
+        assert!(h.get("sluice-partition").is_some_and(|p| p == "0" || p == "1"));
+        assert!(h.get("sluice-offset").is_some_and(|o| o.parse::<u64>().is_ok()));
+        assert!(h.get("sluice-reason").is_some_and(|r| r.contains("JSON")));
+        assert!(String::from_utf8_lossy(payload).contains("not json"));
+    }
+    let (_, lake) = lake_rows(&dir.join("lake"), "activity");
+    let updates = read_topic(&addr, "features", lake.len());
+    assert_eq!(updates.len(), lake.len(), "one update per emitted row");
+    for (key, payload, _) in &updates {
+        let v: serde_json::Value = serde_json::from_slice(payload).expect("json");
+        assert_eq!(v["view"], "activity");
+        assert_eq!(v["key"].as_str().map(str::as_bytes), Some(key.as_slice()));
+        assert!(v["features"]["n"].as_i64().is_some_and(|n| n > 0), "{v}");
+    }
+}
