@@ -112,7 +112,20 @@ fn assert_same(a: &Outcome, b: &Outcome, what: &str) {
             rb.len()
         );
     }
-    assert_eq!(a.dead, b.dead, "{what}: dead letters differ");
+    // Across partitions the order of dead letters depends on fetch timing;
+    // the set must be the same.
+    let sorted = |d: &[serde_json::Value]| {
+        let mut v: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+        v.sort();
+        v
+    };
+    let (da, db) = (sorted(&a.dead), sorted(&b.dead));
+    assert!(
+        da == db,
+        "{what}: dead letters differ ({} vs {})",
+        da.len(),
+        db.len()
+    );
 }
 
 /// The same events through a 4-partition topic and through a JSON-lines
@@ -241,6 +254,17 @@ fn kill_nine_while_producing_is_exactly_once() {
         child.kill().expect("kill -9");
         child.wait().expect("wait");
         kills += 1;
+    }
+    {
+        // The killed runs did commit checkpoints (the kills hit a working job).
+        let store = Store::open_read_only(&crashed.join("state")).expect("state");
+        let epoch = store
+            .meta("epoch")
+            .expect("meta")
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        assert!(epoch > 5, "checkpoints before the last kill: {epoch}");
     }
     let pout = producer.wait_with_output().expect("producer");
     assert!(
