@@ -67,10 +67,10 @@ impl ClientContext for Counting {}
 impl ProducerContext for Counting {
     type DeliveryOpaque = ();
     fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = r {
-            if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                eprintln!("delivery failed: {e}");
-            }
+        if let Err((e, _)) = r
+            && self.failed.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            eprintln!("delivery failed: {e}");
         }
     }
 }
@@ -117,7 +117,7 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
             e.ts = chrono::Utc::now().timestamp_millis() - (e.ts % 2000);
         }
         let key = format!("u{:05}", e.user);
-        let payload = if a.bad_every > 0 && (i + 1) % a.bad_every == 0 {
+        let payload = if a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every) {
             format!("{{\"user_id\":\"{key}\",\"ts\": not json")
         } else {
             event_json(&e)

@@ -135,7 +135,14 @@ fn kafka_source_equals_file_source() {
     let broker = Broker::start();
     let root = tempfile::tempdir().expect("tmp");
     let gen_args = [
-        "--events", "30000", "--keys", "300", "--minutes", "60", "--seed", "7",
+        "--events",
+        "30000",
+        "--keys",
+        "300",
+        "--minutes",
+        "60",
+        "--seed",
+        "7",
     ];
     let mut p = vec!["--partitions", "4"];
     p.extend_from_slice(&gen_args);
@@ -236,7 +243,11 @@ fn kill_nine_while_producing_is_exactly_once() {
         .expect("producer");
     let crashed = root.path().join("crashed");
     std::fs::create_dir_all(&crashed).expect("dir");
-    std::fs::write(crashed.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    std::fs::write(
+        crashed.join("p.sql"),
+        kafka_pipeline(&addr, "clicks", "", ""),
+    )
+    .expect("sql");
     // Wait for the topic to exist.
     std::thread::sleep(Duration::from_millis(1500));
     let mut seed = 0x5eed_u64;
@@ -343,10 +354,7 @@ fn broker_outage_then_catch_up() {
         .map(|a| a.port())
         .expect("port");
     let http = format!("127.0.0.1:{port}");
-    let mut run = spawn_run(
-        &dir,
-        &["--serve", &http, "--checkpoint-interval-ms", "200"],
-    );
+    let mut run = spawn_run(&dir, &["--serve", &http, "--checkpoint-interval-ms", "200"]);
     wait_for("10k events", 60, || {
         metric(&http, "sluice_events_in_total") == Some(10000.0)
     });
@@ -358,7 +366,10 @@ fn broker_outage_then_catch_up() {
     assert!(why.contains("clicks"), "readyz names the source: {why}");
     assert_eq!(metric(&http, "sluice_source_up"), Some(0.0));
     std::thread::sleep(Duration::from_secs(3));
-    assert!(run.try_wait().expect("status").is_none(), "pipeline kept running");
+    assert!(
+        run.try_wait().expect("status").is_none(),
+        "pipeline kept running"
+    );
 
     broker.restart();
     let mut a = vec!["--first", "10000", "--events", "10000"];
@@ -367,7 +378,9 @@ fn broker_outage_then_catch_up() {
     wait_for("20k events after the outage", 120, || {
         metric(&http, "sluice_events_in_total") == Some(20000.0)
     });
-    wait_for("readyz 200 again", 60, || http_get(&http, "/readyz").0 == 200);
+    wait_for("readyz 200 again", 60, || {
+        http_get(&http, "/readyz").0 == 200
+    });
     assert_eq!(metric(&http, "sluice_source_up"), Some(1.0));
     // Stop it cleanly (SIGTERM), then compare with a clean catch-up run.
     let _ = Command::new("kill")
@@ -416,7 +429,10 @@ fn startup_errors_are_clear() {
     }
 }
 
-fn read_topic(addr: &str, topic: &str, want: usize) -> Vec<(Vec<u8>, Vec<u8>, Vec<(String, String)>)> {
+/// Key, payload and headers of a consumed record.
+type TopicRecord = (Vec<u8>, Vec<u8>, Vec<(String, String)>);
+
+fn read_topic(addr: &str, topic: &str, want: usize) -> Vec<TopicRecord> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", addr)
         .set("group.id", "test-reader")
@@ -475,8 +491,16 @@ fn dead_letters_and_feature_updates_to_topics() {
         &addr,
         "clicks",
         &[
-            "--partitions", "2", "--events", "5000", "--keys", "50", "--minutes", "30",
-            "--bad-every", "500",
+            "--partitions",
+            "2",
+            "--events",
+            "5000",
+            "--keys",
+            "50",
+            "--minutes",
+            "30",
+            "--bad-every",
+            "500",
         ],
     );
     let dir = root.path().join("p");
@@ -499,9 +523,18 @@ CREATE FEATURE VIEW activity KEY user_id WITH (offline = 'lake', kafka_topic = '
     for (_, payload, headers) in &dlq {
         let h: std::collections::HashMap<_, _> = headers.iter().cloned().collect();
         assert_eq!(h.get("sluice-source").map(String::as_str), Some("clicks"));
-        assert_eq!(h.get("sluice-kind").map(String::as_str), Some("malformed_json"));
-        assert!(h.get("sluice-partition").is_some_and(|p| p == "0" || p == "1"));
-        assert!(h.get("sluice-offset").is_some_and(|o| o.parse::<u64>().is_ok()));
+        assert_eq!(
+            h.get("sluice-kind").map(String::as_str),
+            Some("malformed_json")
+        );
+        assert!(
+            h.get("sluice-partition")
+                .is_some_and(|p| p == "0" || p == "1")
+        );
+        assert!(
+            h.get("sluice-offset")
+                .is_some_and(|o| o.parse::<u64>().is_ok())
+        );
         assert!(h.get("sluice-reason").is_some_and(|r| r.contains("JSON")));
         assert!(String::from_utf8_lossy(payload).contains("not json"));
     }

@@ -175,7 +175,12 @@ impl JsonRecords {
 
 /// Why a record arrow-json refused is bad: not JSON, not an object, or a
 /// field of the wrong type.
-fn classify(pos: u64, rec: &[u8], err: &arrow::error::ArrowError, reject: Reject<'_>) -> DeadLetter {
+fn classify(
+    pos: u64,
+    rec: &[u8],
+    err: &arrow::error::ArrowError,
+    reject: Reject<'_>,
+) -> DeadLetter {
     match serde_json::from_slice::<serde_json::Value>(rec) {
         Ok(serde_json::Value::Object(_)) => reject(
             pos,

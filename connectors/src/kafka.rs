@@ -329,7 +329,10 @@ impl KafkaSource {
     }
 
     fn what(&self) -> String {
-        format!("source {} (topic `{}` at {})", self.name, self.topic, self.brokers)
+        format!(
+            "source {} (topic `{}` at {})",
+            self.name, self.topic, self.brokers
+        )
     }
 
     fn with_last_error(&self, msg: String) -> String {
@@ -357,7 +360,12 @@ impl KafkaSource {
             .topics()
             .iter()
             .find(|t| t.name() == self.topic)
-            .ok_or_else(|| conn_err(&self.what(), "the brokers returned no metadata for the topic"))?;
+            .ok_or_else(|| {
+                conn_err(
+                    &self.what(),
+                    "the brokers returned no metadata for the topic",
+                )
+            })?;
         if let Some(e) = t.error() {
             let code = RDKafkaErrorCode::from(e);
             let msg = if code == RDKafkaErrorCode::UnknownTopicOrPartition {
@@ -386,7 +394,9 @@ impl KafkaSource {
                 .map_err(|e| {
                     conn_err(
                         &self.what(),
-                        self.with_last_error(format!("cannot read the group's committed offsets: {e}")),
+                        self.with_last_error(format!(
+                            "cannot read the group's committed offsets: {e}"
+                        )),
                     )
                 })?;
             c.elements()
@@ -410,7 +420,9 @@ impl KafkaSource {
                 .map_err(|e| {
                     conn_err(
                         &self.what(),
-                        self.with_last_error(format!("cannot read the offsets of partition {p}: {e}")),
+                        self.with_last_error(format!(
+                            "cannot read the offsets of partition {p}: {e}"
+                        )),
                     )
                 })?;
             out.insert(*p, if self.start == Start::Latest { hi } else { lo });
@@ -504,7 +516,10 @@ impl Source for KafkaSource {
             None => BTreeMap::new(),
             Some(b) => {
                 let p: Position = serde_json::from_slice(b).map_err(|e| {
-                    conn_err(&self.what(), format!("unreadable checkpointed offsets: {e}"))
+                    conn_err(
+                        &self.what(),
+                        format!("unreadable checkpointed offsets: {e}"),
+                    )
                 })?;
                 if p.topic != self.topic {
                     return Err(conn_err(
@@ -535,7 +550,10 @@ impl Source for KafkaSource {
                     .consumer
                     .fetch_watermarks(&self.topic, *p, CONNECT_TIMEOUT)
                     .map_err(|e| {
-                        conn_err(&self.what(), format!("cannot read the end offset of partition {p}: {e}"))
+                        conn_err(
+                            &self.what(),
+                            format!("cannot read the end offset of partition {p}: {e}"),
+                        )
                     })?;
                 stop.insert(*p, hi);
             }
@@ -778,9 +796,8 @@ impl TopicWriter {
         let mut cfg = client_config(brokers);
         cfg.set("acks", "all").set("linger.ms", "20");
         apply_user_options(&mut cfg, options);
-        let producer: BaseProducer<Context> = cfg
-            .create_with_context(Context::new(label))
-            .map_err(|e| {
+        let producer: BaseProducer<Context> =
+            cfg.create_with_context(Context::new(label)).map_err(|e| {
                 conn_err(
                     label,
                     format!("invalid Kafka producer settings for topic `{topic}`: {e}"),
@@ -1042,4 +1059,165 @@ pub fn ensure_topic(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    use super::*;
+
+    fn plan(brokers: &str) -> SourcePlan {
+        let sql = format!(
+            "CREATE SOURCE clicks (user_id TEXT NOT NULL, n BIGINT, k TEXT METADATA FROM 'key',
+               p BIGINT METADATA FROM 'partition', ts TIMESTAMP NOT NULL,
+               WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+             WITH (connector = 'kafka', topic = 'clicks', brokers = '{brokers}');
+             CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, n FROM clicks;"
+        );
+        let p = sluice_sql::plan_pipeline("t.sql", &sql, std::path::Path::new(".")).expect("plan");
+        p.sources[0].clone()
+    }
+
+    fn produce(brokers: &str, records: &[(i32, &str, &str)]) {
+        let p: BaseProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("producer");
+        for (part, key, payload) in records {
+            p.send(
+                BaseRecord::to("clicks")
+                    .partition(*part)
+                    .key(*key)
+                    .payload(*payload),
+            )
+            .map_err(|(e, _)| e)
+            .expect("send");
+        }
+        p.flush(Duration::from_secs(10)).expect("flush");
+    }
+
+    /// Polls until `n` rows and rejects arrived (or 10 s passed).
+    fn poll_rows(src: &mut KafkaSource, n: usize) -> (Vec<RecordBatch>, Vec<u32>, Vec<DeadLetter>) {
+        let (mut batches, mut parts, mut dead) = (Vec::new(), Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < n && Instant::now() < deadline {
+            if let Poll::Data { batch, rejected } = src.poll(100).expect("poll") {
+                got += rejected.len();
+                dead.extend(rejected);
+                if let Some(b) = batch {
+                    got += b.batch.num_rows();
+                    parts.extend(b.partitions);
+                    batches.push(b.batch);
+                }
+            }
+        }
+        (batches, parts, dead)
+    }
+
+    #[test]
+    fn reads_partitions_with_metadata_and_resumes_from_its_position() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("clicks", 2, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let ev = |u: &str, n: i64| {
+            format!(r#"{{"user_id":"{u}","n":{n},"ts":"2024-01-01T00:00:0{n}Z"}}"#)
+        };
+        let (a, b, c) = (ev("a", 1), ev("b", 2), ev("c", 3));
+        produce(
+            &brokers,
+            &[
+                (0, "a", &a),
+                (1, "b", &b),
+                (1, "x", "{broken"),
+                (0, "c", &c),
+            ],
+        );
+
+        let mut src = KafkaSource::new(&plan(&brokers)).expect("source");
+        src.seek(None).expect("seek");
+        assert_eq!(src.partitions(), vec![0, 1]);
+        let (batches, parts, dead) = poll_rows(&mut src, 4);
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, 3);
+        let mut sorted = parts.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 0, 1]);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].position, "clicks/1@1");
+        assert_eq!(dead[0].kind, "malformed_json");
+        // Metadata columns: key and partition.
+        for batch in &batches {
+            let users = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("users");
+            let keys = batch
+                .column(2)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("keys");
+            let ps = batch
+                .column(3)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("parts");
+            for i in 0..batch.num_rows() {
+                assert_eq!(users.value(i), keys.value(i));
+                assert_eq!(ps.value(i), if users.value(i) == "b" { 1 } else { 0 });
+            }
+        }
+        let pos = src.position();
+        let p: Position = serde_json::from_slice(&pos).expect("position");
+        assert_eq!(p.offsets, BTreeMap::from([(0, 2), (1, 2)]));
+
+        // A new source from that position reads only what came later.
+        drop(src);
+        let d = ev("d", 4);
+        produce(&brokers, &[(1, "d", &d)]);
+        let mut src = KafkaSource::new(&plan(&brokers)).expect("source");
+        src.seek(Some(&pos)).expect("seek");
+        let (batches, parts, dead) = poll_rows(&mut src, 1);
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        assert_eq!(parts, vec![1]);
+        assert!(dead.is_empty());
+    }
+
+    #[test]
+    fn broker_down_is_reported_and_recovers() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("clicks", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let mut src = KafkaSource::new(&plan(&brokers)).expect("source");
+        src.seek(None).expect("seek");
+        let wait = |src: &mut KafkaSource, down: bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while src.health().is_some() != down {
+                assert!(Instant::now() < deadline, "health never became down={down}");
+                let _ = src.poll(10).expect("poll");
+            }
+        };
+        wait(&mut src, false);
+        mock.broker_down(1).expect("down");
+        wait(&mut src, true);
+        mock.broker_up(1).expect("up");
+        wait(&mut src, false);
+    }
+
+    #[test]
+    fn missing_topic_and_bad_settings_are_clear_errors() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let brokers = mock.bootstrap_servers();
+        let mut src = KafkaSource::new(&plan(&brokers)).expect("source");
+        let e = src.seek(None).expect_err("no topic").to_string();
+        assert!(e.contains("does not exist") && e.contains("clicks"), "{e}");
+
+        let mut p = plan(&brokers);
+        p.options.insert("kafka.no.such.setting".into(), "1".into());
+        let e = KafkaSource::new(&p).err().expect("bad setting").to_string();
+        assert!(e.contains("no.such.setting"), "{e}");
+    }
 }

@@ -94,7 +94,8 @@ impl OfflineSink for LakeWriter {
         if n == 0 {
             return Ok(0);
         }
-        metrics::counter!("sluice_lake_rows_total", "view" => self.view.clone()).increment(n as u64);
+        metrics::counter!("sluice_lake_rows_total", "view" => self.view.clone())
+            .increment(n as u64);
         // Partition by the UTC date of window_end (column 1).
         let ends = all
             .column(1)

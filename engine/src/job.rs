@@ -482,11 +482,16 @@ impl Job {
             return;
         }
         match &h {
-            Some(reason) => tracing::warn!(source = %s.name, %reason, "source cannot make progress"),
+            Some(reason) => {
+                tracing::warn!(source = %s.name, %reason, "source cannot make progress")
+            }
             None => tracing::info!(source = %s.name, "source healthy again"),
         }
-        metrics::gauge!("sluice_source_up", "source" => s.name.clone())
-            .set(if h.is_some() { 0.0 } else { 1.0 });
+        metrics::gauge!("sluice_source_up", "source" => s.name.clone()).set(if h.is_some() {
+            0.0
+        } else {
+            1.0
+        });
         if let Ok(mut m) = self.live.unready.lock() {
             match &h {
                 Some(r) => m.insert(s.name.clone(), r.clone()),
@@ -714,5 +719,158 @@ impl Job {
                     .map(|a| (v.name().to_string(), a.sizes().0, a.sizes().1))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use arrow::array::StringArray;
+    use arrow::datatypes::SchemaRef;
+
+    use super::*;
+    use crate::source::SourceBatch;
+
+    /// A source with several partitions: scripted batches, then idle polls.
+    struct Parts {
+        schema: SchemaRef,
+        parts: Vec<u32>,
+        /// Rows `(partition, ts)`; an empty step is 100 ms of idle polls.
+        steps: VecDeque<Vec<(u32, i64)>>,
+        idle_until: Option<Instant>,
+    }
+
+    impl Source for Parts {
+        fn name(&self) -> &str {
+            "clicks"
+        }
+        fn schema(&self) -> SchemaRef {
+            Arc::clone(&self.schema)
+        }
+        fn seek(&mut self, _: Option<&[u8]>) -> Result<()> {
+            Ok(())
+        }
+        fn poll(&mut self, _: usize) -> Result<Poll> {
+            if let Some(until) = self.idle_until {
+                if Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                    return Ok(Poll::Idle);
+                }
+                self.idle_until = None;
+            }
+            if let Some(rows) = self.steps.pop_front() {
+                if rows.is_empty() {
+                    self.idle_until = Some(Instant::now() + Duration::from_millis(100));
+                    return Ok(Poll::Idle);
+                }
+                let users = StringArray::from_iter_values(rows.iter().map(|_| "u"));
+                let ts = TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1));
+                let batch = RecordBatch::try_new(
+                    Arc::clone(&self.schema),
+                    vec![Arc::new(users), Arc::new(ts)],
+                )
+                .map_err(|e| EngineError::arrow("test", e))?;
+                return Ok(Poll::Data {
+                    batch: Some(SourceBatch {
+                        batch,
+                        row_positions: vec![0; rows.len()],
+                        partitions: rows.iter().map(|r| r.0).collect(),
+                    }),
+                    rejected: Vec::new(),
+                });
+            }
+            Ok(Poll::End)
+        }
+        fn position(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn describe_position(&self, p: u64) -> String {
+            p.to_string()
+        }
+        fn partitions(&self) -> Vec<u32> {
+            self.parts.clone()
+        }
+    }
+
+    struct NoDead;
+    impl DeadLetterSink for NoDead {
+        fn write(&mut self, _: &DeadLetter) -> Result<()> {
+            Ok(())
+        }
+        fn commit(&mut self) -> Result<u64> {
+            Ok(0)
+        }
+        fn recover(&mut self, _: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs two-partition input and returns the committed watermark.
+    fn watermark_after(idle: &str, steps: Vec<Vec<(u32, i64)>>) -> Option<i64> {
+        let sql = format!(
+            "CREATE SOURCE clicks (user_id TEXT NOT NULL, ts TIMESTAMP NOT NULL,
+               WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+             WITH (connector = 'kafka', topic = 't', brokers = '127.0.0.1:1'{idle});
+             CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, COUNT(*) AS n
+             FROM clicks GROUP BY user_id, TUMBLE(ts, INTERVAL '1' MINUTE);"
+        );
+        let plan =
+            sluice_sql::plan_pipeline("t.sql", &sql, std::path::Path::new(".")).expect("plan");
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = Parts {
+            schema: Arc::clone(&plan.sources[0].schema),
+            parts: vec![0, 1],
+            steps: steps.into(),
+            idle_until: None,
+        };
+        let mut job = Job::open(
+            &plan,
+            vec![Box::new(src)],
+            HashMap::new(),
+            Box::new(NoDead),
+            JobOptions::new(dir.path().join("state")),
+        )
+        .expect("open");
+        job.run(&AtomicBool::new(false)).expect("run");
+        job.live().watermark("v")
+    }
+
+    fn rows(p: u32, secs: std::ops::RangeInclusive<i64>) -> Vec<(u32, i64)> {
+        secs.map(|s| (p, s * 1000)).collect()
+    }
+
+    #[test]
+    fn watermark_is_the_minimum_over_partitions() {
+        // Partition 0 runs to 120 s, partition 1 only to 30 s.
+        let wm = watermark_after("", vec![rows(0, 0..=120), rows(1, 0..=30)]);
+        assert_eq!(wm, Some(29_000));
+    }
+
+    #[test]
+    fn a_partition_without_data_holds_the_watermark() {
+        let wm = watermark_after("", vec![rows(0, 0..=120), vec![], rows(0, 121..=180)]);
+        assert_eq!(wm, None);
+    }
+
+    #[test]
+    fn an_idle_partition_stops_holding_it_after_idle_timeout() {
+        let steps = vec![
+            rows(0, 0..=120),
+            rows(1, 0..=30),
+            vec![],
+            rows(0, 121..=180),
+        ];
+        // Without idle_timeout partition 1 holds the watermark at 30 s - 1 s.
+        assert_eq!(watermark_after("", steps.clone()), Some(29_000));
+        // With it, partition 1 is idle after 50 ms; p0's later data moves it.
+        let wm = watermark_after(", idle_timeout = '50ms'", steps);
+        assert_eq!(wm, Some(179_000));
+        // A partition that never had data is idle too.
+        let wm = watermark_after(
+            ", idle_timeout = '50ms'",
+            vec![rows(0, 0..=120), vec![], rows(0, 121..=180)],
+        );
+        assert_eq!(wm, Some(179_000));
     }
 }

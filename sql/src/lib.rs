@@ -9,6 +9,6 @@ pub mod plan;
 
 pub use error::{PipelineError, Pos};
 pub use plan::{
-    AggregatePlan, MetadataColumn, MetadataKind, PipelinePlan, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec,
-    fmt_ms, plan_file, plan_pipeline,
+    AggregatePlan, MetadataColumn, MetadataKind, PipelinePlan, SourcePlan, Stage, TIMESTAMP_TYPE,
+    ViewKind, ViewPlan, WindowSpec, fmt_ms, plan_file, plan_pipeline,
 };

@@ -265,7 +265,9 @@ impl P<'_> {
                             other => {
                                 return Err(self.err_at(
                                     &v,
-                                    format!("expected a quoted metadata name after FROM, found {other}"),
+                                    format!(
+                                        "expected a quoted metadata name after FROM, found {other}"
+                                    ),
                                 ));
                             }
                         };

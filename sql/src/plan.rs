@@ -595,7 +595,10 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
                     format!("Kafka format `{format}` is not supported; this build reads 'json'"),
                 ));
             }
-            let start = options.get("start").map(String::as_str).unwrap_or("earliest");
+            let start = options
+                .get("start")
+                .map(String::as_str)
+                .unwrap_or("earliest");
             if !["earliest", "latest", "committed"].contains(&start) {
                 return Err(PipelineError::at(
                     file,
