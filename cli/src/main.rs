@@ -127,7 +127,10 @@ fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
 }
 
 fn explain(path: &Path) -> anyhow::Result<()> {
-    print!("{}", plan(path)?);
+    use std::io::Write;
+    let text = plan(path)?.to_string();
+    // A closed pipe (`sluice explain p.sql | head`) is not an error.
+    let _ = std::io::stdout().write_all(text.as_bytes());
     Ok(())
 }
 
