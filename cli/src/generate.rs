@@ -104,6 +104,23 @@ pub fn event_json(e: &Event) -> String {
     )
 }
 
+/// One event as a clickstream record (~170 bytes): the fields of
+/// [`event_json`] plus session, page, device and referrer, which pipelines
+/// may declare or ignore.
+pub fn clickstream_json(e: &Event) -> String {
+    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+    const REFERRERS: [&str; 5] = ["search", "direct", "email", "social", "ads"];
+    let base = event_json(e);
+    let session = (e.user.wrapping_mul(2_654_435_761) ^ (e.ts as u64 / 1_800_000)) & 0xffff_ffff;
+    format!(
+        "{},\"session_id\":\"s{session:08x}\",\"page\":\"/item/i{}\",\"device\":\"{}\",\"referrer\":\"{}\"}}",
+        &base[..base.len() - 1],
+        e.item,
+        DEVICES[(e.user % 3) as usize],
+        REFERRERS[(e.item % 5) as usize]
+    )
+}
+
 /// Writes the events as JSON lines.
 pub fn run(a: &GenArgs) -> anyhow::Result<()> {
     if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -2,6 +2,7 @@
 //! connectors together.
 
 mod bench;
+mod bench_kafka;
 mod generate;
 mod produce;
 
@@ -65,6 +66,8 @@ enum Cmd {
     },
     /// Benchmark the quickstart view (run by hand with --release; see README).
     Bench(bench::BenchArgs),
+    /// Benchmark the quickstart view fed from Kafka against a count-only consumer (see README).
+    BenchKafka(bench_kafka::BenchKafkaArgs),
 }
 
 #[derive(clap::Args)]
@@ -115,6 +118,7 @@ fn main() {
         Cmd::Produce(a) => produce::run(&a).map(|_| ()),
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::BenchKafka(a) => bench_kafka::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

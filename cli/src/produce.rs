@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::generate::{Rng, event, event_json};
+use crate::generate::{Rng, clickstream_json, event};
 
 /// Options of `sluice produce`.
 #[derive(clap::Args, Debug, Clone)]
@@ -120,7 +120,7 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
         let payload = if a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every) {
             format!("{{\"user_id\":\"{key}\",\"ts\": not json")
         } else {
-            event_json(&e)
+            clickstream_json(&e)
         };
         let mut record = BaseRecord::to(&a.topic).key(&key).payload(&payload);
         loop {

@@ -185,6 +185,10 @@ pub struct RunStats {
     pub rows_emitted: u64,
     /// Checkpoints committed.
     pub checkpoints: u64,
+    /// Time spent in checkpoints, in total and the longest one.
+    pub checkpoint_time: Duration,
+    /// The longest checkpoint.
+    pub checkpoint_max: Duration,
     /// Wall time of the run.
     pub elapsed: Duration,
 }
@@ -703,6 +707,12 @@ impl Job {
             }
         }
         self.stats.checkpoints += 1;
+        for (view, _, keys) in self.state_sizes() {
+            metrics::gauge!("sluice_state_keys", "view" => view).set(keys as f64);
+        }
+        let took = t0.elapsed();
+        self.stats.checkpoint_time += took;
+        self.stats.checkpoint_max = self.stats.checkpoint_max.max(took);
         self.last_checkpoint = Instant::now();
         metrics::counter!("sluice_checkpoints_total").increment(1);
         metrics::histogram!("sluice_checkpoint_duration_seconds")

@@ -53,6 +53,61 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Time to take a checkpoint",
     ),
     (
+        "sluice_state_keys",
+        "gauge",
+        "Distinct keys in a view's window operator, set at each checkpoint; the key dictionary does not shrink in this build (label: view)",
+    ),
+    (
+        "sluice_source_up",
+        "gauge",
+        "1 while a source can make progress, 0 while it cannot, e.g. no broker reachable (label: source)",
+    ),
+    (
+        "sluice_kafka_messages_total",
+        "counter",
+        "Kafka messages consumed (label: source)",
+    ),
+    (
+        "sluice_kafka_payload_bytes_total",
+        "counter",
+        "Payload bytes of consumed Kafka messages (label: source)",
+    ),
+    (
+        "sluice_kafka_bytes_received_total",
+        "counter",
+        "Bytes received from brokers, librdkafka statistics (label: client)",
+    ),
+    (
+        "sluice_kafka_consumer_lag",
+        "gauge",
+        "Messages between a partition's high watermark and the next offset Sluice reads (labels: source, partition)",
+    ),
+    (
+        "sluice_kafka_checkpoint_offset",
+        "gauge",
+        "Next offset per partition in the last committed checkpoint (labels: source, partition)",
+    ),
+    (
+        "sluice_kafka_rebalances_total",
+        "counter",
+        "Partition assignments: Sluice assigns every partition of the topic itself at start (label: source)",
+    ),
+    (
+        "sluice_kafka_fetch_errors_total",
+        "counter",
+        "Errors returned while fetching messages (labels: source, code)",
+    ),
+    (
+        "sluice_kafka_errors_total",
+        "counter",
+        "Errors librdkafka reported: broker down, transport, authentication (labels: client, code)",
+    ),
+    (
+        "sluice_kafka_feature_updates_total",
+        "counter",
+        "Feature rows published to a view's kafka_topic (label: view)",
+    ),
+    (
         "sluice_serving_requests_total",
         "counter",
         "Serving API requests (labels: route, status)",

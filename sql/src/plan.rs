@@ -404,6 +404,37 @@ fn check_options(
     Ok(())
 }
 
+/// Expands `${NAME}` and `${NAME:-default}` in an option value from the
+/// environment (brokers per deployment, credentials kept out of the file).
+pub fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{value}`"))?;
+        let spec = &after[..end];
+        let (name, default) = match spec.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (spec, None),
+        };
+        match (std::env::var(name), default) {
+            (Ok(v), _) if !v.is_empty() => out.push_str(&v),
+            (_, Some(d)) => out.push_str(d),
+            _ => {
+                return Err(format!(
+                    "environment variable `{name}` is not set (write ${{{name}:-default}} for a default)"
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan, PipelineError> {
     let mut fields = Vec::new();
     let mut metadata = Vec::new();
@@ -508,7 +539,8 @@ fn lower_source(file: &str, s: &SourceDef, base_dir: &Path) -> Result<SourcePlan
     check_options(file, &s.options, SOURCE_OPTIONS, "source")?;
     let mut options = BTreeMap::new();
     for o in &s.options {
-        options.insert(o.key.value.clone(), o.value.clone());
+        let v = expand_env(&o.value).map_err(|m| PipelineError::at(file, Some(o.value_pos), m))?;
+        options.insert(o.key.value.clone(), v);
     }
     let opt_pos = |k: &str| {
         s.options
@@ -912,7 +944,12 @@ fn lower_view(
             }
             "offline" => offline = Some(base_dir.join(&o.value)),
             "kafka_topic" => kafka_topic = Some(o.value.clone()),
-            "kafka_brokers" => kafka_brokers = Some(o.value.clone()),
+            "kafka_brokers" => {
+                kafka_brokers = Some(
+                    expand_env(&o.value)
+                        .map_err(|m| PipelineError::at(file, Some(o.value_pos), m))?,
+                )
+            }
             _ => {}
         }
     }
@@ -1392,5 +1429,23 @@ mod tests {
         assert!(e.message.contains("KEY (item_id)"), "{e}");
         let e = plan("CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, COUNT(*) AS n FROM clicks GROUP BY user_id, HOP(ts, INTERVAL '7' MINUTE, INTERVAL '1' HOUR);").expect_err("hop");
         assert!(e.message.contains("multiple"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::expand_env;
+
+    #[test]
+    fn expands_environment_references() {
+        assert_eq!(expand_env("a:1").as_deref(), Ok("a:1"));
+        assert_eq!(
+            expand_env("${SLUICE_SURELY_UNSET_VAR:-localhost:9092}").as_deref(),
+            Ok("localhost:9092")
+        );
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(expand_env("x${PATH}y"), Ok(format!("x{path}y")));
+        assert!(expand_env("${SLUICE_SURELY_UNSET_VAR}").is_err());
+        assert!(expand_env("${OPEN").is_err());
     }
 }

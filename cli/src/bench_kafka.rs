@@ -1,0 +1,384 @@
+//! `sluice bench-kafka`: the quickstart HOP(5 min, 1 h) view fed from a Kafka
+//! topic, against the ceiling of a plain rdkafka consumer that only counts
+//! the same topic's messages, measured in the same run; plus recovery time
+//! after `kill -9` with a large keyed state.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use sluice_engine::job::{Job, JobOptions};
+
+use crate::produce::{self, ProduceArgs};
+
+/// Options of `sluice bench-kafka`.
+#[derive(clap::Args, Debug)]
+pub struct BenchKafkaArgs {
+    /// Kafka bootstrap servers (loopback).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Events pre-loaded per topic.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Event-time span, in minutes.
+    #[arg(long, default_value_t = 240)]
+    minutes: u64,
+    /// Partition counts to measure (one topic each).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    partitions: Vec<i32>,
+    /// Milliseconds between checkpoints in the pipeline runs.
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_interval_ms: u64,
+    /// Keys of the recovery measurement (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    recovery_keys: u64,
+    /// Events of the recovery measurement.
+    #[arg(long, default_value_t = 3_000_000)]
+    recovery_events: u64,
+    /// Working directory (state, lake).
+    #[arg(long, default_value = "sluice-bench-kafka")]
+    dir: PathBuf,
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut out = HashMap::new();
+    for t in md.topics() {
+        if t.error().is_some() {
+            continue;
+        }
+        for p in t.partitions() {
+            let (_, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            out.insert(p.id(), hi);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `events` clickstream events unless the topic already holds them.
+fn preload(
+    a: &BenchKafkaArgs,
+    topic: &str,
+    partitions: i32,
+    events: u64,
+    keys: u64,
+) -> anyhow::Result<u64> {
+    let have: i64 = end_offsets(&a.brokers, topic)
+        .map(|m| m.values().sum())
+        .unwrap_or(0);
+    if have as u64 >= events {
+        println!("  topic {topic}: {have} events already there");
+        return Ok(have as u64);
+    }
+    if have > 0 {
+        bail!("topic {topic} holds {have} events, not {events}: delete it or use another broker");
+    }
+    let t = Instant::now();
+    let n = produce::run(&ProduceArgs {
+        brokers: a.brokers.clone(),
+        topic: topic.to_string(),
+        partitions,
+        events,
+        keys,
+        rate: 0,
+        live: false,
+        minutes: a.minutes,
+        seed: 42,
+        first: 0,
+        of: None,
+        bad_every: 0,
+        kafka: Vec::new(),
+    })?;
+    println!(
+        "  topic {topic}: produced {n} events in {:.1}s ({:.0}/s)",
+        t.elapsed().as_secs_f64(),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    Ok(n)
+}
+
+/// The ceiling: a plain consumer that reads every message and counts it.
+fn count_only(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64, f64, u64)> {
+    let cpu0 = cpu_secs("self");
+    let t = Instant::now();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "sluice-bench-count")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in end_offsets(brokers, topic)?.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut last = Instant::now();
+    while n < events {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                n += 1;
+                bytes += m.payload_len() as u64;
+                last = Instant::now();
+            }
+            Some(Err(e)) => bail!("count-only consumer: {e}"),
+            None if last.elapsed() > Duration::from_secs(30) => {
+                bail!("count-only consumer stalled at {n} of {events}")
+            }
+            None => {}
+        }
+    }
+    Ok((t.elapsed().as_secs_f64(), cpu_secs("self") - cpu0, bytes))
+}
+
+fn pipeline_sql(brokers: &str, topic: &str) -> String {
+    crate::QUICKSTART_SQL
+        .replace("connector = 'file',", "connector = 'kafka',")
+        .replace(
+            "path = 'events.jsonl',",
+            &format!("topic = '{topic}', brokers = '{brokers}', group_id = 'sluice-bench',"),
+        )
+}
+
+fn fresh(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+fn http_status(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
+fn metric_sum(addr: &str, name: &str) -> Option<f64> {
+    let (_, body) = http_status(addr, "/metrics")?;
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// Runs the binary on a topic with many keys, kills it with SIGKILL once it
+/// has read everything and checkpointed, and times the restart until
+/// `/readyz` answers 200.
+fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
+    let topic = format!(
+        "bench-recovery-{}k-{}",
+        a.recovery_keys / 1000,
+        a.recovery_events
+    );
+    println!(
+        "recovery: {} events over 60 min, {} keys, 1 partition",
+        a.recovery_events, a.recovery_keys
+    );
+    let saved_minutes = a.minutes;
+    let args = BenchKafkaArgs {
+        minutes: 60,
+        brokers: a.brokers.clone(),
+        events: a.recovery_events,
+        keys: a.recovery_keys,
+        partitions: vec![1],
+        checkpoint_interval_ms: a.checkpoint_interval_ms,
+        recovery_keys: 0,
+        recovery_events: 0,
+        dir: a.dir.clone(),
+    };
+    preload(&args, &topic, 1, a.recovery_events, a.recovery_keys)?;
+    let _ = saved_minutes;
+    let rdir = dir.join("recovery");
+    fresh(&rdir)?;
+    std::fs::write(rdir.join("pipeline.sql"), pipeline_sql(&a.brokers, &topic))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let http = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe()?;
+    let spawn = || {
+        Command::new(&exe)
+            .args([
+                "run",
+                "pipeline.sql",
+                "--state-dir",
+                "state",
+                "--serve",
+                &http,
+            ])
+            .args([
+                "--checkpoint-interval-ms",
+                &a.checkpoint_interval_ms.to_string(),
+            ])
+            .current_dir(&rdir)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let mut child = spawn()?;
+    let t = Instant::now();
+    loop {
+        if metric_sum(&http, "sluice_events_in_total") == Some(a.recovery_events as f64) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(1800) {
+            let _ = child.kill();
+            bail!("recovery run did not read its topic within 30 min");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let read_secs = t.elapsed().as_secs_f64();
+    // Let a checkpoint commit the last batch, then kill -9.
+    std::thread::sleep(Duration::from_millis(a.checkpoint_interval_ms * 3));
+    child.kill()?;
+    child.wait()?;
+    let state_bytes = sluice_engine::store::dir_size(&rdir.join("state"));
+    println!(
+        "  first run read {} events in {read_secs:.1}s, killed with SIGKILL; state dir {:.0} MiB",
+        a.recovery_events,
+        state_bytes as f64 / 1048576.0
+    );
+    let t = Instant::now();
+    let mut child = spawn()?;
+    loop {
+        if http_status(&http, "/readyz").is_some_and(|(c, _)| c == 200) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            let _ = child.kill();
+            bail!("restart not ready within 10 min");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ready = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(&child.id().to_string());
+    let open_keys = metric_sum(&http, "sluice_state_keys");
+    child.kill()?;
+    child.wait()?;
+    println!(
+        "  restart after kill -9: ready (state restored, partitions assigned) in {ready:.2}s, {cpu:.1} CPU-s{}",
+        open_keys
+            .map(|k| format!("; {k:.0} keys in open windows"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Runs the benchmark and prints the comparison.
+pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
+    fresh(&a.dir)?;
+    let dir = a.dir.canonicalize()?;
+    println!(
+        "sluice bench-kafka: {} events ({} keys, {} min) per topic, brokers {}, HOP(5m, 1h), checkpoints every {} ms; build: {}",
+        a.events,
+        a.keys,
+        a.minutes,
+        a.brokers,
+        a.checkpoint_interval_ms,
+        if cfg!(debug_assertions) {
+            "debug (use --release!)"
+        } else {
+            "release"
+        }
+    );
+    for &parts in &a.partitions {
+        let topic = format!("bench-{}-{}k-p{parts}", a.events, a.keys / 1000);
+        println!("{parts} partition(s):");
+        let n = preload(a, &topic, parts, a.events, a.keys)?;
+        let (base_secs, base_cpu, bytes) = count_only(&a.brokers, &topic, n)?;
+        let base_rate = n as f64 / base_secs;
+        println!(
+            "  count-only rdkafka consumer: {n} messages ({:.0} MiB payload, {:.0} B/message) in {base_secs:.2}s = {base_rate:.0} msg/s; {:.2} CPU-s per M",
+            bytes as f64 / 1048576.0,
+            bytes as f64 / n as f64,
+            base_cpu / (n as f64 / 1e6)
+        );
+
+        let pdir = dir.join(format!("p{parts}"));
+        fresh(&pdir)?;
+        std::fs::write(pdir.join("pipeline.sql"), pipeline_sql(&a.brokers, &topic))?;
+        let plan = sluice_sql::plan_file(&pdir.join("pipeline.sql"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let state = pdir.join("state");
+        let mut opts = JobOptions::new(state.clone());
+        opts.checkpoint_interval = Duration::from_millis(a.checkpoint_interval_ms);
+        let cpu0 = cpu_secs("self");
+        let mut job = Job::open(
+            &plan,
+            sluice_connectors::build_sources_with(&plan, true)?,
+            sluice_connectors::build_lakes(&plan)?,
+            Box::new(sluice_connectors::dead_letters(&state, &plan)?),
+            opts,
+        )
+        .context("opening the pipeline")?;
+        let s = job.run(&AtomicBool::new(false))?;
+        let cpu = cpu_secs("self") - cpu0;
+        let rate = s.events as f64 / s.elapsed.as_secs_f64();
+        let live = job.live();
+        live.store.flush()?;
+        let db = live.store.disk_bytes();
+        let lake = sluice_engine::store::dir_size(&pdir.join("lake"));
+        drop(job);
+        println!(
+            "  sluice pipeline (Kafka -> HOP view -> RocksDB state + online store + Parquet lake): {} events in {:.2}s = {rate:.0} events/s; {:.2} CPU-s per M events; {} rows emitted; {} dead letters",
+            s.events,
+            s.elapsed.as_secs_f64(),
+            cpu / (s.events as f64 / 1e6),
+            s.rows_emitted,
+            s.dead_letters
+        );
+        println!(
+            "  checkpoints: {} taken, mean {:.1} ms, max {:.1} ms; RocksDB {:.0} MiB, lake {:.1} MiB",
+            s.checkpoints,
+            s.checkpoint_time.as_secs_f64() * 1000.0 / s.checkpoints.max(1) as f64,
+            s.checkpoint_max.as_secs_f64() * 1000.0,
+            db as f64 / 1048576.0,
+            lake as f64 / 1048576.0
+        );
+        println!(
+            "  => pipeline / count-only consumer = {:.1}% (goal >= 50%)",
+            rate / base_rate * 100.0
+        );
+    }
+    if a.recovery_keys > 0 {
+        recovery(a, &dir)?;
+    }
+    Ok(())
+}
