@@ -29,7 +29,7 @@ CREATE SOURCE clicks (
 -- Spend and activity over the last hour, refreshed every 5 minutes.
 CREATE FEATURE VIEW user_activity
     KEY user_id
-    WITH (online = true, offline = 'lake', kafka_topic = 'user_activity_updates')
+    WITH (online = true, offline = '${SLUICE_LAKE:-lake}', kafka_topic = 'user_activity_updates')
 AS SELECT
     user_id,
     COUNT(*)                 AS clicks_1h,
@@ -43,7 +43,7 @@ GROUP BY user_id, HOP(ts, INTERVAL '5' MINUTE, INTERVAL '1' HOUR);
 -- Device mix over the last minute.
 CREATE FEATURE VIEW user_devices_1m
     KEY user_id
-    WITH (online = true, offline = 'lake')
+    WITH (online = true, offline = '${SLUICE_LAKE:-lake}')
 AS SELECT
     user_id,
     COUNT(*) FILTER (WHERE device = 'mobile')  AS mobile_clicks_1m,

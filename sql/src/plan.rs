@@ -942,7 +942,11 @@ fn lower_view(
                     }
                 }
             }
-            "offline" => offline = Some(base_dir.join(&o.value)),
+            "offline" => {
+                let v = expand_env(&o.value)
+                    .map_err(|m| PipelineError::at(file, Some(o.value_pos), m))?;
+                offline = Some(base_dir.join(v))
+            }
             "kafka_topic" => kafka_topic = Some(o.value.clone()),
             "kafka_brokers" => {
                 kafka_brokers = Some(
