@@ -15,7 +15,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sluice_dead_letters_total",
         "counter",
-        "Records written to the dead-letter file (labels: source, kind)",
+        "Records dead-lettered, to the file or the source's dead_letter_topic (labels: source, kind)",
     ),
     (
         "sluice_late_events_total",
