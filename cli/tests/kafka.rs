@@ -397,8 +397,8 @@ fn broker_outage_then_catch_up() {
     assert_same(&outcome(&dir), &outcome(&clean), "after a broker outage");
 }
 
-/// Wrong broker address and a missing topic end the run with a message
-/// that says so, within seconds.
+/// Wrong broker address, a missing topic and refused credentials end the
+/// run with a message that says so, within seconds.
 #[test]
 fn startup_errors_are_clear() {
     let broker = Broker::start();
@@ -412,13 +412,21 @@ fn startup_errors_are_clear() {
             format!("127.0.0.1:{closed}"),
             "clicks",
             "cannot read topic metadata",
+            "",
         ),
-        (broker.addr(), "no_such_topic", "does not exist"),
+        (broker.addr(), "no_such_topic", "does not exist", ""),
+        // SASL credentials the broker does not accept.
+        (
+            broker.addr(),
+            "clicks",
+            "Authentication",
+            ", kafka.security.protocol = 'SASL_PLAINTEXT', kafka.sasl.mechanism = 'SCRAM-SHA-256', kafka.sasl.username = 'nobody', kafka.sasl.password = 'wrong'",
+        ),
     ];
-    for (addr, topic, expect) in cases {
-        let dir = root.path().join(topic);
+    for (i, (addr, topic, expect, options)) in cases.into_iter().enumerate() {
+        let dir = root.path().join(format!("case{i}"));
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, topic, "", "")).expect("sql");
+        std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, topic, "", options)).expect("sql");
         let t = Instant::now();
         let out = run_cmd(&dir, &[]).output().expect("run");
         let err = String::from_utf8_lossy(&out.stderr);

@@ -344,18 +344,39 @@ impl KafkaSource {
 
     /// The topic's partitions, or an error that says why they cannot be read.
     fn fetch_partitions(&self) -> Result<Vec<i32>> {
-        let md = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), CONNECT_TIMEOUT)
-            .map_err(|e| {
-                conn_err(
-                    &self.what(),
-                    self.with_last_error(format!(
-                        "cannot read topic metadata within {} s: {e}; check `brokers`, the network and kafka.* security settings",
-                        CONNECT_TIMEOUT.as_secs()
-                    )),
-                )
-            })?;
+        // Short tries, serving librdkafka's error events in between, so an
+        // authentication failure ends the wait at once and is reported.
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let md = loop {
+            match self
+                .consumer
+                .fetch_metadata(Some(&self.topic), Duration::from_millis(1000))
+            {
+                Ok(md) => break md,
+                Err(e) => {
+                    // Serve queued events (logs, statistics, errors): each
+                    // poll call handles what arrives within its timeout.
+                    let _ = self.consumer.poll(Duration::from_millis(100));
+                    let auth = self
+                        .ctx
+                        .last_error()
+                        .is_some_and(|m| m.contains("Authentication") || m.contains("SSL"));
+                    if auth || Instant::now() >= deadline {
+                        return Err(conn_err(
+                            &self.what(),
+                            self.with_last_error(format!(
+                                "cannot read topic metadata{}: {e}; check `brokers`, the network and kafka.* security settings",
+                                if auth {
+                                    String::new()
+                                } else {
+                                    format!(" within {} s", CONNECT_TIMEOUT.as_secs())
+                                }
+                            )),
+                        ));
+                    }
+                }
+            }
+        };
         let t = md
             .topics()
             .iter()
