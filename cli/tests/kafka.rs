@@ -198,6 +198,29 @@ CREATE FEATURE VIEW meta KEY user_id WITH (online = false, offline = 'lake') AS
         assert!(seen.insert((f[4].to_string(), f[5].to_string())), "{r}");
     }
     assert_eq!(parts.len(), 4, "events of all 4 partitions: {parts:?}");
+
+    // The offsets were also reported to the consumer group (for lag tools).
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", "sluice-clicks")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition("clicks", p);
+    }
+    let committed = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let total: i64 = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 30000, "group offsets: {committed:?}");
 }
 
 fn spawn_run(dir: &Path, extra: &[&str]) -> Child {

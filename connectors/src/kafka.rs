@@ -223,6 +223,8 @@ pub struct KafkaSource {
     buf: Vec<u8>,
     last_lag: Instant,
     assigned: bool,
+    /// A `METADATA FROM 'key'` column exists.
+    wants_key: bool,
     /// Bounded run: the offsets to stop at, fixed when the source starts.
     stop_at: Option<BTreeMap<i32, i64>>,
     bounded: bool,
@@ -293,6 +295,7 @@ impl KafkaSource {
             assigned: false,
             stop_at: None,
             bounded: false,
+            wants_key: plan.metadata.iter().any(|m| m.kind == MetadataKind::Key),
         })
     }
 
@@ -657,7 +660,12 @@ impl Source for KafkaSource {
                 partition: p,
                 offset: off,
                 timestamp: m.timestamp().to_millis(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                // Only copied when a metadata column asks for it.
+                key: if self.wants_key {
+                    m.key().map(|k| String::from_utf8_lossy(k).into_owned())
+                } else {
+                    None
+                },
             });
         }
         if received > 0 {
