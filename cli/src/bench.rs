@@ -87,7 +87,8 @@ fn batches(a: &BenchArgs, schema: arrow::datatypes::SchemaRef) -> anyhow::Result
     Ok(out)
 }
 
-fn fresh(dir: &Path) -> anyhow::Result<()> {
+/// Empties (or creates) a working directory.
+pub(crate) fn fresh(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }

@@ -16,6 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::job::{Job, JobOptions};
 
+use crate::bench::fresh;
 use crate::produce::{self, ProduceArgs};
 
 /// Options of `sluice bench-kafka`.
@@ -165,14 +166,6 @@ fn pipeline_sql(brokers: &str, topic: &str) -> String {
             "path = 'events.jsonl',",
             &format!("topic = '{topic}', brokers = '{brokers}', group_id = 'sluice-bench',"),
         )
-}
-
-fn fresh(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::create_dir_all(dir)?;
-    Ok(())
 }
 
 fn http_status(addr: &str, path: &str) -> Option<(u16, String)> {

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Broker, bin, dead_letters, json_match, lake_rows, produce, rows_match, sluice};
+use common::{
+    Broker, Outcome, bin, dead_letters, lake_rows, online_match, produce, rows_match, sluice,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -58,39 +60,12 @@ fn catch_up(dir: &Path, extra: &[&str]) {
     );
 }
 
-type OnlineRows = Vec<(String, Vec<u8>)>;
-
-struct Outcome {
-    lake: Vec<(String, Vec<String>)>,
-    online: Vec<(String, OnlineRows)>,
-    dead: Vec<serde_json::Value>,
-}
-
 fn outcome(dir: &Path) -> Outcome {
-    let state = dir.join("state");
-    let store = Store::open_read_only(&state).expect("state");
-    Outcome {
-        lake: ["activity", "last_click"]
-            .iter()
-            .map(|v| lake_rows(&dir.join("lake"), v))
-            .collect(),
-        online: ["activity", "last_click"]
-            .iter()
-            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
-            .collect(),
-        dead: dead_letters(&state),
-    }
-}
-
-fn online_match(a: &OnlineRows, b: &OnlineRows) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
-            let (x, y): (serde_json::Value, serde_json::Value) = (
-                serde_json::from_slice(va).expect("json"),
-                serde_json::from_slice(vb).expect("json"),
-            );
-            ka == kb && json_match(&x, &y)
-        })
+    common::outcome(
+        dir,
+        &["activity", "last_click"],
+        &["activity", "last_click"],
+    )
 }
 
 fn assert_same(a: &Outcome, b: &Outcome, what: &str) {

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, dead_letters, json_match, lake_rows, rows_match, sluice};
-use sluice_engine::store::Store;
+use common::{Outcome, bin, online_match, rows_match, sluice};
 
 const PIPELINE: &str = "
 CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
@@ -23,39 +22,12 @@ CREATE FEATURE VIEW lifetime KEY user_id AS
     SELECT user_id, COUNT(*) AS n, MAX(price) AS top FROM clicks GROUP BY user_id;
 ";
 
-type OnlineRows = Vec<(String, Vec<u8>)>;
-
-struct Outcome {
-    lake: Vec<(String, Vec<String>)>,
-    online: Vec<(String, OnlineRows)>,
-    dead: Vec<serde_json::Value>,
-}
-
 fn outcome(dir: &Path) -> Outcome {
-    let state = dir.join("state");
-    let store = Store::open_read_only(&state).expect("state");
-    Outcome {
-        lake: ["activity", "last_click"]
-            .iter()
-            .map(|v| lake_rows(&dir.join("lake"), v))
-            .collect(),
-        online: ["activity", "last_click", "lifetime"]
-            .iter()
-            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
-            .collect(),
-        dead: dead_letters(&state),
-    }
-}
-
-fn online_match(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
-            let (x, y): (serde_json::Value, serde_json::Value) = (
-                serde_json::from_slice(va).expect("json"),
-                serde_json::from_slice(vb).expect("json"),
-            );
-            ka == kb && json_match(&x, &y)
-        })
+    common::outcome(
+        dir,
+        &["activity", "last_click"],
+        &["activity", "last_click", "lifetime"],
+    )
 }
 
 fn setup(dir: &Path, events: &Path) {

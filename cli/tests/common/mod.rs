@@ -158,6 +158,44 @@ pub fn json_match(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
 }
 
+pub type OnlineRows = Vec<(String, Vec<u8>)>;
+
+/// What a run left behind: lake rows and online rows per view, dead letters.
+pub struct Outcome {
+    pub lake: Vec<(String, Vec<String>)>,
+    pub online: Vec<(String, OnlineRows)>,
+    pub dead: Vec<serde_json::Value>,
+}
+
+/// Reads the outcome of the pipeline run in `dir` (`dir/state`, `dir/lake`).
+pub fn outcome(dir: &Path, lake_views: &[&str], online_views: &[&str]) -> Outcome {
+    let state = dir.join("state");
+    let store = sluice_engine::store::Store::open_read_only(&state).expect("state");
+    Outcome {
+        lake: lake_views
+            .iter()
+            .map(|v| lake_rows(&dir.join("lake"), v))
+            .collect(),
+        online: online_views
+            .iter()
+            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
+            .collect(),
+        dead: dead_letters(&state),
+    }
+}
+
+/// Online rows equal key by key, values as JSON up to summation order.
+pub fn online_match(a: &[(String, Vec<u8>)], b: &[(String, Vec<u8>)]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
+            let (x, y): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(va).expect("json"),
+                serde_json::from_slice(vb).expect("json"),
+            );
+            ka == kb && json_match(&x, &y)
+        })
+}
+
 /// The Kafka-protocol broker the tests run against: `tansu` (from
 /// crates.io, installed by `.ci/run`) with a file-backed log, on a free
 /// loopback port, so it can be stopped and restarted without losing data.
