@@ -40,6 +40,8 @@ use crate::json::{JsonRecords, Span};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a poll waits for the first message.
 const POLL_WAIT: Duration = Duration::from_millis(50);
+/// How long a poll keeps filling a batch after its first message.
+const BATCH_WAIT: Duration = Duration::from_millis(10);
 /// How often consumer lag is published.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Offsets are packed as `partition << 48 | offset` in row positions.
@@ -599,11 +601,13 @@ impl Source for KafkaSource {
         self.buf.clear();
         let mut received = 0usize;
         let mut bytes = 0u64;
+        // Wait up to POLL_WAIT for the first message, then fill the batch
+        // for at most BATCH_WAIT more (bigger batches, bounded latency).
+        let mut fill_until: Option<Instant> = None;
         while received < max_rows {
-            let wait = if received == 0 {
-                POLL_WAIT
-            } else {
-                Duration::ZERO
+            let wait = match fill_until {
+                None => POLL_WAIT,
+                Some(t) => t.saturating_duration_since(Instant::now()),
             };
             let m = match self.consumer.poll(wait) {
                 None => break,
@@ -621,6 +625,7 @@ impl Source for KafkaSource {
                 Some(Ok(m)) => m,
             };
             received += 1;
+            fill_until.get_or_insert_with(|| Instant::now() + BATCH_WAIT);
             let (p, off) = (m.partition(), m.offset());
             if self.next.get(&p).is_some_and(|n| off < *n) {
                 // Already read (a re-fetch after a reconnect): skip.
