@@ -49,6 +49,10 @@ pub struct BenchKafkaArgs {
     /// Working directory (state, lake).
     #[arg(long, default_value = "sluice-bench-kafka")]
     dir: PathBuf,
+    /// librdkafka settings `name=value` for both the count-only consumer and
+    /// the pipeline (repeatable), e.g. fetch sizes.
+    #[arg(long = "kafka", value_name = "NAME=VALUE")]
+    kafka: Vec<String>,
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -84,7 +88,7 @@ fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<HashMap<i32, i64>> 
     Ok(out)
 }
 
-/// Writes `events` clickstream events unless the topic already holds them.
+/// Writes `events` clickstream events into a new topic.
 fn preload(
     a: &BenchKafkaArgs,
     topic: &str,
@@ -92,15 +96,8 @@ fn preload(
     events: u64,
     keys: u64,
 ) -> anyhow::Result<u64> {
-    let have: i64 = end_offsets(&a.brokers, topic)
-        .map(|m| m.values().sum())
-        .unwrap_or(0);
-    if have as u64 >= events {
-        println!("  topic {topic}: {have} events already there");
-        return Ok(have as u64);
-    }
-    if have > 0 {
-        bail!("topic {topic} holds {have} events, not {events}: delete it or use another broker");
+    if end_offsets(&a.brokers, topic).is_ok_and(|m| m.values().any(|o| *o > 0)) {
+        bail!("topic {topic} already holds events");
     }
     let t = Instant::now();
     let n = produce::run(&ProduceArgs {
@@ -127,14 +124,22 @@ fn preload(
 }
 
 /// The ceiling: a plain consumer that reads every message and counts it.
-fn count_only(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64, f64, u64)> {
+fn count_only(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+    settings: &[(String, String)],
+) -> anyhow::Result<(f64, f64, u64)> {
     let cpu0 = cpu_secs("self");
     let t = Instant::now();
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
         .set("group.id", "sluice-bench-count")
-        .set("enable.auto.commit", "false")
-        .create()?;
+        .set("enable.auto.commit", "false");
+    for (k, v) in settings {
+        cfg.set(k, v);
+    }
+    let c: BaseConsumer = cfg.create()?;
     let mut tpl = TopicPartitionList::new();
     for p in end_offsets(brokers, topic)?.keys() {
         tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
@@ -159,12 +164,27 @@ fn count_only(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64, f
     Ok((t.elapsed().as_secs_f64(), cpu_secs("self") - cpu0, bytes))
 }
 
-fn pipeline_sql(brokers: &str, topic: &str) -> String {
+fn settings(a: &BenchKafkaArgs) -> anyhow::Result<Vec<(String, String)>> {
+    a.kafka
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--kafka takes NAME=VALUE, found `{kv}`"))
+        })
+        .collect()
+}
+
+fn pipeline_sql(brokers: &str, topic: &str, settings: &[(String, String)]) -> String {
+    let extra: String = settings
+        .iter()
+        .map(|(k, v)| format!(" kafka.{k} = '{v}',"))
+        .collect();
     crate::QUICKSTART_SQL
         .replace("connector = 'file',", "connector = 'kafka',")
         .replace(
             "path = 'events.jsonl',",
-            &format!("topic = '{topic}', brokers = '{brokers}', group_id = 'sluice-bench',"),
+            &format!("topic = '{topic}', brokers = '{brokers}', group_id = 'sluice-bench',{extra}"),
         )
 }
 
@@ -214,12 +234,16 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         recovery_keys: 0,
         recovery_events: 0,
         dir: a.dir.clone(),
+        kafka: a.kafka.clone(),
     };
     preload(&args, &topic, 1, a.recovery_events, a.recovery_keys)?;
     let _ = saved_minutes;
     let rdir = dir.join("recovery");
     fresh(&rdir)?;
-    std::fs::write(rdir.join("pipeline.sql"), pipeline_sql(&a.brokers, &topic))?;
+    std::fs::write(
+        rdir.join("pipeline.sql"),
+        pipeline_sql(&a.brokers, &topic, &settings(a)?),
+    )?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -299,23 +323,26 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
     fresh(&a.dir)?;
     let dir = a.dir.canonicalize()?;
     println!(
-        "sluice bench-kafka: {} events ({} keys, {} min) per topic, brokers {}, HOP(5m, 1h), checkpoints every {} ms; build: {}",
+        "sluice bench-kafka: {} events ({} keys, {} min) per topic, brokers {}, HOP(5m, 1h), checkpoints every {} ms, client settings {:?}; build: {}",
         a.events,
         a.keys,
         a.minutes,
         a.brokers,
         a.checkpoint_interval_ms,
+        a.kafka,
         if cfg!(debug_assertions) {
             "debug (use --release!)"
         } else {
             "release"
         }
     );
+    // Fresh topics per run: every measurement reads exactly what it wrote.
+    let stamp = chrono::Utc::now().timestamp();
     for &parts in &a.partitions {
-        let topic = format!("bench-{}-{}k-p{parts}", a.events, a.keys / 1000);
+        let topic = format!("bench-{}-{}k-p{parts}-{stamp}", a.events, a.keys / 1000);
         println!("{parts} partition(s):");
         let n = preload(a, &topic, parts, a.events, a.keys)?;
-        let (base_secs, base_cpu, bytes) = count_only(&a.brokers, &topic, n)?;
+        let (base_secs, base_cpu, bytes) = count_only(&a.brokers, &topic, n, &settings(a)?)?;
         let base_rate = n as f64 / base_secs;
         println!(
             "  count-only rdkafka consumer: {n} messages ({:.0} MiB payload, {:.0} B/message) in {base_secs:.2}s = {base_rate:.0} msg/s; {:.2} CPU-s per M",
@@ -326,7 +353,10 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
 
         let pdir = dir.join(format!("p{parts}"));
         fresh(&pdir)?;
-        std::fs::write(pdir.join("pipeline.sql"), pipeline_sql(&a.brokers, &topic))?;
+        std::fs::write(
+            pdir.join("pipeline.sql"),
+            pipeline_sql(&a.brokers, &topic, &settings(a)?),
+        )?;
         let plan = sluice_sql::plan_file(&pdir.join("pipeline.sql"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let state = pdir.join("state");
