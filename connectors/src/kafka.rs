@@ -407,9 +407,9 @@ impl KafkaSource {
         Ok(t.partitions().iter().map(|p| p.id()).collect())
     }
 
-    fn resolve_start(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>> {
+    fn resolve_start(&self, partitions: &[i32], start: Start) -> Result<BTreeMap<i32, i64>> {
         let mut out = BTreeMap::new();
-        let committed = if self.start == Start::Committed {
+        let committed = if start == Start::Committed {
             let mut tpl = TopicPartitionList::new();
             for p in partitions {
                 tpl.add_partition(&self.topic, *p);
@@ -451,7 +451,7 @@ impl KafkaSource {
                         )),
                     )
                 })?;
-            out.insert(*p, if self.start == Start::Latest { hi } else { lo });
+            out.insert(*p, if start == Start::Latest { hi } else { lo });
         }
         Ok(out)
     }
@@ -565,8 +565,16 @@ impl Source for KafkaSource {
             .copied()
             .filter(|p| !saved.contains_key(p))
             .collect();
+        // `start` applies to a fresh state dir. After a checkpoint, a
+        // partition it does not know was added since: all its records are
+        // new to this pipeline, so it is read from its beginning.
+        let start = if saved.is_empty() {
+            self.start
+        } else {
+            Start::Earliest
+        };
         let mut next = saved;
-        next.extend(self.resolve_start(&missing)?);
+        next.extend(self.resolve_start(&missing, start)?);
         self.next = next;
         self.reported = self.next.clone();
         if self.bounded {
