@@ -1229,6 +1229,29 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_the_checkpoint_does_not_know_is_read_from_its_beginning() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("clicks", 2, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let ev = r#"{"user_id":"a","n":1,"ts":"2024-01-01T00:00:01Z"}"#;
+        produce(&brokers, &[(0, "a", ev), (1, "b", ev), (1, "c", ev)]);
+        // A checkpoint from when the topic had one partition; start = latest.
+        let mut p = plan(&brokers);
+        p.options.insert("start".into(), "latest".into());
+        let pos = br#"{"topic":"clicks","offsets":{"0":1}}"#;
+        let mut src = KafkaSource::new(&p).expect("source");
+        src.seek(Some(pos)).expect("seek");
+        let (batches, parts, _) = poll_rows(&mut src, 2);
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+        assert_eq!(parts, vec![1, 1], "both records of the new partition");
+        // On a fresh state dir, `latest` skips what is there.
+        let mut src = KafkaSource::new(&p).expect("source");
+        src.seek(None).expect("seek");
+        let p: Position = serde_json::from_slice(&src.position()).expect("position");
+        assert_eq!(p.offsets, BTreeMap::from([(0, 1), (1, 2)]));
+    }
+
+    #[test]
     fn broker_down_is_reported_and_recovers() {
         let mock = MockCluster::new(1).expect("mock cluster");
         mock.create_topic("clicks", 1, 1).expect("topic");
