@@ -836,7 +836,12 @@ impl TopicWriter {
             tracing::info!(client = %label, %topic, "created output topic");
         }
         let mut cfg = client_config(brokers);
-        cfg.set("acks", "all").set("linger.ms", "20");
+        // No delivery deadline: while the broker is away a checkpoint waits
+        // (and says so in the log) instead of failing the pipeline; errors
+        // the broker reports for good (e.g. authorization) still fail it.
+        cfg.set("acks", "all")
+            .set("linger.ms", "20")
+            .set("message.timeout.ms", "0");
         apply_user_options(&mut cfg, options);
         let producer: BaseProducer<Context> =
             cfg.create_with_context(Context::new(label)).map_err(|e| {
