@@ -613,11 +613,21 @@ impl Source for KafkaSource {
         // for at most BATCH_WAIT more (bigger batches, bounded latency).
         let mut fill_until: Option<Instant> = None;
         while received < max_rows {
-            let wait = match fill_until {
-                None => POLL_WAIT,
-                Some(t) => t.saturating_duration_since(Instant::now()),
+            // What is already fetched is taken without waiting (and without
+            // reading the clock per message); only an empty queue waits.
+            let mut m = match fill_until {
+                None => self.consumer.poll(POLL_WAIT),
+                Some(_) => self.consumer.poll(Duration::ZERO),
             };
-            let m = match self.consumer.poll(wait) {
+            if m.is_none()
+                && let Some(t) = fill_until
+            {
+                let left = t.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    m = self.consumer.poll(left);
+                }
+            }
+            let m = match m {
                 None => break,
                 Some(Err(e)) => {
                     let code = e

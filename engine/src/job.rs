@@ -223,6 +223,15 @@ impl Job {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0);
+        if epoch > 0
+            && store.meta(crate::store::STATE_FORMAT_KEY)?.as_deref()
+                != Some(crate::store::STATE_FORMAT)
+        {
+            return Err(EngineError::Incompatible {
+                path: opts.state_dir.display().to_string(),
+                reason: "this state was written by an older Sluice build (another window-state encoding); run with a new --state-dir".into(),
+            });
+        }
         let mut views = Vec::new();
         let mut metas = HashMap::new();
         for vp in &plan.views {
@@ -689,6 +698,10 @@ impl Job {
         c.meta
             .push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
         c.meta.push(("epoch".into(), epoch.to_be_bytes().to_vec()));
+        c.meta.push((
+            crate::store::STATE_FORMAT_KEY.into(),
+            crate::store::STATE_FORMAT.to_vec(),
+        ));
         self.live.store.commit(c)?;
         self.epoch = epoch;
         for s in self.sources.iter_mut() {
