@@ -42,6 +42,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_WAIT: Duration = Duration::from_millis(50);
 /// How long a poll keeps filling a batch after its first message.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
+/// A bounded run ends once its end offsets are read and no message came
+/// for this long.
+const END_QUIET: Duration = Duration::from_millis(500);
 /// How often consumer lag is published.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Offsets are packed as `partition << 48 | offset` in row positions.
@@ -227,6 +230,8 @@ pub struct KafkaSource {
     assigned: bool,
     /// A `METADATA FROM 'key'` column exists.
     wants_key: bool,
+    /// When the last message arrived (a bounded run ends after a quiet spell).
+    last_message: Instant,
     /// Bounded run: the offsets to stop at, fixed when the source starts.
     stop_at: Option<BTreeMap<i32, i64>>,
     bounded: bool,
@@ -298,6 +303,7 @@ impl KafkaSource {
             stop_at: None,
             bounded: false,
             wants_key: plan.metadata.iter().any(|m| m.kind == MetadataKind::Key),
+            last_message: Instant::now(),
         })
     }
 
@@ -308,11 +314,16 @@ impl KafkaSource {
         self
     }
 
-    /// A bounded source has reached its end offsets.
+    /// A bounded source has reached its end offsets and nothing more came
+    /// for `END_QUIET` (some brokers, e.g. tansu 0.6, report a high
+    /// watermark at the start of the last record batch, not after it).
     fn at_end(&self) -> bool {
         let Some(stop) = &self.stop_at else {
             return false;
         };
+        if self.last_message.elapsed() < END_QUIET {
+            return false;
+        }
         // The consumer's fetch position also steps over control records.
         let pos: BTreeMap<i32, i64> = self
             .consumer
@@ -692,6 +703,7 @@ impl Source for KafkaSource {
             });
         }
         if received > 0 {
+            self.last_message = Instant::now();
             self.ctx.with_seen(|s| s.down = None);
             metrics::counter!("sluice_kafka_messages_total", "source" => self.name.clone())
                 .increment(received as u64);
