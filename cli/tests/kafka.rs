@@ -520,12 +520,52 @@ CREATE FEATURE VIEW activity KEY user_id WITH (offline = 'lake', kafka_topic = '
     );
     std::fs::write(dir.join("p.sql"), sql).expect("sql");
     catch_up(&dir, &[]);
+    // Then a record far behind both partitions' watermarks (restored from
+    // the checkpoint): late for every window.
+    {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &addr)
+            .create()
+            .expect("producer");
+        let late = r#"{"user_id":"late","price":1,"ts":"2024-01-01T00:00:00Z"}"#;
+        p.send(
+            BaseRecord::<str, str>::to("clicks")
+                .partition(0)
+                .key("late")
+                .payload(late),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+        p.flush(Duration::from_secs(10)).expect("flush");
+    }
+    catch_up(&dir, &[]);
     assert!(
         dead_letters(&dir.join("state")).is_empty(),
         "dead letters went to the topic, not the file"
     );
-    let dlq = read_topic(&addr, "clicks_dlq", 10);
-    assert_eq!(dlq.len(), 10, "5000 / 500 malformed records");
+    let mut dlq = read_topic(&addr, "clicks_dlq", 11);
+    assert_eq!(dlq.len(), 11, "5000 / 500 malformed records and one late");
+    let late_at = dlq
+        .iter()
+        .position(|(_, _, h)| {
+            h.iter()
+                .any(|(k, v)| k == "sluice-kind" && v == "late_event")
+        })
+        .expect("the late record is in the dead-letter topic");
+    let (_, payload, headers) = dlq.remove(late_at);
+    assert!(String::from_utf8_lossy(&payload).contains("\"late\""));
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "sluice-reason" && v.contains("watermark")),
+        "{headers:?}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "sluice-partition" && v == "0")
+    );
     for (_, payload, headers) in &dlq {
         let h: std::collections::HashMap<_, _> = headers.iter().cloned().collect();
         assert_eq!(h.get("sluice-source").map(String::as_str), Some("clicks"));
