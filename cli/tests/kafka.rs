@@ -594,3 +594,45 @@ CREATE FEATURE VIEW activity KEY user_id WITH (offline = 'lake', kafka_topic = '
         assert!(v["features"]["n"].as_i64().is_some_and(|n| n > 0), "{v}");
     }
 }
+
+/// `--stop-at-end` ends at the offsets current when it starts even while a
+/// producer keeps writing.
+#[test]
+fn stop_at_end_ends_while_a_producer_writes() {
+    let broker = Broker::start();
+    let addr = broker.addr();
+    let root = tempfile::tempdir().expect("tmp");
+    let mut producer = Command::new(bin())
+        .args([
+            "produce",
+            "--brokers",
+            &addr,
+            "--topic",
+            "clicks",
+            "--events",
+            "30000",
+            "--keys",
+            "50",
+            "--rate",
+            "2000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("producer");
+    std::thread::sleep(Duration::from_secs(3));
+    let dir = root.path().join("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
+    let t = Instant::now();
+    catch_up(&dir, &[]);
+    let took = t.elapsed();
+    let still_writing = producer.try_wait().expect("status").is_none();
+    let _ = producer.kill();
+    let _ = producer.wait();
+    assert!(
+        still_writing,
+        "the run ended before the producer (after {took:?})"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

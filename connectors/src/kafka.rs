@@ -42,8 +42,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_WAIT: Duration = Duration::from_millis(50);
 /// How long a poll keeps filling a batch after its first message.
 const BATCH_WAIT: Duration = Duration::from_millis(10);
-/// A bounded run ends once its end offsets are read and no message came
-/// for this long.
+/// A bounded run ends this long after it has read up to its end offsets.
 const END_QUIET: Duration = Duration::from_millis(500);
 /// How often consumer lag is published.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -230,8 +229,8 @@ pub struct KafkaSource {
     assigned: bool,
     /// A `METADATA FROM 'key'` column exists.
     wants_key: bool,
-    /// When the last message arrived (a bounded run ends after a quiet spell).
-    last_message: Instant,
+    /// When a bounded run had read up to its end offsets.
+    reached_end_at: Option<Instant>,
     /// Bounded run: the offsets to stop at, fixed when the source starts.
     stop_at: Option<BTreeMap<i32, i64>>,
     bounded: bool,
@@ -303,7 +302,7 @@ impl KafkaSource {
             stop_at: None,
             bounded: false,
             wants_key: plan.metadata.iter().any(|m| m.kind == MetadataKind::Key),
-            last_message: Instant::now(),
+            reached_end_at: None,
         })
     }
 
@@ -314,34 +313,40 @@ impl KafkaSource {
         self
     }
 
-    /// A bounded source has reached its end offsets and nothing more came
-    /// for `END_QUIET` (some brokers, e.g. tansu 0.6, report a high
-    /// watermark at the start of the last record batch, not after it).
-    fn at_end(&self) -> bool {
+    /// A bounded source has read every partition up to its end offset, and
+    /// `END_QUIET` has passed since (some brokers, e.g. tansu 0.6, report a
+    /// high watermark at the start of the last record batch, not after it;
+    /// the grace period reads that batch to its end). With `idle`, the
+    /// consumer's fetch position counts too (it steps over control records).
+    fn at_end(&mut self, idle: bool) -> bool {
         let Some(stop) = &self.stop_at else {
             return false;
         };
-        if self.last_message.elapsed() < END_QUIET {
-            return false;
-        }
-        // The consumer's fetch position also steps over control records.
-        let pos: BTreeMap<i32, i64> = self
-            .consumer
-            .position()
-            .map(|tpl| {
-                tpl.elements()
-                    .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) => Some((e.partition(), o)),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        stop.iter().all(|(p, end)| {
+        let pos: BTreeMap<i32, i64> = if idle {
+            self.consumer
+                .position()
+                .map(|tpl| {
+                    tpl.elements()
+                        .iter()
+                        .filter_map(|e| match e.offset() {
+                            Offset::Offset(o) => Some((e.partition(), o)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        let reached = stop.iter().all(|(p, end)| {
             let n = self.next.get(p).copied().unwrap_or(0);
             n.max(pos.get(p).copied().unwrap_or(0)) >= *end
-        })
+        });
+        if !reached {
+            return false;
+        }
+        let at = *self.reached_end_at.get_or_insert_with(Instant::now);
+        at.elapsed() >= END_QUIET
     }
 
     fn what(&self) -> String {
@@ -614,6 +619,9 @@ impl Source for KafkaSource {
         if !self.assigned {
             self.seek(None)?;
         }
+        if self.bounded && self.at_end(false) {
+            return Ok(Poll::End);
+        }
         let mut rejected = Vec::new();
         let mut spans: Vec<Span> = Vec::new();
         let mut meta: Vec<MsgMeta> = Vec::new();
@@ -703,7 +711,6 @@ impl Source for KafkaSource {
             });
         }
         if received > 0 {
-            self.last_message = Instant::now();
             self.ctx.with_seen(|s| s.down = None);
             metrics::counter!("sluice_kafka_messages_total", "source" => self.name.clone())
                 .increment(received as u64);
@@ -712,7 +719,11 @@ impl Source for KafkaSource {
         }
         self.publish_lag();
         if received == 0 {
-            return Ok(if self.at_end() { Poll::End } else { Poll::Idle });
+            return Ok(if self.at_end(true) {
+                Poll::End
+            } else {
+                Poll::Idle
+            });
         }
         let buf = std::mem::take(&mut self.buf);
         let (name, topic) = (&self.name, &self.topic);
