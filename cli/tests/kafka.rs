@@ -215,13 +215,10 @@ fn kill_nine_while_producing_is_exactly_once() {
     let root = tempfile::tempdir().expect("tmp");
     let addr = broker.addr();
     // The producer writes ~8 s of events (some malformed) into 3 partitions.
-    let producer = Command::new(bin())
-        .args([
-            "produce",
-            "--brokers",
-            &addr,
-            "--topic",
-            "clicks",
+    let producer = common::spawn_produce(
+        &addr,
+        "clicks",
+        &[
             "--partitions",
             "3",
             "--events",
@@ -234,11 +231,8 @@ fn kill_nine_while_producing_is_exactly_once() {
             "5000",
             "--bad-every",
             "997",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("producer");
+        ],
+    );
     let crashed = root.path().join("crashed");
     std::fs::create_dir_all(&crashed).expect("dir");
     std::fs::write(
@@ -602,24 +596,11 @@ fn stop_at_end_ends_while_a_producer_writes() {
     let broker = Broker::start();
     let addr = broker.addr();
     let root = tempfile::tempdir().expect("tmp");
-    let mut producer = Command::new(bin())
-        .args([
-            "produce",
-            "--brokers",
-            &addr,
-            "--topic",
-            "clicks",
-            "--events",
-            "30000",
-            "--keys",
-            "50",
-            "--rate",
-            "2000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("producer");
+    let mut producer = common::spawn_produce(
+        &addr,
+        "clicks",
+        &["--events", "30000", "--keys", "50", "--rate", "2000"],
+    );
     std::thread::sleep(Duration::from_secs(3));
     let dir = root.path().join("p");
     std::fs::create_dir_all(&dir).expect("dir");

@@ -27,9 +27,8 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_engine::aggregate::emitted_schema;
 use sluice_engine::keys::key_strings;
-use sluice_engine::view::features_json;
+use sluice_engine::view::{features_json, key_and_feature_columns};
 use sluice_engine::{DeadLetter, EngineError, OfflineSink, Poll, Result, Source, SourceBatch};
 use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
@@ -325,15 +324,7 @@ impl KafkaSource {
         let pos: BTreeMap<i32, i64> = if idle {
             self.consumer
                 .position()
-                .map(|tpl| {
-                    tpl.elements()
-                        .iter()
-                        .filter_map(|e| match e.offset() {
-                            Offset::Offset(o) => Some((e.partition(), o)),
-                            _ => None,
-                        })
-                        .collect()
-                })
+                .map(|tpl| offsets_of(&tpl))
                 .unwrap_or_default()
         } else {
             BTreeMap::new()
@@ -441,13 +432,7 @@ impl KafkaSource {
                         )),
                     )
                 })?;
-            c.elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect()
+            offsets_of(&c)
         } else {
             BTreeMap::new()
         };
@@ -472,12 +457,18 @@ impl KafkaSource {
         Ok(out)
     }
 
-    fn assign(&mut self) -> Result<()> {
+    /// The next offset of every assigned partition, as a partition list.
+    fn next_offsets(&self) -> Result<TopicPartitionList> {
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &self.next {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
                 .map_err(|e| conn_err(&self.what(), format!("partition {p}: {e}")))?;
         }
+        Ok(tpl)
+    }
+
+    fn assign(&mut self) -> Result<()> {
+        let tpl = self.next_offsets()?;
         self.consumer
             .assign(&tpl)
             .map_err(|e| conn_err(&self.what(), format!("cannot assign partitions: {e}")))?;
@@ -522,6 +513,18 @@ fn kafka_reject(
         // A Kafka dead letter keeps the whole record so it can be replayed.
         record: String::from_utf8_lossy(bytes).into_owned(),
     }
+}
+
+/// The concrete offsets of a partition list (logical ones such as
+/// "beginning" or "invalid" left out).
+fn offsets_of(tpl: &TopicPartitionList) -> BTreeMap<i32, i64> {
+    tpl.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn pack(partition: i32, offset: i64) -> u64 {
@@ -833,11 +836,7 @@ impl Source for KafkaSource {
         if self.next == self.reported || self.health().is_some() {
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in &self.next {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
-                .map_err(|e| conn_err(&self.what(), e.to_string()))?;
-        }
+        let tpl = self.next_offsets()?;
         self.consumer
             .commit(&tpl, CommitMode::Async)
             .map_err(|e| conn_err(&self.what(), format!("offset report: {e}")))?;
@@ -976,15 +975,7 @@ impl FeatureTopic {
         let (Some(topic), Some(brokers)) = (&view.kafka_topic, &view.kafka_brokers) else {
             return Ok(None);
         };
-        let schema = emitted_schema(&view.output_schema);
-        let keys: Vec<usize> = view
-            .keys
-            .iter()
-            .filter_map(|k| schema.index_of(k).ok())
-            .collect();
-        let features = (2..schema.fields().len())
-            .filter(|i| !keys.contains(i))
-            .collect();
+        let (keys, features) = key_and_feature_columns(view);
         Ok(Some(FeatureTopic {
             view: view.name.clone(),
             keys,

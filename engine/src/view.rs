@@ -45,14 +45,7 @@ impl ViewOp {
             ViewKind::PerEvent => None,
         };
         let schema = emitted_schema(&plan.output_schema);
-        let key_idx = plan
-            .keys
-            .iter()
-            .filter_map(|k| schema.index_of(k).ok())
-            .collect::<Vec<_>>();
-        let feature_idx = (2..schema.fields().len())
-            .filter(|i| !key_idx.contains(i))
-            .collect();
+        let (key_idx, feature_idx) = key_and_feature_columns(plan);
         Ok(ViewOp {
             plan: plan.clone(),
             stages,
@@ -244,6 +237,21 @@ impl ViewOp {
     pub fn window(&self) -> Option<WindowSpec> {
         self.plan.window()
     }
+}
+
+/// Indexes, in a view's emitted rows (`window_start`, `window_end`, then
+/// its output columns), of the key columns and of the feature columns.
+pub fn key_and_feature_columns(plan: &ViewPlan) -> (Vec<usize>, Vec<usize>) {
+    let schema = emitted_schema(&plan.output_schema);
+    let keys: Vec<usize> = plan
+        .keys
+        .iter()
+        .filter_map(|k| schema.index_of(k).ok())
+        .collect();
+    let features = (2..schema.fields().len())
+        .filter(|i| !keys.contains(i))
+        .collect();
+    (keys, features)
 }
 
 /// One JSON object per row with the given columns (NULLs explicit).

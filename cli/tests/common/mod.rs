@@ -299,6 +299,17 @@ impl Drop for Broker {
     }
 }
 
+/// `sluice produce` into `topic`, left running (stderr piped).
+pub fn spawn_produce(broker: &str, topic: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(["produce", "--brokers", broker, "--topic", topic])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice produce")
+}
+
 /// `sluice produce` into `topic`; panics if it fails.
 pub fn produce(broker: &str, topic: &str, extra: &[&str]) {
     let mut args = vec!["produce", "--brokers", broker, "--topic", topic];
