@@ -203,13 +203,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     // 2. The whole run: JSON-lines file source, online store and Parquet lake.
     let events = dir.join("events.jsonl");
     let t = Instant::now();
-    generate::run(&generate::GenArgs {
-        events: a.events,
-        keys: a.keys,
-        out: events.clone(),
-        seed: 42,
-        minutes: a.minutes,
-    })?;
+    generate::run(&generate::GenArgs::new(
+        a.events,
+        a.keys,
+        a.minutes,
+        events.clone(),
+    ))?;
     let file_bytes = std::fs::metadata(&events)?.len();
     println!(
         "  wrote {} ({:.0} MiB) in {:.1}s",

@@ -1,8 +1,12 @@
-//! A deterministic generator of click events (JSON lines) for the
-//! quickstart, the tests and the benchmarks.
+//! A deterministic generator of click events (JSON lines, Parquet or CSV)
+//! for the quickstart, the tests and the benchmarks.
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, RecordBatch, StringBuilder, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 /// 2024-01-01T00:00:00Z in ms.
 pub const BASE_TS: i64 = 1_704_067_200_000;
@@ -25,6 +29,36 @@ pub struct GenArgs {
     /// Event-time span in minutes, starting 2024-01-01T00:00:00Z.
     #[arg(long, default_value_t = 180)]
     pub minutes: u64,
+    /// Make every N-th event late: its time moved back by `--late-ms` (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub late_every: u64,
+    /// How far back a late event's time moves.
+    #[arg(long, default_value_t = 1_200_000)]
+    pub late_ms: i64,
+}
+
+impl GenArgs {
+    /// `events` events over `minutes` for `keys` users, written to `out`.
+    pub fn new(events: u64, keys: u64, minutes: u64, out: PathBuf) -> Self {
+        GenArgs {
+            events,
+            keys,
+            out,
+            seed: 42,
+            minutes,
+            late_every: 0,
+            late_ms: 1_200_000,
+        }
+    }
+
+    /// The `i`-th event.
+    pub fn event(&self, rng: &mut Rng, i: u64) -> Event {
+        let mut e = event(rng, i, self.events, self.keys, self.minutes);
+        if self.late_every > 0 && i % self.late_every == self.late_every - 1 {
+            e.ts -= self.late_ms;
+        }
+        e
+    }
 }
 
 /// SplitMix64: small, fast, deterministic.
@@ -121,17 +155,95 @@ pub fn clickstream_json(e: &Event) -> String {
     )
 }
 
-/// Writes the events as JSON lines.
+/// Writes the events; the format follows the file name (.jsonl, .parquet, .csv).
 pub fn run(a: &GenArgs) -> anyhow::Result<()> {
     if let Some(d) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d)?;
     }
+    let ext = a
+        .out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "parquet" | "csv" => return write_columnar(a, &ext),
+        _ => {}
+    }
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&a.out)?);
     let mut rng = Rng::new(a.seed);
     for i in 0..a.events {
-        let e = event(&mut rng, i, a.events, a.keys, a.minutes);
+        let e = a.event(&mut rng, i);
         writeln!(w, "{}", event_json(&e))?;
     }
     w.flush()?;
+    Ok(())
+}
+
+/// The events as Arrow columns: user_id, item_id, price, ts (TIMESTAMP ms UTC).
+pub fn events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("item_id", DataType::Utf8, false),
+        Field::new("price", DataType::Float64, false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+}
+
+/// Events `i0..i0 + n` as one batch.
+pub fn events_batch(a: &GenArgs, rng: &mut Rng, i0: u64, n: u64) -> anyhow::Result<RecordBatch> {
+    let mut users = StringBuilder::with_capacity(n as usize, n as usize * 6);
+    let mut items = StringBuilder::with_capacity(n as usize, n as usize * 5);
+    let mut prices = Vec::with_capacity(n as usize);
+    let mut ts = Vec::with_capacity(n as usize);
+    for i in i0..i0 + n {
+        let e = a.event(rng, i);
+        users.append_value(format!("u{:05}", e.user));
+        items.append_value(format!("i{}", e.item));
+        prices.push(e.price_cents as f64 / 100.0);
+        ts.push(e.ts);
+    }
+    Ok(RecordBatch::try_new(
+        events_schema(),
+        vec![
+            Arc::new(users.finish()),
+            Arc::new(items.finish()),
+            Arc::new(Float64Array::from(prices)),
+            Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+        ],
+    )?)
+}
+
+fn write_columnar(a: &GenArgs, ext: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::create(&a.out)?;
+    let mut rng = Rng::new(a.seed);
+    let chunk = 65_536u64;
+    if ext == "parquet" {
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, events_schema(), Some(props))?;
+        let mut i = 0;
+        while i < a.events {
+            let n = chunk.min(a.events - i);
+            w.write(&events_batch(a, &mut rng, i, n)?)?;
+            i += n;
+        }
+        w.close()?;
+    } else {
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .with_timestamp_tz_format("%Y-%m-%dT%H:%M:%S%.3fZ".to_string())
+            .build(BufWriter::with_capacity(1 << 20, f));
+        let mut i = 0;
+        while i < a.events {
+            let n = chunk.min(a.events - i);
+            w.write(&events_batch(a, &mut rng, i, n)?)?;
+            i += n;
+        }
+    }
     Ok(())
 }

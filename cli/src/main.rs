@@ -1,6 +1,7 @@
 //! The `sluice` command: wires the SQL front end, the engine and the
 //! connectors together.
 
+mod backfill;
 mod bench;
 mod bench_kafka;
 mod generate;
@@ -33,6 +34,10 @@ struct Cli {
 enum Cmd {
     /// Run a pipeline: consume its sources, maintain its feature views, checkpoint, serve.
     Run(RunArgs),
+    /// Run the pipeline's feature views over bounded history (files) into the lake.
+    Backfill(backfill::BackfillArgs),
+    /// Build a training set: spine rows joined with feature values as of each row's time.
+    TrainingSet(TrainingSetArgs),
     /// Print the streaming plan of a pipeline file.
     Explain {
         /// The pipeline file.
@@ -98,6 +103,60 @@ struct RunArgs {
     throttle_ms: Option<u64>,
 }
 
+#[derive(clap::Args)]
+struct TrainingSetArgs {
+    /// The pipeline file (it says where each view's lake is).
+    pipeline: PathBuf,
+    /// Spine: entity keys, a timestamp and labels (.parquet, .csv or .jsonl).
+    #[arg(long)]
+    spine: PathBuf,
+    /// A view and optionally its columns: `VIEW` or `VIEW:COL,COL`. Repeat for more views.
+    #[arg(long = "features", value_name = "VIEW[:COL,…]", required = true)]
+    features: Vec<sluice_connectors::training::FeatureRequest>,
+    /// Output file (.parquet, .csv or .jsonl); feature columns are named `VIEW__COL`.
+    #[arg(long)]
+    out: PathBuf,
+    /// A view key column read from a differently named spine column: `VIEWCOL=SPINECOL`.
+    #[arg(long = "key", value_name = "VIEWCOL=SPINECOL")]
+    keys: Vec<String>,
+    /// The spine's time column (default: its only timestamp column).
+    #[arg(long)]
+    time_column: Option<String>,
+}
+
+fn training_set(a: &TrainingSetArgs) -> anyhow::Result<()> {
+    let p = plan(&a.pipeline)?;
+    let mut keys = HashMap::new();
+    for k in &a.keys {
+        let Some((v, s)) = k.split_once('=') else {
+            bail!("--key `{k}`: expected VIEWCOL=SPINECOL");
+        };
+        keys.insert(v.to_string(), s.to_string());
+    }
+    let req = sluice_connectors::training::TrainingSetRequest {
+        spine: a.spine.clone(),
+        features: a.features.clone(),
+        keys,
+        time_column: a.time_column.clone(),
+        out: a.out.clone(),
+    };
+    let t0 = std::time::Instant::now();
+    let stats = sluice_connectors::training::training_set(&p, &req)?;
+    eprintln!(
+        "training set: {} rows -> {} in {:.2} s",
+        stats.rows,
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    for v in &stats.views {
+        eprintln!(
+            "  {}: {} lake rows from {} files; {} rows found, {} empty windows, {} NULL (no key or past the lake)",
+            v.view, v.lake_rows, v.files, v.found, v.empty, v.null
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -108,6 +167,8 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Backfill(a) => backfill::run(&a).map(|_| ()),
+        Cmd::TrainingSet(a) => training_set(&a),
         Cmd::Explain { pipeline } => explain(&pipeline),
         Cmd::Get {
             view,
@@ -302,13 +363,7 @@ fn demo(dir: &Path, events: u64, serve: &str) -> anyhow::Result<()> {
             std::fs::remove_dir_all(d)?;
         }
     }
-    let g = generate::GenArgs {
-        events,
-        keys: 1000,
-        out: events_path.clone(),
-        seed: 42,
-        minutes: 180,
-    };
+    let g = generate::GenArgs::new(events, 1000, 180, events_path.clone());
     generate::run(&g)?;
     eprintln!("generated {events} events into {}", events_path.display());
     let p = plan(&pipeline)?;

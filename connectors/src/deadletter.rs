@@ -26,6 +26,14 @@ impl DeadLetterFile {
         }
     }
 
+    /// Dead letters appended to `path`.
+    pub fn at(path: &Path) -> Self {
+        DeadLetterFile {
+            path: path.to_path_buf(),
+            out: None,
+        }
+    }
+
     fn io(&self, e: std::io::Error) -> EngineError {
         EngineError::Io {
             path: self.path.display().to_string(),

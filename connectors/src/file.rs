@@ -57,6 +57,12 @@ impl JsonFileSource {
         })
     }
 
+    /// Names the file `label` in dead letters (instead of its file name).
+    pub fn with_label(mut self, label: &str) -> Self {
+        self.label = label.to_string();
+        self
+    }
+
     fn io(&self, e: std::io::Error) -> EngineError {
         EngineError::Io {
             path: self.path.display().to_string(),

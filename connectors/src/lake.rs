@@ -24,6 +24,8 @@ pub struct LakeWriter {
     dir: PathBuf,
     view: String,
     schema: SchemaRef,
+    /// File name prefix: `part` for streaming epochs.
+    prefix: String,
 }
 
 fn io(p: &Path, e: std::io::Error) -> EngineError {
@@ -55,7 +57,20 @@ impl LakeWriter {
             dir: root.join(view),
             view: view.to_string(),
             schema,
+            prefix: "part".into(),
         }
+    }
+
+    /// Names files `{prefix}-{n}-{part}.parquet` instead of `part-…`; a
+    /// streaming run's recovery leaves such files alone (backfills).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// The view's folder in the lake.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn write_file(&self, path: &Path, batch: &RecordBatch) -> Result<()> {
@@ -123,7 +138,7 @@ impl OfflineSink for LakeWriter {
             let path = self
                 .dir
                 .join(pdir)
-                .join(format!("part-{epoch:010}-{part}.parquet"));
+                .join(format!("{}-{epoch:010}-{part}.parquet", self.prefix));
             self.write_file(&path, &b)?;
             metrics::counter!("sluice_lake_files_total").increment(1);
         }

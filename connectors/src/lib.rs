@@ -6,10 +6,12 @@
 
 pub mod deadletter;
 pub mod file;
+pub mod files;
 pub mod json;
 pub mod kafka;
 pub mod lake;
 pub mod memory;
+pub mod training;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +22,7 @@ use sluice_sql::PipelinePlan;
 
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use file::JsonFileSource;
+pub use files::{FilesSource, expand_paths};
 pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaSource};
 pub use lake::LakeWriter;
 pub use memory::MemorySource;

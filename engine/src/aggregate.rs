@@ -157,7 +157,8 @@ impl AggKernel {
             .collect()
     }
 
-    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+    /// Evaluates the key (GROUP BY) expressions over staged rows.
+    pub fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
         self.group_exprs
             .iter()
             .map(|g| eval(&self.view, g, batch))

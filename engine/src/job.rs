@@ -236,18 +236,7 @@ impl Job {
         let mut metas = HashMap::new();
         for vp in &plan.views {
             let mut op = ViewOp::new(vp)?;
-            let meta = ViewMeta {
-                name: vp.name.clone(),
-                source: vp.source.clone(),
-                keys: vp.keys.clone(),
-                slide_ms: vp.window().and_then(|w| w.slide_ms()),
-                empty_features: op.empty_features()?,
-                query: vp.query.clone(),
-                window: vp
-                    .window()
-                    .map(|w| w.to_string())
-                    .unwrap_or_else(|| "PER EVENT".into()),
-            };
+            let meta = op.meta()?;
             if epoch > 0
                 && let Some(old) = read_view_meta(&store, &vp.name)?
                 && (old.query != meta.query || old.window != meta.window || old.keys != meta.keys)

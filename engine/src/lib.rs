@@ -3,6 +3,7 @@
 //! and accumulators; window state lives in RocksDB next to the online store.
 
 pub mod aggregate;
+pub mod backfill;
 pub mod error;
 pub mod exec;
 pub mod job;
@@ -12,6 +13,7 @@ pub mod online;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod training;
 pub mod view;
 
 pub use error::{EngineError, Result};

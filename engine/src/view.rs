@@ -32,6 +32,9 @@ pub struct ViewOp {
     /// Online writes since the last checkpoint, in order (later wins).
     pub pending_online: Vec<OnlineRow>,
     fired: Vec<Fired>,
+    /// Emit only windows with `window_start >= .0` and `window_end <= .1`
+    /// (backfill `--from` / `--to`); `None`: everything.
+    pub window_range: Option<(Option<i64>, Option<i64>)>,
 }
 
 impl ViewOp {
@@ -56,6 +59,7 @@ impl ViewOp {
             pending_lake: Vec::new(),
             pending_online: Vec::new(),
             fired: Vec::new(),
+            window_range: None,
         })
     }
 
@@ -77,7 +81,52 @@ impl ViewOp {
     /// Runs source rows through the view. Returns the source-batch row indices
     /// of late events (not folded in).
     pub fn process(&mut self, rows: Rows) -> Result<Vec<u32>> {
-        let rows = run_stages(&self.plan.name, &self.stages, rows)?;
+        let rows = self.stage(rows)?;
+        self.process_staged(rows)
+    }
+
+    /// Runs the view's stages (filters, projections) over source rows.
+    pub fn stage(&self, rows: Rows) -> Result<Rows> {
+        run_stages(&self.plan.name, &self.stages, rows)
+    }
+
+    /// Where each staged row goes when the view runs as `shards` key-disjoint
+    /// copies: a hash of its key.
+    pub fn shard_of(&self, rows: &Rows, shards: usize, out: &mut Vec<usize>) -> Result<()> {
+        out.clear();
+        let n = rows.len();
+        if shards <= 1 {
+            out.resize(n, 0);
+            return Ok(());
+        }
+        let keys = match self.agg.as_ref() {
+            Some(agg) => agg.kernel().key_columns(&rows.batch)?,
+            // Per-event views: the key columns of the projected rows.
+            None => {
+                self.plan
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        rows.batch.column_by_name(k).cloned().ok_or_else(|| {
+                            EngineError::Connector {
+                                what: format!("view `{}`", self.plan.name),
+                                message: format!("key column `{k}` is not in the view's output"),
+                            }
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let mut hashes = vec![0u64; n];
+        let state = datafusion::common::hash_utils::RandomState::with_seed(17);
+        datafusion::common::hash_utils::create_hashes(&keys, &state, &mut hashes)
+            .map_err(|e| EngineError::df(&self.plan.name, e))?;
+        out.extend(hashes.iter().map(|h| (h % shards as u64) as usize));
+        Ok(())
+    }
+
+    /// Like [`ViewOp::process`] for rows that already went through [`ViewOp::stage`].
+    pub fn process_staged(&mut self, rows: Rows) -> Result<Vec<u32>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -172,8 +221,14 @@ impl ViewOp {
         }
         let mut cols = vec![start, end];
         cols.extend(batch.columns().iter().cloned());
-        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
+        let mut out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
             .map_err(|e| EngineError::arrow(format!("output of view `{}`", self.plan.name), e))?;
+        if let Some((from, to)) = self.window_range {
+            out = in_range(&out, from, to)?;
+            if out.num_rows() == 0 {
+                return Ok(());
+            }
+        }
         metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone())
             .increment(out.num_rows() as u64);
         if self.plan.online {
@@ -233,10 +288,59 @@ impl ViewOp {
         Ok(f.first().and_then(|j| serde_json::from_slice(j).ok()))
     }
 
+    /// What a reader of the online store needs to know about the view.
+    pub fn meta(&self) -> Result<crate::online::ViewMeta> {
+        let vp = &self.plan;
+        Ok(crate::online::ViewMeta {
+            name: vp.name.clone(),
+            source: vp.source.clone(),
+            keys: vp.keys.clone(),
+            slide_ms: vp.window().and_then(|w| w.slide_ms()),
+            empty_features: self.empty_features()?,
+            query: vp.query.clone(),
+            window: vp
+                .window()
+                .map(|w| w.to_string())
+                .unwrap_or_else(|| "PER EVENT".into()),
+        })
+    }
+
     /// The window, for aggregate views.
     pub fn window(&self) -> Option<WindowSpec> {
         self.plan.window()
     }
+}
+
+/// The emitted rows whose window starts at or after `from` and ends at or
+/// before `to` (rows without a window start, e.g. lifetime rows, are
+/// judged by their window end).
+fn in_range(out: &RecordBatch, from: Option<i64>, to: Option<i64>) -> Result<RecordBatch> {
+    let ts = |i: usize| {
+        out.column(i)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .cloned()
+    };
+    let (Some(starts), Some(ends)) = (ts(0), ts(1)) else {
+        return Ok(out.clone());
+    };
+    let keep: arrow::array::BooleanArray = (0..out.num_rows())
+        .map(|i| {
+            let s = if starts.is_valid(i) {
+                Some(starts.value(i))
+            } else if ends.is_valid(i) {
+                Some(ends.value(i))
+            } else {
+                None
+            };
+            let e = ends.is_valid(i).then(|| ends.value(i));
+            let ok = from.is_none_or(|f| s.is_none_or(|s| s >= f))
+                && to.is_none_or(|t| e.is_none_or(|e| e <= t));
+            Some(ok)
+        })
+        .collect();
+    arrow::compute::filter_record_batch(out, &keep)
+        .map_err(|e| EngineError::arrow("window range", e))
 }
 
 /// Indexes, in a view's emitted rows (`window_start`, `window_end`, then

@@ -258,6 +258,11 @@ impl PipelinePlan {
     pub fn source(&self, name: &str) -> Option<&SourcePlan> {
         self.sources.iter().find(|s| s.name == name)
     }
+
+    /// The feature view called `name`.
+    pub fn view(&self, name: &str) -> Option<&ViewPlan> {
+        self.views.iter().find(|v| v.name == name)
+    }
 }
 
 const SOURCE_OPTIONS: &[&str] = &[

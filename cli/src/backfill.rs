@@ -1,0 +1,240 @@
+//! `sluice backfill`: the pipeline's feature views over bounded history.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use sluice_connectors::{FilesSource, LakeWriter, expand_paths};
+use sluice_engine::Source;
+use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::backfill::{
+    BackfillOptions, BackfillOutputs, BackfillStats, Progress, backfill,
+};
+use sluice_engine::store::Store;
+
+/// File (in the state dir) the dead letters of a backfill go to.
+pub const BACKFILL_DEAD_LETTERS: &str = "backfill_dead_letters.jsonl";
+
+/// Arguments of `sluice backfill`.
+#[derive(clap::Args, Debug)]
+pub struct BackfillArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// Input of a source: `NAME=PATH`, PATH a file, a folder (read recursively,
+    /// Hive `col=value` folders allowed) or a glob; .jsonl/.json/.ndjson,
+    /// .parquet or .csv. Repeat for more paths or sources.
+    #[arg(long = "source", value_name = "NAME=PATH", required = true)]
+    pub sources: Vec<String>,
+    /// Emit windows starting at or after T (RFC 3339, YYYY-MM-DD or epoch ms).
+    #[arg(long, value_name = "T")]
+    pub from: Option<String>,
+    /// Close every window ending at or before T and emit none later.
+    #[arg(long, value_name = "T")]
+    pub to: Option<String>,
+    /// State directory: dead letters, and the online store with `--online`.
+    #[arg(long, default_value = "sluice-state")]
+    pub state_dir: PathBuf,
+    /// Also write each key's latest row into the online store.
+    #[arg(long)]
+    pub online: bool,
+    /// Fold events streaming would drop as late into their windows.
+    #[arg(long)]
+    pub include_late: bool,
+    /// Delete the lake files of an earlier backfill of these views first.
+    #[arg(long)]
+    pub replace: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Rows per read.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_rows: usize,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A time given on the command line, in epoch milliseconds.
+pub fn parse_time(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S") {
+        return Ok(t.and_utc().timestamp_millis());
+    }
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
+        return Ok(t.and_utc().timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        && let Some(t) = d.and_hms_opt(0, 0, 0)
+    {
+        return Ok(t.and_utc().timestamp_millis());
+    }
+    bail!(
+        "`{s}` is not a time: use RFC 3339 (2024-05-01T12:00:00Z), YYYY-MM-DD or epoch milliseconds"
+    )
+}
+
+/// Lake files an earlier backfill of `view` wrote under `dir`.
+fn backfill_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(parts) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for p in parts.flatten() {
+        let Ok(files) = std::fs::read_dir(p.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if f.file_name().to_string_lossy().starts_with("backfill-") {
+                out.push(f.path());
+            }
+        }
+    }
+    out
+}
+
+/// Runs `sluice backfill`.
+pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
+    let plan = crate::plan(&a.pipeline)?;
+    let mut inputs: BTreeMap<String, Vec<sluice_connectors::files::InputFile>> = BTreeMap::new();
+    for s in &a.sources {
+        let Some((name, path)) = s.split_once('=') else {
+            bail!("--source `{s}`: expected NAME=PATH");
+        };
+        if plan.source(name).is_none() {
+            let known: Vec<&str> = plan.sources.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "--source {name}: the pipeline declares no source `{name}` (sources: {})",
+                known.join(", ")
+            );
+        }
+        let files = expand_paths(path).with_context(|| format!("--source {s}"))?;
+        inputs.entry(name.to_string()).or_default().extend(files);
+    }
+    let from = a.from.as_deref().map(parse_time).transpose()?;
+    let to = a.to.as_deref().map(parse_time).transpose()?;
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        bail!("--from must be before --to");
+    }
+    let views: Vec<_> = plan
+        .views
+        .iter()
+        .filter(|v| inputs.contains_key(&v.source))
+        .collect();
+    if views.is_empty() {
+        bail!("no feature view reads the sources given");
+    }
+    for v in plan
+        .views
+        .iter()
+        .filter(|v| !inputs.contains_key(&v.source))
+    {
+        eprintln!(
+            "note: view `{}` skipped: no --source {}=PATH given",
+            v.name, v.source
+        );
+    }
+    for v in &views {
+        let Some(root) = &v.offline else { continue };
+        let old = backfill_files(&root.join(&v.name));
+        if old.is_empty() {
+            continue;
+        }
+        if !a.replace {
+            bail!(
+                "the lake of view `{}` ({}) already holds {} file(s) of an earlier backfill; pass --replace to delete them first",
+                v.name,
+                root.join(&v.name).display(),
+                old.len()
+            );
+        }
+        for f in old {
+            std::fs::remove_file(&f).with_context(|| format!("removing {}", f.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let dl_path = a.state_dir.join(BACKFILL_DEAD_LETTERS);
+    if dl_path.exists() {
+        std::fs::remove_file(&dl_path)
+            .with_context(|| format!("removing {}", dl_path.display()))?;
+    }
+    let run_id = chrono::Utc::now().timestamp_millis();
+    let lake = move |v: &sluice_sql::ViewPlan, shard: usize| {
+        Ok(v.offline.as_ref().map(|root| {
+            Box::new(
+                LakeWriter::new(root, &v.name, emitted_schema(&v.output_schema))
+                    .with_prefix(&format!("backfill-{run_id}-{shard}")),
+            ) as Box<dyn sluice_engine::OfflineSink>
+        }))
+    };
+    let store = if a.online {
+        let names: Vec<String> = plan.views.iter().map(|v| v.name.clone()).collect();
+        Some(Store::open(&a.state_dir, &names)?)
+    } else {
+        None
+    };
+    let sources: Vec<Box<dyn Source>> = inputs
+        .into_iter()
+        .filter_map(|(name, files)| {
+            plan.source(&name)
+                .map(|sp| Box::new(FilesSource::new(sp, files)) as Box<dyn Source>)
+        })
+        .collect();
+    let mut opts = BackfillOptions {
+        from,
+        to,
+        include_late: a.include_late,
+        batch_rows: a.batch_rows.max(1),
+        progress: if a.quiet {
+            Progress::Off
+        } else {
+            Progress::auto()
+        },
+        ..BackfillOptions::default()
+    };
+    if let Some(t) = a.threads {
+        opts.threads = t.max(1);
+    }
+    let outputs = BackfillOutputs {
+        lake: &lake,
+        dead: Box::new(sluice_connectors::DeadLetterFile::at(&dl_path)),
+        online: store.as_ref(),
+    };
+    let stats = backfill(&plan, sources, outputs, &opts)?;
+    let secs = stats.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "backfill done: {} events in {:.2} s ({:.0} events/s), {} late, {} dead letters{}",
+        stats.events,
+        secs,
+        stats.events as f64 / secs,
+        stats.late,
+        stats.dead_letters,
+        if stats.dead_letters > 0 {
+            format!(" (in {})", dl_path.display())
+        } else {
+            String::new()
+        }
+    );
+    for v in &stats.views {
+        let lake = plan
+            .view(&v.name)
+            .and_then(|p| p.offline.as_ref())
+            .map(|r| format!(" -> {}", r.join(&v.name).display()))
+            .unwrap_or_default();
+        let online = if a.online {
+            format!(", {} keys online", v.online_keys)
+        } else {
+            String::new()
+        };
+        eprintln!("  view {}: {} rows{lake}{online}", v.name, v.rows);
+    }
+    Ok(stats)
+}

@@ -1,0 +1,676 @@
+//! Bounded history for backfills: JSON-lines, Parquet and CSV files, named
+//! by path, glob (`*`, `?`, `**`) or folder (read recursively, Hive
+//! `column=value` folders filling columns the files lack), read one after
+//! the other in path order.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
+use arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use sluice_engine::view::features_json;
+use sluice_engine::{DeadLetter, EngineError, Poll, Result, Source, SourceBatch};
+use sluice_sql::SourcePlan;
+
+use crate::file::JsonFileSource;
+use crate::json::preview;
+
+/// Row positions pack the file index above this many bits.
+const FILE_SHIFT: u32 = 40;
+
+/// The formats a file can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// One JSON object per line.
+    JsonLines,
+    /// Apache Parquet.
+    Parquet,
+    /// Comma-separated values with a header line.
+    Csv,
+}
+
+impl FileFormat {
+    /// The format a file name implies, if any.
+    pub fn of(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").map(str::to_string).unwrap_or(name);
+        let ext = name.rsplit('.').next()?;
+        match ext {
+            "json" | "jsonl" | "ndjson" => Some(FileFormat::JsonLines),
+            "parquet" | "pq" => Some(FileFormat::Parquet),
+            "csv" => Some(FileFormat::Csv),
+            _ => None,
+        }
+    }
+}
+
+/// One input file and the Hive partition values of its folders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: FileFormat,
+    /// `column=value` pairs from the folders between the named root and the file.
+    pub hive: Vec<(String, String)>,
+    /// How dead letters name it (path as given).
+    pub label: String,
+}
+
+fn io(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::Io {
+        path: path.display().to_string(),
+        source: e,
+    }
+}
+
+/// The files a `--source NAME=PATH` names: a file, a folder (recursively;
+/// names starting with `.` or `_` skipped) or a glob; sorted by path.
+pub fn expand_paths(spec: &str) -> Result<Vec<InputFile>> {
+    let is_glob = spec.contains(['*', '?', '[']);
+    let mut out = Vec::new();
+    if is_glob {
+        let (root, pattern) = glob_root(spec);
+        let pat: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+        walk_glob(&root, &pat, &mut Vec::new(), &mut out)?;
+    } else {
+        let p = PathBuf::from(spec);
+        let meta = std::fs::metadata(&p).map_err(|e| io(&p, e))?;
+        if meta.is_dir() {
+            walk_dir(&p, &mut Vec::new(), &mut out)?;
+        } else {
+            let format = FileFormat::of(&p).ok_or_else(|| unknown_format(&p))?;
+            out.push(InputFile {
+                label: p.display().to_string(),
+                path: p,
+                format,
+                hive: Vec::new(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    if out.is_empty() {
+        return Err(EngineError::Connector {
+            what: format!("input {spec}"),
+            message: "no .json/.jsonl/.ndjson, .parquet or .csv files match".into(),
+        });
+    }
+    Ok(out)
+}
+
+fn unknown_format(p: &Path) -> EngineError {
+    EngineError::Connector {
+        what: format!("input {}", p.display()),
+        message: "unknown file format: name it .jsonl/.json/.ndjson, .parquet or .csv".into(),
+    }
+}
+
+/// The longest leading part of a glob without wildcards, and the rest.
+fn glob_root(spec: &str) -> (PathBuf, String) {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let first = parts
+        .iter()
+        .position(|c| c.contains(['*', '?', '[']))
+        .unwrap_or(parts.len());
+    let root = parts[..first].join("/");
+    let root = if root.is_empty() {
+        if spec.starts_with('/') {
+            PathBuf::from("/")
+        } else {
+            PathBuf::from(".")
+        }
+    } else {
+        PathBuf::from(root)
+    };
+    (root, parts[first..].join("/"))
+}
+
+fn skipped(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_')
+}
+
+fn hive_pair(name: &str) -> Option<(String, String)> {
+    let (k, v) = name.split_once('=')?;
+    (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let e = e.map_err(|e| io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().map_err(|er| io(&e.path(), er))?.is_dir();
+        v.push((name, e.path(), is_dir));
+    }
+    v.sort();
+    Ok(v)
+}
+
+fn walk_dir(dir: &Path, hive: &mut Vec<(String, String)>, out: &mut Vec<InputFile>) -> Result<()> {
+    for (name, path, is_dir) in sorted_entries(dir)? {
+        if skipped(&name) {
+            continue;
+        }
+        if is_dir {
+            let pair = hive_pair(&name);
+            let pushed = pair.is_some();
+            if let Some(p) = pair {
+                hive.push(p);
+            }
+            walk_dir(&path, hive, out)?;
+            if pushed {
+                hive.pop();
+            }
+        } else if let Some(format) = FileFormat::of(&path) {
+            out.push(InputFile {
+                label: path.display().to_string(),
+                path,
+                format,
+                hive: hive.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn walk_glob(
+    dir: &Path,
+    pat: &[&str],
+    hive: &mut Vec<(String, String)>,
+    out: &mut Vec<InputFile>,
+) -> Result<()> {
+    let Some((first, rest)) = pat.split_first() else {
+        return Ok(());
+    };
+    if *first == "**" {
+        // Zero folders, or one more folder and still `**`.
+        walk_glob(dir, rest, hive, out)?;
+        for (name, path, is_dir) in sorted_entries(dir)? {
+            if is_dir && !skipped(&name) {
+                let pair = hive_pair(&name);
+                let pushed = pair.is_some();
+                if let Some(p) = pair {
+                    hive.push(p);
+                }
+                walk_glob(&path, pat, hive, out)?;
+                if pushed {
+                    hive.pop();
+                }
+            }
+        }
+        return Ok(());
+    }
+    let Ok(entries) = sorted_entries(dir) else {
+        return Ok(());
+    };
+    for (name, path, is_dir) in entries {
+        if skipped(&name) && !first.starts_with(['.', '_']) {
+            continue;
+        }
+        if !wildcard(first.as_bytes(), name.as_bytes()) {
+            continue;
+        }
+        if rest.is_empty() {
+            if !is_dir && let Some(format) = FileFormat::of(&path) {
+                out.push(InputFile {
+                    label: path.display().to_string(),
+                    path,
+                    format,
+                    hive: hive.clone(),
+                });
+            }
+        } else if is_dir {
+            let pair = hive_pair(&name);
+            let pushed = pair.is_some();
+            if let Some(p) = pair {
+                hive.push(p);
+            }
+            walk_glob(&path, rest, hive, out)?;
+            if pushed {
+                hive.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `*` (any run), `?` (one character) and `[abc]`/`[a-z]` over one path component.
+fn wildcard(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| wildcard(rest, &s[i..])),
+        Some((b'?', rest)) => !s.is_empty() && wildcard(rest, &s[1..]),
+        Some((b'[', rest)) => {
+            let Some(close) = rest.iter().position(|c| *c == b']') else {
+                return s.first() == Some(&b'[') && wildcard(rest, &s[1..]);
+            };
+            let Some(c) = s.first() else { return false };
+            let set = &rest[..close];
+            let mut hit = false;
+            let mut i = 0;
+            while i < set.len() {
+                if i + 2 < set.len() && set[i + 1] == b'-' {
+                    hit |= (set[i]..=set[i + 2]).contains(c);
+                    i += 3;
+                } else {
+                    hit |= set[i] == *c;
+                    i += 1;
+                }
+            }
+            hit && wildcard(&rest[close + 1..], &s[1..])
+        }
+        Some((c, rest)) => s.first() == Some(c) && wildcard(rest, &s[1..]),
+    }
+}
+
+enum Reader {
+    Json(Box<JsonFileSource>),
+    Columnar {
+        batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
+        /// Rows of this file read so far.
+        row: u64,
+    },
+}
+
+/// A source over a list of files, read in order.
+pub struct FilesSource {
+    plan: SourcePlan,
+    files: Vec<InputFile>,
+    cur: usize,
+    reader: Option<Reader>,
+    batch_rows: usize,
+}
+
+impl FilesSource {
+    /// A source reading `files` as the rows of `plan`'s source.
+    pub fn new(plan: &SourcePlan, files: Vec<InputFile>) -> Self {
+        FilesSource {
+            plan: plan.clone(),
+            files,
+            cur: 0,
+            reader: None,
+            batch_rows: 8192,
+        }
+    }
+
+    /// The files, in reading order.
+    pub fn files(&self) -> &[InputFile] {
+        &self.files
+    }
+
+    fn open(&self, f: &InputFile) -> Result<Reader> {
+        match f.format {
+            FileFormat::JsonLines => {
+                let mut p = self.plan.clone();
+                p.options
+                    .insert("path".into(), f.path.display().to_string());
+                let mut s = JsonFileSource::new(&p)?;
+                s.seek(None)?;
+                Ok(Reader::Json(Box::new(s.with_label(&f.label))))
+            }
+            FileFormat::Parquet => {
+                let file = File::open(&f.path).map_err(|e| io(&f.path, e))?;
+                let perr = |e: parquet::errors::ParquetError| EngineError::Connector {
+                    what: format!("input {}", f.label),
+                    message: e.to_string(),
+                };
+                let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?;
+                let file_schema = Arc::clone(b.schema());
+                let wanted: Vec<usize> = self
+                    .plan
+                    .schema
+                    .fields()
+                    .iter()
+                    .filter_map(|fl| file_schema.index_of(fl.name()).ok())
+                    .collect();
+                let mask = ProjectionMask::roots(b.parquet_schema(), wanted);
+                let r: ParquetRecordBatchReader = b
+                    .with_projection(mask)
+                    .with_batch_size(self.batch_rows)
+                    .build()
+                    .map_err(perr)?;
+                let label = f.label.clone();
+                Ok(Reader::Columnar {
+                    batches: Box::new(r.map(move |b| {
+                        b.map_err(|e| EngineError::arrow(format!("reading {label}"), e))
+                    })),
+                    row: 0,
+                })
+            }
+            FileFormat::Csv => {
+                let file = File::open(&f.path).map_err(|e| io(&f.path, e))?;
+                let mut header = String::new();
+                BufReader::new(&file)
+                    .read_line(&mut header)
+                    .map_err(|e| io(&f.path, e))?;
+                let names = csv_header(&header);
+                if names.is_empty() {
+                    return Err(EngineError::Connector {
+                        what: format!("input {}", f.label),
+                        message: "no header line".into(),
+                    });
+                }
+                // Every column read as text, then cast to its declared type
+                // row by row, so a bad value rejects its row only.
+                let schema = Arc::new(Schema::new(
+                    names
+                        .iter()
+                        .map(|n| Field::new(n, DataType::Utf8, true))
+                        .collect::<Vec<_>>(),
+                ));
+                let file = File::open(&f.path).map_err(|e| io(&f.path, e))?;
+                let r = arrow::csv::ReaderBuilder::new(schema)
+                    .with_header(true)
+                    .with_batch_size(self.batch_rows)
+                    .with_truncated_rows(true)
+                    .build(file)
+                    .map_err(|e| EngineError::arrow(format!("reading {}", f.label), e))?;
+                let label = f.label.clone();
+                Ok(Reader::Columnar {
+                    batches: Box::new(r.map(move |b| {
+                        b.map_err(|e| EngineError::arrow(format!("reading {label}"), e))
+                    })),
+                    row: 0,
+                })
+            }
+        }
+    }
+
+    /// Casts a file's columns to the declared schema; rows whose values do
+    /// not fit are rejected with their position and reason.
+    fn conform(
+        &self,
+        raw: &RecordBatch,
+        file: &InputFile,
+        file_idx: usize,
+        first_row: u64,
+        rejected: &mut Vec<DeadLetter>,
+    ) -> Result<Option<SourceBatch>> {
+        let n = raw.num_rows();
+        let schema = &self.plan.schema;
+        let mut bad: Vec<Option<(String, String)>> = vec![None; n];
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        let opts = CastOptions {
+            safe: true,
+            ..Default::default()
+        };
+        for field in schema.fields() {
+            let (src, from_hive) = match raw.column_by_name(field.name()) {
+                Some(c) => (Some(Arc::clone(c)), false),
+                None => match file.hive.iter().find(|(k, _)| k == field.name()) {
+                    Some((_, v)) => (
+                        Some(Arc::new(StringArray::from(vec![v.as_str(); n])) as ArrayRef),
+                        true,
+                    ),
+                    None => (None, false),
+                },
+            };
+            let col = match &src {
+                Some(c) => cast_column(c, field.data_type(), &opts).map_err(|e| {
+                    EngineError::Connector {
+                        what: format!("input {}", file.label),
+                        message: format!(
+                            "column `{}` ({}{}) cannot be read as {}: {e}",
+                            field.name(),
+                            c.data_type(),
+                            if from_hive {
+                                ", from its folder name"
+                            } else {
+                                ""
+                            },
+                            field.data_type()
+                        ),
+                    }
+                })?,
+                None => new_null_array(field.data_type(), n),
+            };
+            for (i, b) in bad.iter_mut().enumerate() {
+                if b.is_some() || !col.is_null(i) {
+                    continue;
+                }
+                if let Some(c) = &src
+                    && c.is_valid(i)
+                {
+                    *b = Some((
+                        "wrong_type".into(),
+                        format!(
+                            "column `{}`: value is not a {}",
+                            field.name(),
+                            field.data_type()
+                        ),
+                    ));
+                } else if !field.is_nullable() {
+                    *b = Some((
+                        "missing_field".into(),
+                        format!(
+                            "column `{}` is NOT NULL but the value is missing",
+                            field.name()
+                        ),
+                    ));
+                }
+            }
+            cols.push(col);
+        }
+        let positions: Vec<u64> = (0..n as u64)
+            .map(|i| ((file_idx as u64) << FILE_SHIFT) | (first_row + i + 1))
+            .collect();
+        let ctx = || format!("rows of {}", file.label);
+        if bad.iter().all(Option::is_none) {
+            let batch = RecordBatch::try_new(Arc::clone(schema), cols)
+                .map_err(|e| EngineError::arrow(ctx(), e))?;
+            return Ok(Some(SourceBatch {
+                batch,
+                row_positions: positions,
+                partitions: Vec::new(),
+            }));
+        }
+        let all: Vec<usize> = (0..raw.num_columns()).collect();
+        for (i, b) in bad.iter().enumerate() {
+            if let Some((kind, reason)) = b {
+                let rec = features_json(&raw.slice(i, 1), &all)?
+                    .pop()
+                    .unwrap_or_default();
+                rejected.push(DeadLetter {
+                    source: self.plan.name.clone(),
+                    position: format!("{}:{}", file.label, first_row + i as u64 + 1),
+                    kind: kind.clone(),
+                    reason: reason.clone(),
+                    record: preview(&rec),
+                });
+            }
+        }
+        // NOT NULL columns may hold NULLs until the bad rows are gone.
+        let loose = Arc::new(Schema::new(
+            schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(true))
+                .collect::<Vec<_>>(),
+        ));
+        let loose_batch =
+            RecordBatch::try_new(loose, cols).map_err(|e| EngineError::arrow(ctx(), e))?;
+        let keep: BooleanArray = bad.iter().map(|b| Some(b.is_none())).collect();
+        let kept = filter_record_batch(&loose_batch, &keep)
+            .map_err(|e| EngineError::arrow("dropping bad rows", e))?;
+        if kept.num_rows() == 0 {
+            return Ok(None);
+        }
+        let batch = RecordBatch::try_new(Arc::clone(schema), kept.columns().to_vec())
+            .map_err(|e| EngineError::arrow(ctx(), e))?;
+        let positions = positions
+            .into_iter()
+            .zip(bad.iter())
+            .filter(|(_, b)| b.is_none())
+            .map(|(p, _)| p)
+            .collect();
+        Ok(Some(SourceBatch {
+            batch,
+            row_positions: positions,
+            partitions: Vec::new(),
+        }))
+    }
+}
+
+/// Column names of a CSV header line (quotes removed).
+fn csv_header(line: &str) -> Vec<String> {
+    let line = line.trim_end_matches(['\n', '\r']);
+    if line.is_empty() {
+        return Vec::new();
+    }
+    line.split(',')
+        .map(|c| c.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+/// Casts a column to a declared type. Text becomes a timestamp from RFC 3339
+/// (any offset, stored as UTC) or from epoch milliseconds.
+fn cast_column(
+    c: &ArrayRef,
+    to: &DataType,
+    opts: &CastOptions<'_>,
+) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+    if c.data_type() == to {
+        return Ok(Arc::clone(c));
+    }
+    if matches!(to, DataType::Timestamp(_, _)) && matches!(c.data_type(), DataType::Utf8) {
+        let as_text = cast_with_options(c, to, opts)?;
+        let as_ms = cast_with_options(&cast_with_options(c, &DataType::Int64, opts)?, to, opts)?;
+        let has_text = arrow::compute::is_not_null(&as_text)?;
+        return arrow::compute::kernels::zip::zip(&has_text, &as_text, &as_ms);
+    }
+    cast_with_options(c, to, opts)
+}
+
+impl Source for FilesSource {
+    fn name(&self) -> &str {
+        &self.plan.name
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.plan.schema)
+    }
+
+    fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
+        if position.is_some() {
+            return Err(EngineError::Connector {
+                what: format!("source {}", self.plan.name),
+                message: "a backfill input cannot resume from a position".into(),
+            });
+        }
+        self.cur = 0;
+        self.reader = None;
+        Ok(())
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        self.batch_rows = max_rows.max(1);
+        loop {
+            let Some(file) = self.files.get(self.cur).cloned() else {
+                return Ok(Poll::End);
+            };
+            if self.reader.is_none() {
+                self.reader = Some(self.open(&file)?);
+            }
+            let idx = self.cur;
+            let step = match self.reader.as_mut() {
+                Some(Reader::Json(s)) => match s.poll(max_rows)? {
+                    Poll::Data {
+                        mut batch,
+                        rejected,
+                    } => {
+                        if let Some(b) = batch.as_mut() {
+                            for p in b.row_positions.iter_mut() {
+                                *p |= (idx as u64) << FILE_SHIFT;
+                            }
+                        }
+                        Some(Poll::Data { batch, rejected })
+                    }
+                    Poll::Idle => Some(Poll::Idle),
+                    Poll::End => None,
+                },
+                Some(Reader::Columnar { batches, row }) => match batches.next() {
+                    Some(raw) => {
+                        let raw = raw?;
+                        let first = *row;
+                        *row += raw.num_rows() as u64;
+                        let mut rejected = Vec::new();
+                        let batch = self.conform(&raw, &file, idx, first, &mut rejected)?;
+                        Some(Poll::Data { batch, rejected })
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            match step {
+                Some(p) => return Ok(p),
+                None => {
+                    self.cur += 1;
+                    self.reader = None;
+                }
+            }
+        }
+    }
+
+    fn position(&self) -> Vec<u8> {
+        format!("{}", self.cur).into_bytes()
+    }
+
+    fn describe_position(&self, pos: u64) -> String {
+        let idx = (pos >> FILE_SHIFT) as usize;
+        let local = pos & ((1u64 << FILE_SHIFT) - 1);
+        match self.files.get(idx) {
+            Some(f) => format!("{}:{local}", f.label),
+            None => format!("?:{local}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_match_one_component() {
+        assert!(wildcard(b"*.parquet", b"part-1.parquet"));
+        assert!(!wildcard(b"*.parquet", b"part-1.csv"));
+        assert!(wildcard(b"date=2024-01-0?", b"date=2024-01-05"));
+        assert!(wildcard(b"[ab]*", b"b1"));
+        assert!(!wildcard(b"[ab]*", b"c1"));
+        assert!(wildcard(b"d[0-9]", b"d7"));
+    }
+
+    #[test]
+    fn folders_globs_and_hive_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for (d, f) in [
+            ("date=2024-01-02/region=eu", "b.jsonl"),
+            ("date=2024-01-01/region=us", "a.jsonl"),
+            ("date=2024-01-01/region=us", "_SUCCESS"),
+            ("date=2024-01-01/region=us", "notes.txt"),
+        ] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+            std::fs::write(root.join(d).join(f), "{}\n").expect("write");
+        }
+        let all = expand_paths(&root.display().to_string()).expect("expand");
+        assert_eq!(all.len(), 2);
+        assert!(all[0].path.ends_with("date=2024-01-01/region=us/a.jsonl"));
+        assert_eq!(
+            all[0].hive,
+            vec![
+                ("date".to_string(), "2024-01-01".to_string()),
+                ("region".to_string(), "us".to_string())
+            ]
+        );
+        let g =
+            expand_paths(&format!("{}/date=2024-01-02/**/*.jsonl", root.display())).expect("glob");
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].hive.len(), 2);
+        assert!(expand_paths(&format!("{}/*.parquet", root.display())).is_err());
+    }
+}

@@ -1,0 +1,649 @@
+//! Backfill: a pipeline's feature views over bounded history.
+//!
+//! One reader thread decodes the input in order (files sorted by path) and
+//! computes, row by row, the watermark `sluice run` would have had: the
+//! source's largest event time so far less its watermark delay. The
+//! late-event rule is applied with it exactly as streaming applies it, so an
+//! event streaming drops as late is dead-lettered here too (`include_late`
+//! keeps every window open until the end instead).
+//!
+//! Rows are then hashed by the view's key onto one worker per core. Each
+//! worker runs the same pane-based window operator as the streaming job:
+//! per-slide partial aggregates in DataFusion accumulators, merged with
+//! `merge_batch` when a window closes, so an event is aggregated once however
+//! many hop windows hold it, and the output equals streaming's row for row.
+//! What only a long-running job needs is skipped: no RocksDB writes per
+//! checkpoint, the online store written once at the end with each key's
+//! latest row. Memory is bounded by the open windows (keys × panes of one
+//! window), not by the input.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::UInt32Array;
+use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, TimestampMillisecondArray};
+use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
+
+use crate::error::{EngineError, Result};
+use crate::exec::Rows;
+use crate::job::NO_WATERMARK;
+use crate::online::{fmt_ts, view_meta_key, watermark_key};
+use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
+use crate::store::{Commit, Store};
+use crate::view::{OnlineRow, ViewOp, features_json};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A line redrawn in place twice a second (a terminal).
+    Terminal,
+    /// A log line every 10 seconds.
+    Log,
+    /// Nothing.
+    Off,
+}
+
+impl Progress {
+    /// `Terminal` when standard error is a terminal, else `Log`.
+    pub fn auto() -> Self {
+        if std::io::stderr().is_terminal() {
+            Progress::Terminal
+        } else {
+            Progress::Log
+        }
+    }
+}
+
+/// What a backfill covers and how it runs.
+#[derive(Debug, Clone)]
+pub struct BackfillOptions {
+    /// Emit only windows starting at or after this time (ms); earlier events are skipped.
+    pub from: Option<i64>,
+    /// Close every window ending at or before this time (ms) and emit nothing later.
+    pub to: Option<i64>,
+    /// Fold late events in instead of dead-lettering them.
+    pub include_late: bool,
+    /// Worker threads (key shards).
+    pub threads: usize,
+    /// Rows per source poll.
+    pub batch_rows: usize,
+    /// Emitted rows buffered per worker and view before a lake file is written.
+    pub flush_rows: usize,
+    /// Progress display.
+    pub progress: Progress,
+}
+
+impl Default for BackfillOptions {
+    fn default() -> Self {
+        BackfillOptions {
+            from: None,
+            to: None,
+            include_late: false,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            batch_rows: 8192,
+            flush_rows: 1 << 20,
+            progress: Progress::Off,
+        }
+    }
+}
+
+/// Opens the lake output of a view for one worker (`None`: the view has no lake).
+pub type LakeFactory<'a> =
+    dyn Fn(&ViewPlan, usize) -> Result<Option<Box<dyn OfflineSink>>> + Sync + 'a;
+
+/// Where a backfill writes.
+pub struct BackfillOutputs<'a> {
+    /// The lake writer of a view for a worker.
+    pub lake: &'a LakeFactory<'a>,
+    /// Dead letters (undecodable and late records).
+    pub dead: Box<dyn DeadLetterSink>,
+    /// The online store, for `--online`: each key's latest row.
+    pub online: Option<&'a Store>,
+}
+
+/// What one view produced.
+#[derive(Debug, Clone, Default)]
+pub struct ViewStats {
+    /// View name.
+    pub name: String,
+    /// Rows emitted (lake rows).
+    pub rows: u64,
+    /// Keys written to the online store.
+    pub online_keys: u64,
+}
+
+/// What a backfill did.
+#[derive(Debug, Clone, Default)]
+pub struct BackfillStats {
+    /// Rows decoded from the sources.
+    pub events: u64,
+    /// Records dead-lettered (undecodable, late).
+    pub dead_letters: u64,
+    /// Late events (also counted in `dead_letters` unless `include_late`).
+    pub late: u64,
+    /// Per view.
+    pub views: Vec<ViewStats>,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// The watermark each source ended with (ms).
+    pub watermarks: Vec<(String, Option<i64>)>,
+}
+
+/// Runs every view of `plan` whose source is in `sources` over that input.
+pub fn backfill(
+    plan: &PipelinePlan,
+    sources: Vec<Box<dyn Source>>,
+    outputs: BackfillOutputs<'_>,
+    opts: &BackfillOptions,
+) -> Result<BackfillStats> {
+    let started = Instant::now();
+    let mut stats = BackfillStats::default();
+    let dead = Arc::new(Mutex::new(outputs.dead));
+    let mut online_rows: Vec<(String, Vec<OnlineRow>)> = Vec::new();
+    let mut metas = Vec::new();
+    for mut src in sources {
+        let Some(sp) = plan.source(src.name()) else {
+            return Err(EngineError::Connector {
+                what: format!("source {}", src.name()),
+                message: "not declared in the pipeline".into(),
+            });
+        };
+        let views: Vec<&ViewPlan> = plan.views.iter().filter(|v| v.source == sp.name).collect();
+        let out = run_source(
+            src.as_mut(),
+            sp,
+            &views,
+            outputs.lake,
+            outputs.online.is_some(),
+            &dead,
+            opts,
+            &mut stats,
+        )?;
+        for (v, rows) in views.iter().zip(out.online) {
+            if outputs.online.is_some() && v.online {
+                let op = ViewOp::new(v)?;
+                metas.push((view_meta_key(&v.name), serde_json::to_vec(&op.meta()?)));
+                online_rows.push((v.name.clone(), rows));
+            }
+        }
+        if let Some(w) = out.watermark {
+            metas.push((watermark_key(&sp.name), Ok(w.to_be_bytes().to_vec())));
+        }
+        stats.watermarks.push((sp.name.clone(), out.watermark));
+    }
+    dead.lock().map_err(|_| poisoned())?.commit()?;
+    if let Some(store) = outputs.online {
+        for (view, rows) in &online_rows {
+            if let Some(s) = stats.views.iter_mut().find(|s| &s.name == view) {
+                s.online_keys = rows.len() as u64;
+            }
+        }
+        let mut c = Commit::default();
+        for (k, v) in metas {
+            let v = v.map_err(|e| EngineError::Connector {
+                what: "online store".into(),
+                message: e.to_string(),
+            })?;
+            c.meta.push((k, v));
+        }
+        c.online = online_rows;
+        store.commit(c)?;
+        store.flush()?;
+    }
+    stats.elapsed = started.elapsed();
+    Ok(stats)
+}
+
+fn poisoned() -> EngineError {
+    EngineError::Connector {
+        what: "backfill".into(),
+        message: "a worker thread panicked".into(),
+    }
+}
+
+enum Msg {
+    /// Staged, non-late rows of view `view` for this worker.
+    Rows { view: usize, rows: Rows },
+    /// The source watermark moved: fire the windows it closes.
+    Advance(i64),
+    /// End of input: close windows through `fire`, emit lifetime rows as of `end`.
+    Finish { fire: Option<i64>, end: Option<i64> },
+}
+
+struct SourceOut {
+    /// Per view: each key's latest online row.
+    online: Vec<Vec<OnlineRow>>,
+    watermark: Option<i64>,
+}
+
+struct WorkerOut {
+    rows: Vec<u64>,
+    online: Vec<HashMap<String, Vec<u8>>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_source(
+    src: &mut dyn Source,
+    sp: &SourcePlan,
+    views: &[&ViewPlan],
+    lake: &LakeFactory<'_>,
+    online: bool,
+    dead: &Arc<Mutex<Box<dyn DeadLetterSink>>>,
+    opts: &BackfillOptions,
+    stats: &mut BackfillStats,
+) -> Result<SourceOut> {
+    let shards = opts.threads.max(1);
+    let probes: Vec<ViewOp> = views
+        .iter()
+        .map(|v| ViewOp::new(v))
+        .collect::<Result<_>>()?;
+    let mut worker_views = Vec::new();
+    for shard in 0..shards {
+        let mut ops = Vec::new();
+        for v in views {
+            let mut op = ViewOp::new(v)?;
+            op.window_range = Some((opts.from, opts.to));
+            let sink = lake(v, shard)?;
+            ops.push((op, sink));
+        }
+        worker_views.push(ops);
+    }
+    std::thread::scope(|scope| -> Result<SourceOut> {
+        let mut senders: Vec<SyncSender<Msg>> = Vec::new();
+        let mut handles = Vec::new();
+        for ops in worker_views {
+            let (tx, rx) = sync_channel::<Msg>(4);
+            senders.push(tx);
+            let flush = opts.flush_rows.max(1);
+            handles.push(scope.spawn(move || worker(rx, ops, flush, online)));
+        }
+        let read = read_source(src, sp, &probes, &senders, dead, opts, stats);
+        // Finish (or, after an error, just stop) the workers.
+        if let Ok(r) = &read {
+            for tx in &senders {
+                let _ = tx.send(Msg::Finish {
+                    fire: r.fire,
+                    end: r.max_ts,
+                });
+            }
+        }
+        drop(senders);
+        let mut rows = vec![0u64; views.len()];
+        let mut latest: Vec<HashMap<String, Vec<u8>>> = vec![HashMap::new(); views.len()];
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(w)) => {
+                    for (i, n) in w.rows.into_iter().enumerate() {
+                        rows[i] += n;
+                    }
+                    for (i, m) in w.online.into_iter().enumerate() {
+                        latest[i].extend(m);
+                    }
+                }
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(poisoned());
+                }
+            }
+        }
+        let read = read?;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        for (v, n) in views.iter().zip(rows) {
+            stats.views.push(ViewStats {
+                name: v.name.clone(),
+                rows: n,
+                online_keys: 0,
+            });
+        }
+        Ok(SourceOut {
+            online: latest
+                .into_iter()
+                .map(|m| m.into_iter().collect())
+                .collect(),
+            watermark: read.watermark,
+        })
+    })
+}
+
+struct ReadOut {
+    /// Where the final watermark (or `--to`) closes windows.
+    fire: Option<i64>,
+    /// Largest event time of the rows folded in (lifetime rows' time).
+    max_ts: Option<i64>,
+    /// The source's final watermark, as streaming would have it.
+    watermark: Option<i64>,
+}
+
+fn read_source(
+    src: &mut dyn Source,
+    sp: &SourcePlan,
+    probes: &[ViewOp],
+    senders: &[SyncSender<Msg>],
+    dead: &Arc<Mutex<Box<dyn DeadLetterSink>>>,
+    opts: &BackfillOptions,
+    stats: &mut BackfillStats,
+) -> Result<ReadOut> {
+    let shards = senders.len();
+    let gone = || EngineError::Connector {
+        what: format!("backfill of source {}", sp.name),
+        message: "a worker stopped early".into(),
+    };
+    let dead_letter = |d: &DeadLetter, stats: &mut BackfillStats| -> Result<()> {
+        stats.dead_letters += 1;
+        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
+        dead.lock().map_err(|_| poisoned())?.write(d)
+    };
+    let mut wm = NO_WATERMARK;
+    let mut max_seen: Option<i64> = None;
+    let mut max_in: Option<i64> = None;
+    let mut shard_of = Vec::new();
+    let mut progress = ProgressLine::new(&sp.name, opts.progress);
+    src.seek(None)?;
+    loop {
+        let (batch, rejected) = match src.poll(opts.batch_rows)? {
+            Poll::End => break,
+            Poll::Idle => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Poll::Data { batch, rejected } => (batch, rejected),
+        };
+        for d in &rejected {
+            metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.clone()).increment(1);
+            dead_letter(d, stats)?;
+        }
+        let Some(sb) = batch else { continue };
+        let batch = sb.batch;
+        let n = batch.num_rows();
+        if n == 0 {
+            continue;
+        }
+        stats.events += n as u64;
+        metrics::counter!("sluice_events_in_total", "source" => sp.name.clone())
+            .increment(n as u64);
+        // Event time and the watermark before each row, as the streaming job computes them
+        // for a one-partition source.
+        let (ts, wms) = match sp.event_time {
+            Some(idx) => {
+                let col = batch.column(idx);
+                let tsa = col
+                    .as_any()
+                    .downcast_ref::<TimestampMillisecondArray>()
+                    .ok_or_else(|| EngineError::Connector {
+                        what: format!("source {}", sp.name),
+                        message: format!("event-time column has type {}", col.data_type()),
+                    })?;
+                let ts = Int64Array::new(tsa.values().clone(), None);
+                let mut w = Vec::with_capacity(n);
+                let mut max = max_seen.unwrap_or(i64::MIN);
+                for t in ts.values().iter() {
+                    w.push(wm);
+                    if max_seen.is_none() || *t > max {
+                        max = max.max(*t);
+                        max_seen = Some(max);
+                        wm = wm.max(max.saturating_sub(sp.watermark_delay_ms));
+                    }
+                }
+                (Some(ts), Some(w))
+            }
+            None => (None, None),
+        };
+        let mut rows = Rows {
+            batch: batch.clone(),
+            ts: ts.clone(),
+            wm: wms.map(|w| {
+                if opts.include_late {
+                    Int64Array::from(vec![NO_WATERMARK; w.len()])
+                } else {
+                    Int64Array::from(w)
+                }
+            }),
+            rowid: UInt32Array::from_iter_values(0..n as u32),
+        };
+        if let Some(ts) = &ts
+            && (opts.from.is_some() || opts.to.is_some())
+        {
+            let keep: BooleanArray = ts
+                .values()
+                .iter()
+                .map(|t| Some(opts.from.is_none_or(|f| *t >= f) && opts.to.is_none_or(|e| *t < e)))
+                .collect();
+            rows = rows.filter(&keep)?;
+        }
+        if let Some(ts) = &rows.ts
+            && let Some(m) = ts.values().iter().max()
+        {
+            max_in = Some(max_in.map_or(*m, |x| x.max(*m)));
+        }
+        for (vi, probe) in probes.iter().enumerate() {
+            let staged = probe.stage(rows.clone())?;
+            if staged.is_empty() {
+                continue;
+            }
+            let late = probe
+                .agg()
+                .map(|a| a.late_rows(&staged))
+                .unwrap_or_default();
+            let staged = if late.is_empty() {
+                staged
+            } else {
+                stats.late += late.len() as u64;
+                metrics::counter!("sluice_late_events_total", "view" => probe.name().to_string())
+                    .increment(late.len() as u64);
+                let all: Vec<usize> = (0..batch.num_columns()).collect();
+                let mut keep = vec![true; staged.len()];
+                for i in &late {
+                    keep[*i] = false;
+                    let r = staged.rowid.value(*i) as usize;
+                    let rec = features_json(&batch.slice(r, 1), &all)?
+                        .pop()
+                        .unwrap_or_default();
+                    let d = DeadLetter {
+                        source: sp.name.clone(),
+                        position: src
+                            .describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
+                        kind: "late_event".into(),
+                        reason: format!(
+                            "late for view `{}`: event time {} is behind the watermark {}; every window holding it had closed",
+                            probe.name(),
+                            staged
+                                .ts
+                                .as_ref()
+                                .map(|a| fmt_ts(a.value(*i)))
+                                .unwrap_or_default(),
+                            staged
+                                .wm
+                                .as_ref()
+                                .map(|a| fmt_ts(a.value(*i)))
+                                .unwrap_or_default(),
+                        ),
+                        record: String::from_utf8_lossy(&rec).into_owned(),
+                    };
+                    dead_letter(&d, stats)?;
+                }
+                staged.filter(&BooleanArray::from(keep))?
+            };
+            if staged.is_empty() {
+                continue;
+            }
+            if shards == 1 {
+                senders[0]
+                    .send(Msg::Rows {
+                        view: vi,
+                        rows: staged,
+                    })
+                    .map_err(|_| gone())?;
+                continue;
+            }
+            probe.shard_of(&staged, shards, &mut shard_of)?;
+            for (s, tx) in senders.iter().enumerate() {
+                let mask: BooleanArray = shard_of.iter().map(|x| Some(*x == s)).collect();
+                let part = staged.filter(&mask)?;
+                if !part.is_empty() {
+                    tx.send(Msg::Rows {
+                        view: vi,
+                        rows: part,
+                    })
+                    .map_err(|_| gone())?;
+                }
+            }
+        }
+        if !opts.include_late && wm != NO_WATERMARK {
+            for tx in senders {
+                tx.send(Msg::Advance(wm)).map_err(|_| gone())?;
+            }
+        }
+        progress.update(stats.events, max_seen);
+    }
+    progress.done(stats.events, max_seen);
+    let watermark = (wm != NO_WATERMARK).then_some(wm);
+    let fire = match (opts.to, opts.include_late) {
+        (Some(t), _) => Some(t),
+        (None, true) => watermark,
+        (None, false) => None,
+    };
+    Ok(ReadOut {
+        fire,
+        max_ts: max_in,
+        watermark: match (opts.to, watermark) {
+            (Some(t), Some(w)) => Some(t.max(w)),
+            (t, w) => t.or(w),
+        },
+    })
+}
+
+fn worker(
+    rx: Receiver<Msg>,
+    mut ops: Vec<(ViewOp, Option<Box<dyn OfflineSink>>)>,
+    flush_rows: usize,
+    online: bool,
+) -> Result<WorkerOut> {
+    let n = ops.len();
+    let mut out = WorkerOut {
+        rows: vec![0; n],
+        online: vec![HashMap::new(); n],
+    };
+    let mut buffered: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    let mut buffered_rows = vec![0usize; n];
+    let mut seq = vec![0u64; n];
+    let mut drain = |i: usize,
+                     op: &mut ViewOp,
+                     sink: &mut Option<Box<dyn OfflineSink>>,
+                     out: &mut WorkerOut,
+                     force: bool|
+     -> Result<()> {
+        for b in op.pending_lake.drain(..) {
+            out.rows[i] += b.num_rows() as u64;
+            buffered_rows[i] += b.num_rows();
+            buffered[i].push(b);
+        }
+        for (k, v) in op.pending_online.drain(..) {
+            if online && op.plan.online {
+                out.online[i].insert(k, v);
+            }
+        }
+        if (force && buffered_rows[i] > 0) || buffered_rows[i] >= flush_rows {
+            let batches = std::mem::take(&mut buffered[i]);
+            buffered_rows[i] = 0;
+            if let Some(s) = sink.as_mut() {
+                seq[i] += 1;
+                s.write_epoch(seq[i], &batches)?;
+            }
+        }
+        Ok(())
+    };
+    for msg in rx {
+        match msg {
+            Msg::Rows { view, rows } => {
+                let (op, sink) = &mut ops[view];
+                op.process_staged(rows)?;
+                drain(view, op, sink, &mut out, false)?;
+            }
+            Msg::Advance(wm) => {
+                for (i, (op, sink)) in ops.iter_mut().enumerate() {
+                    op.advance(wm)?;
+                    drain(i, op, sink, &mut out, false)?;
+                }
+            }
+            Msg::Finish { fire, end } => {
+                for (i, (op, sink)) in ops.iter_mut().enumerate() {
+                    if let Some(w) = fire {
+                        op.advance(w)?;
+                    }
+                    op.before_checkpoint(end)?;
+                    drain(i, op, sink, &mut out, true)?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Rows read, rate and event time reached, redrawn on a terminal.
+struct ProgressLine {
+    source: String,
+    mode: Progress,
+    started: Instant,
+    last: Instant,
+}
+
+impl ProgressLine {
+    fn new(source: &str, mode: Progress) -> Self {
+        let now = Instant::now();
+        ProgressLine {
+            source: source.to_string(),
+            mode,
+            started: now,
+            last: now,
+        }
+    }
+
+    fn line(&self, rows: u64, ts: Option<i64>) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let t = ts
+            .map(|t| fmt_ts(t).as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| "-".into());
+        format!(
+            "backfill {}: {} rows, {:.0} rows/s, event time {}",
+            self.source,
+            rows,
+            rows as f64 / secs,
+            t
+        )
+    }
+
+    fn update(&mut self, rows: u64, ts: Option<i64>) {
+        let every = match self.mode {
+            Progress::Terminal => Duration::from_millis(500),
+            Progress::Log => Duration::from_secs(10),
+            Progress::Off => return,
+        };
+        if self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let l = self.line(rows, ts);
+        let mut e = std::io::stderr();
+        let _ = match self.mode {
+            Progress::Terminal => write!(e, "\r\x1b[2K{l}"),
+            _ => writeln!(e, "{l}"),
+        };
+    }
+
+    fn done(&mut self, rows: u64, ts: Option<i64>) {
+        if self.mode == Progress::Terminal {
+            let l = self.line(rows, ts);
+            let _ = writeln!(std::io::stderr(), "\r\x1b[2K{l}");
+        }
+    }
+}

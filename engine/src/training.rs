@@ -1,0 +1,568 @@
+//! Point-in-time-correct feature lookup for training sets: for each spine
+//! row (entity key, timestamp `t`), a view's features as of `t`, never later.
+//!
+//! A windowed view's row with `window_end = E` is the key's value from `E`
+//! until `E + slide`; at `t` the only row that can be valid is therefore the
+//! one ending at `floor(t / slide) * slide`. If the key has no such row its
+//! current window holds no events and it reads as the aggregate over the
+//! empty set, exactly as the online store answers. The join is a hash join
+//! on (key, that window end): spine rows are indexed once, lake rows stream
+//! past and only matching rows are kept, so the lake is never sorted or held
+//! in memory. Views without windows (lifetime aggregates, per-event views)
+//! take their latest row at or before `t`: lake rows of spine keys are
+//! collected per key, sorted by time and searched for each spine row; with
+//! none, the value is NULL (the lake holds snapshots of such views, so no
+//! snapshot means unknown, not zero).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, RecordBatch, TimestampMillisecondArray, UInt32Array, new_null_array,
+};
+use arrow::compute::{interleave, take_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::row::{RowConverter, Rows, SortField};
+
+use crate::error::{EngineError, Result};
+
+/// How a spine row's features were found (for tests and reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// A lake row valid at the spine time.
+    Row,
+    /// The key's window was empty: the aggregate over the empty set.
+    Empty,
+    /// NULL: no key, or a time the lake does not cover yet.
+    Null,
+}
+
+/// The as-of lookup of one view for one spine.
+pub struct AsOf {
+    view: String,
+    slide: Option<i64>,
+    conv: RowConverter,
+    spine_keys: Rows,
+    /// Spine row has a complete (non-NULL) key and a time.
+    valid: Vec<bool>,
+    /// Spine times (ms).
+    ts: Vec<i64>,
+    /// Windowed: hash of (key, window end valid at t) → spine rows.
+    /// Unwindowed: hash of key → key groups.
+    index: HashMap<u64, Vec<u32>, NoHash>,
+    /// Unwindowed: the key group of each spine row, and a spine row of each group.
+    group_of: Vec<u32>,
+    group_rep: Vec<u32>,
+    /// Unwindowed: (time, picked batch, row) per key group.
+    cands: Vec<Vec<(i64, u32, u32)>>,
+    state: ahash::RandomState,
+    features: SchemaRef,
+    picked: Vec<RecordBatch>,
+    /// Windowed: per spine row, (picked batch, row).
+    pick: Vec<Option<(u32, u32)>>,
+    empty: Option<RecordBatch>,
+    coverage: Option<i64>,
+    scratch: Vec<u32>,
+}
+
+/// The hash is computed by us: identity hasher for the index.
+#[derive(Default, Clone, Copy)]
+struct NoHash;
+
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = i;
+    }
+}
+
+impl BuildHasher for NoHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+impl std::fmt::Debug for AsOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AsOf({}, {} spine rows)", self.view, self.ts.len())
+    }
+}
+
+impl AsOf {
+    /// Prepares the lookup of `view` for a spine.
+    ///
+    /// `slide`: the window slide for windowed views (`None`: lifetime or
+    /// per-event). `spine_keys`: the spine's key columns, already in the
+    /// lake's key types (NULL where a value did not convert). `spine_ts`:
+    /// the spine times in ms. `features`: schema of the feature columns
+    /// pushed. `empty`: the one-row aggregate over the empty set, if any.
+    pub fn new(
+        view: &str,
+        slide: Option<i64>,
+        spine_keys: &[ArrayRef],
+        spine_ts: &[Option<i64>],
+        features: SchemaRef,
+        empty: Option<RecordBatch>,
+    ) -> Result<Self> {
+        let arrow_err = |e| EngineError::arrow(format!("keys of view `{view}`"), e);
+        let conv = RowConverter::new(
+            spine_keys
+                .iter()
+                .map(|k| SortField::new(k.data_type().clone()))
+                .collect(),
+        )
+        .map_err(arrow_err)?;
+        let rows = conv.convert_columns(spine_keys).map_err(arrow_err)?;
+        let n = spine_ts.len();
+        let valid: Vec<bool> = (0..n)
+            .map(|i| spine_ts[i].is_some() && spine_keys.iter().all(|k| k.is_valid(i)))
+            .collect();
+        let ts: Vec<i64> = spine_ts.iter().map(|t| t.unwrap_or(0)).collect();
+        let state = ahash::RandomState::with_seeds(3, 5, 7, 9);
+        let mut me = AsOf {
+            view: view.to_string(),
+            slide: slide.filter(|s| *s > 0),
+            conv,
+            spine_keys: rows,
+            valid,
+            ts,
+            index: HashMap::with_hasher(NoHash),
+            group_of: vec![u32::MAX; n],
+            group_rep: Vec::new(),
+            cands: Vec::new(),
+            state,
+            features,
+            picked: Vec::new(),
+            pick: vec![None; n],
+            empty,
+            coverage: None,
+            scratch: Vec::new(),
+        };
+        for i in 0..n {
+            if !me.valid[i] {
+                continue;
+            }
+            match me.slide {
+                Some(s) => {
+                    let end = me.ts[i].div_euclid(s) * s;
+                    let h = me.hash(me.spine_keys.row(i).as_ref(), Some(end));
+                    me.index.entry(h).or_default().push(i as u32);
+                }
+                None => {
+                    let h = me.hash(me.spine_keys.row(i).as_ref(), None);
+                    let bucket = me.index.entry(h).or_default();
+                    let found = bucket.iter().copied().find(|g| {
+                        me.spine_keys.row(me.group_rep[*g as usize] as usize)
+                            == me.spine_keys.row(i)
+                    });
+                    let g = match found {
+                        Some(g) => g,
+                        None => {
+                            let g = me.group_rep.len() as u32;
+                            me.group_rep.push(i as u32);
+                            me.cands.push(Vec::new());
+                            bucket.push(g);
+                            g
+                        }
+                    };
+                    me.group_of[i] = g;
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    fn hash(&self, key: &[u8], end: Option<i64>) -> u64 {
+        let mut h = self.state.build_hasher();
+        h.write(key);
+        if let Some(e) = end {
+            h.write_i64(e);
+        }
+        h.finish()
+    }
+
+    /// Feeds lake rows: their `window_end`, key columns (lake types) and
+    /// feature columns (the schema given to [`AsOf::new`]).
+    pub fn push(
+        &mut self,
+        ends: &TimestampMillisecondArray,
+        keys: &[ArrayRef],
+        features: &RecordBatch,
+    ) -> Result<()> {
+        let n = ends.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(m) = (0..n)
+            .filter(|i| ends.is_valid(*i))
+            .map(|i| ends.value(i))
+            .max()
+        {
+            self.coverage = Some(self.coverage.map_or(m, |c| c.max(m)));
+        }
+        let rows = self
+            .conv
+            .convert_columns(keys)
+            .map_err(|e| EngineError::arrow(format!("lake keys of view `{}`", self.view), e))?;
+        // (lake row, spine row or key group)
+        let mut hits: Vec<(u32, u32)> = Vec::new();
+        for i in 0..n {
+            if !ends.is_valid(i) || keys.iter().any(|k| k.is_null(i)) {
+                continue;
+            }
+            let key = rows.row(i);
+            let end = ends.value(i);
+            match self.slide {
+                Some(_) => {
+                    let h = self.hash(key.as_ref(), Some(end));
+                    if let Some(spine) = self.index.get(&h) {
+                        for s in spine {
+                            let s = *s as usize;
+                            if self.spine_keys.row(s) == key
+                                && self.ts[s].div_euclid(self.slide.unwrap_or(1))
+                                    * self.slide.unwrap_or(1)
+                                    == end
+                            {
+                                hits.push((i as u32, s as u32));
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let h = self.hash(key.as_ref(), None);
+                    if let Some(groups) = self.index.get(&h) {
+                        for g in groups {
+                            let rep = self.group_rep[*g as usize] as usize;
+                            if self.spine_keys.row(rep) == key {
+                                hits.push((i as u32, *g));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if hits.is_empty() {
+            return Ok(());
+        }
+        // Keep only the lake rows something matched.
+        self.scratch.clear();
+        self.scratch.extend(hits.iter().map(|(r, _)| *r));
+        self.scratch.sort_unstable();
+        self.scratch.dedup();
+        let idx = UInt32Array::from(self.scratch.clone());
+        let kept = take_record_batch(features, &idx)
+            .map_err(|e| EngineError::arrow(format!("features of view `{}`", self.view), e))?;
+        let b = self.picked.len() as u32;
+        self.picked.push(kept);
+        for (r, target) in hits {
+            let at = self.scratch.binary_search(&r).unwrap_or(0) as u32;
+            match self.slide {
+                Some(_) => self.pick[target as usize] = Some((b, at)),
+                None => self.cands[target as usize].push((ends.value(r as usize), b, at)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The feature columns for the spine rows, in spine order, and how each
+    /// row was found. `covered_after`: the lake holds data past the rows
+    /// pushed (they were limited to the spine's time range), so every spine
+    /// time is covered.
+    pub fn finish(mut self, covered_after: bool) -> Result<(Vec<ArrayRef>, Vec<Found>)> {
+        let n = self.ts.len();
+        let nb = self.picked.len();
+        let (empty_ref, null_ref) = (nb, nb + 1);
+        let mut refs: Vec<(usize, usize)> = Vec::with_capacity(n);
+        let mut found = Vec::with_capacity(n);
+        let covered =
+            |t: i64, coverage: Option<i64>| covered_after || coverage.is_some_and(|c| t <= c);
+        let take_empty =
+            |found: &mut Vec<Found>, refs: &mut Vec<(usize, usize)>, has_empty: bool| {
+                if has_empty {
+                    refs.push((empty_ref, 0));
+                    found.push(Found::Empty);
+                } else {
+                    refs.push((null_ref, 0));
+                    found.push(Found::Null);
+                }
+            };
+        match self.slide {
+            Some(s) => {
+                for i in 0..n {
+                    if let Some((b, r)) = self.pick[i] {
+                        refs.push((b as usize, r as usize));
+                        found.push(Found::Row);
+                    } else if self.valid[i] && covered(self.ts[i].div_euclid(s) * s, self.coverage)
+                    {
+                        take_empty(&mut found, &mut refs, self.empty.is_some());
+                    } else {
+                        refs.push((null_ref, 0));
+                        found.push(Found::Null);
+                    }
+                }
+            }
+            None => {
+                for c in self.cands.iter_mut() {
+                    c.sort_unstable_by_key(|x| x.0);
+                }
+                for i in 0..n {
+                    if !self.valid[i] {
+                        refs.push((null_ref, 0));
+                        found.push(Found::Null);
+                        continue;
+                    }
+                    let c = &self.cands[self.group_of[i] as usize];
+                    let t = self.ts[i];
+                    // The latest row with time <= t.
+                    let k = c.partition_point(|x| x.0 <= t);
+                    if k > 0 {
+                        let (_, b, r) = c[k - 1];
+                        refs.push((b as usize, r as usize));
+                        found.push(Found::Row);
+                    } else {
+                        // The lake holds snapshots of unwindowed views, not
+                        // every change: no snapshot before t is unknown, not zero.
+                        refs.push((null_ref, 0));
+                        found.push(Found::Null);
+                    }
+                }
+            }
+        }
+        let mut cols = Vec::with_capacity(self.features.fields().len());
+        for (ci, f) in self.features.fields().iter().enumerate() {
+            let empty_col = match &self.empty {
+                Some(e) => Arc::clone(e.column(ci)),
+                None => new_null_array(f.data_type(), 1),
+            };
+            let null_col = new_null_array(f.data_type(), 1);
+            let mut arrays: Vec<&dyn Array> =
+                self.picked.iter().map(|b| b.column(ci).as_ref()).collect();
+            arrays.push(empty_col.as_ref());
+            arrays.push(null_col.as_ref());
+            let col = interleave(&arrays, &refs).map_err(|e| {
+                EngineError::arrow(format!("feature {} of view `{}`", f.name(), self.view), e)
+            })?;
+            cols.push(col);
+        }
+        Ok((cols, found))
+    }
+}
+
+/// A time column as epoch milliseconds (UTC): timestamps of any unit and
+/// time zone (their instants), or text in RFC 3339 / epoch milliseconds.
+pub fn time_millis(col: &ArrayRef) -> Result<Vec<Option<i64>>> {
+    use arrow::datatypes::TimeUnit;
+    let ms = |div: i64, mul: i64| -> Result<Vec<Option<i64>>> {
+        let a = arrow::compute::cast(col, &DataType::Int64)
+            .map_err(|e| EngineError::arrow("time column", e))?;
+        let a = a
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .ok_or_else(|| EngineError::Connector {
+                what: "time column".into(),
+                message: "not convertible to milliseconds".into(),
+            })?
+            .clone();
+        Ok(a.iter()
+            .map(|v| v.map(|v| v.div_euclid(div).saturating_mul(mul)))
+            .collect())
+    };
+    match col.data_type() {
+        DataType::Timestamp(TimeUnit::Second, _) => ms(1, 1000),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => ms(1, 1),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => ms(1000, 1),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => ms(1_000_000, 1),
+        DataType::Date32 => {
+            let a = arrow::compute::cast(col, &DataType::Int32)
+                .map_err(|e| EngineError::arrow("time column", e))?;
+            let a = a
+                .as_any()
+                .downcast_ref::<arrow::array::Int32Array>()
+                .cloned()
+                .unwrap_or_else(|| arrow::array::Int32Array::from(Vec::<i32>::new()));
+            Ok(a.iter()
+                .map(|v| v.map(|d| i64::from(d) * 86_400_000))
+                .collect())
+        }
+        DataType::Int64 | DataType::Int32 | DataType::UInt32 | DataType::UInt64 => ms(1, 1),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let text = arrow::compute::cast(col, &DataType::Utf8)
+                .map_err(|e| EngineError::arrow("time column", e))?;
+            let text = text
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .cloned()
+                .unwrap_or_else(|| arrow::array::StringArray::from(Vec::<&str>::new()));
+            let parsed = arrow::compute::cast(
+                &(Arc::new(text.clone()) as ArrayRef),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )
+            .ok();
+            let parsed = parsed.as_ref().and_then(|p| {
+                p.as_any()
+                    .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                    .cloned()
+            });
+            Ok((0..text.len())
+                .map(|i| {
+                    if text.is_null(i) {
+                        return None;
+                    }
+                    if let Ok(v) = text.value(i).trim().parse::<i64>() {
+                        return Some(v);
+                    }
+                    parsed
+                        .as_ref()
+                        .filter(|p| p.is_valid(i))
+                        .map(|p| p.value(i))
+                })
+                .collect())
+        }
+        other => Err(EngineError::Connector {
+            what: "time column".into(),
+            message: format!("type {other} is not a time"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    fn spine(keys: &[Option<&str>]) -> Vec<ArrayRef> {
+        vec![Arc::new(StringArray::from(keys.to_vec())) as ArrayRef]
+    }
+
+    fn lake(rows: &[(&str, i64, i64)]) -> (TimestampMillisecondArray, Vec<ArrayRef>, RecordBatch) {
+        let ends = TimestampMillisecondArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        let keys = vec![Arc::new(StringArray::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        )) as ArrayRef];
+        let f = RecordBatch::try_new(
+            schema(),
+            vec![Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            ))],
+        )
+        .expect("batch");
+        (ends, keys, f)
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]))
+    }
+
+    fn empty() -> RecordBatch {
+        RecordBatch::try_new(schema(), vec![Arc::new(Int64Array::from(vec![0]))]).expect("empty")
+    }
+
+    fn values(cols: &[ArrayRef]) -> Vec<Option<i64>> {
+        cols[0]
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("i64")
+            .iter()
+            .collect()
+    }
+
+    #[test]
+    fn windowed_lookup_uses_the_window_valid_at_t() {
+        // slide 10: a row ending at 20 is valid for t in [20, 30).
+        let keys = spine(&[
+            Some("a"),
+            Some("a"),
+            Some("a"),
+            Some("a"),
+            Some("b"),
+            None,
+            Some("a"),
+        ]);
+        let ts = [
+            Some(20),
+            Some(29),
+            Some(30),
+            Some(19),
+            Some(25),
+            Some(25),
+            Some(20),
+        ];
+        let mut a = AsOf::new("v", Some(10), &keys, &ts, schema(), Some(empty())).expect("new");
+        let (e, k, f) = lake(&[("a", 10, 1), ("a", 20, 2), ("b", 40, 9)]);
+        a.push(&e, &k, &f).expect("push");
+        let (cols, found) = a.finish(false).expect("finish");
+        // t=20: equal timestamps read the window ending at 20; t=30: it expired
+        // (no row ending at 30) → empty set; t=19 reads the row ending at 10;
+        // b has no row at 20 → empty set; NULL key → NULL; a duplicate spine row repeats.
+        assert_eq!(
+            values(&cols),
+            vec![Some(2), Some(2), Some(0), Some(1), Some(0), None, Some(2)]
+        );
+        assert_eq!(found[2], Found::Empty);
+        assert_eq!(found[5], Found::Null);
+    }
+
+    #[test]
+    fn times_past_the_lake_are_null_not_zero() {
+        let keys = spine(&[Some("a"), Some("a")]);
+        let ts = [Some(45), Some(95)];
+        let mut a = AsOf::new("v", Some(10), &keys, &ts, schema(), Some(empty())).expect("new");
+        let (e, k, f) = lake(&[("a", 30, 3), ("b", 50, 1)]);
+        a.push(&e, &k, &f).expect("push");
+        let (cols, found) = a.finish(false).expect("finish");
+        assert_eq!(values(&cols), vec![Some(0), None]);
+        assert_eq!(found, vec![Found::Empty, Found::Null]);
+    }
+
+    #[test]
+    fn unwindowed_lookup_takes_the_latest_earlier_row() {
+        let keys = spine(&[Some("a"), Some("a"), Some("a"), Some("c")]);
+        let ts = [Some(5), Some(15), Some(100), Some(100)];
+        let mut a = AsOf::new("v", None, &keys, &ts, schema(), Some(empty())).expect("new");
+        // Lake rows out of time order, in two pushes.
+        let (e, k, f) = lake(&[("a", 15, 2), ("b", 1, 7)]);
+        a.push(&e, &k, &f).expect("push");
+        let (e, k, f) = lake(&[("a", 10, 1), ("a", 101, 3)]);
+        a.push(&e, &k, &f).expect("push");
+        let (cols, _) = a.finish(false).expect("finish");
+        // t=5: nothing earlier → NULL; t=15 equal time → that row; t=100 → row at 15 (101 is the future).
+        assert_eq!(values(&cols), vec![None, Some(2), Some(2), None]);
+    }
+
+    #[test]
+    fn times_in_any_zone_and_text() {
+        let utc = TimestampMillisecondArray::from(vec![1_000]).with_timezone("UTC");
+        let ny = arrow::array::TimestampMicrosecondArray::from(vec![1_000_000])
+            .with_timezone("America/New_York");
+        assert_eq!(
+            time_millis(&(Arc::new(utc) as ArrayRef)).expect("utc"),
+            vec![Some(1000)]
+        );
+        assert_eq!(
+            time_millis(&(Arc::new(ny) as ArrayRef)).expect("ny"),
+            vec![Some(1000)]
+        );
+        let text: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("1970-01-01T02:00:01+02:00"),
+            Some("1500"),
+            Some("nonsense"),
+            None,
+        ]));
+        assert_eq!(
+            time_millis(&text).expect("text"),
+            vec![Some(1000), Some(1500), None, None]
+        );
+    }
+}
