@@ -101,6 +101,13 @@ fn backfill_files(dir: &Path) -> Vec<PathBuf> {
 /// Runs `sluice backfill`.
 pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
     let plan = crate::plan(&a.pipeline)?;
+    let from = a.from.as_deref().map(parse_time).transpose()?;
+    let to = a.to.as_deref().map(parse_time).transpose()?;
+    if let (Some(f), Some(t)) = (from, to)
+        && f >= t
+    {
+        bail!("--from must be before --to");
+    }
     let mut inputs: BTreeMap<String, Vec<sluice_connectors::files::InputFile>> = BTreeMap::new();
     for s in &a.sources {
         let Some((name, path)) = s.split_once('=') else {
@@ -115,13 +122,6 @@ pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
         }
         let files = expand_paths(path).with_context(|| format!("--source {s}"))?;
         inputs.entry(name.to_string()).or_default().extend(files);
-    }
-    let from = a.from.as_deref().map(parse_time).transpose()?;
-    let to = a.to.as_deref().map(parse_time).transpose()?;
-    if let (Some(f), Some(t)) = (from, to)
-        && f >= t
-    {
-        bail!("--from must be before --to");
     }
     let views: Vec<_> = plan
         .views

@@ -23,13 +23,13 @@ fn pipeline(dir: &Path) -> PathBuf {
     let sql = format!(
         "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
             WATERMARK FOR ts AS ts - INTERVAL '30' SECOND) WITH (connector = 'file', path = 'events.jsonl');
-         CREATE FEATURE VIEW hop KEY user_id WITH (online = true, offline = '${{LAKE}}') AS
+         CREATE FEATURE VIEW hop KEY user_id WITH (online = true, offline = '${{LAKE:-lake}}') AS
             SELECT user_id, {FEATURES} FROM clicks WHERE price >= 0
             GROUP BY user_id, HOP(ts, INTERVAL '5' MINUTE, INTERVAL '15' MINUTE);
-         CREATE FEATURE VIEW tumble KEY user_id WITH (online = true, offline = '${{LAKE}}') AS
+         CREATE FEATURE VIEW tumble KEY user_id WITH (online = true, offline = '${{LAKE:-lake}}') AS
             SELECT user_id, COUNT(*) AS n, SUM(price) AS spend FROM clicks
             GROUP BY user_id, TUMBLE(ts, INTERVAL '10' MINUTE) HAVING COUNT(*) > 1;
-         CREATE FEATURE VIEW last_click KEY user_id WITH (online = true, offline = '${{LAKE}}') AS
+         CREATE FEATURE VIEW last_click KEY user_id WITH (online = true, offline = '${{LAKE:-lake}}') AS
             SELECT user_id, item_id, price * 2 AS p2 FROM clicks WHERE price > 50;
          CREATE FEATURE VIEW lifetime KEY user_id WITH (online = true) AS
             SELECT user_id, COUNT(*) AS n, MAX(price) AS hi FROM clicks GROUP BY user_id;"

@@ -88,14 +88,14 @@ fn training_set_matches_naive_recomputation() {
         .collect();
     evs.sort_by_key(|e| e.ts);
     evs.dedup_by_key(|e| e.ts);
-    // Arrival order: shuffled within 40 s.
-    let mut arrival = evs.clone();
-    for i in (1..arrival.len()).rev() {
-        let j = i.saturating_sub(rng.below(20) as usize);
-        if arrival[i].ts - arrival[j].ts < 40_000 {
-            arrival.swap(i, j);
-        }
-    }
+    // Arrival order: each event delayed by up to 40 s, inside the 1 minute
+    // watermark delay, so none is late.
+    let mut arrival: Vec<(i64, Ev)> = evs
+        .iter()
+        .map(|e| (e.ts + rng.below(40_000) as i64, e.clone()))
+        .collect();
+    arrival.sort_by_key(|x| x.0);
+    let arrival: Vec<Ev> = arrival.into_iter().map(|x| x.1).collect();
     let mut lines = String::new();
     for e in &arrival {
         writeln!(
@@ -136,6 +136,11 @@ fn training_set_matches_naive_recomputation() {
         .output()
         .expect("backfill");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(" 0 late, 0 dead letters"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // The spine: random users (some unknown, some NULL), items, times from
     // 30 min before the data to 40 min after it, in UTC, +02:00 and -05:00.

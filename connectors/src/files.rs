@@ -77,19 +77,19 @@ pub fn expand_paths(spec: &str) -> Result<Vec<InputFile>> {
     if is_glob {
         let (root, pattern) = glob_root(spec);
         let pat: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
-        walk_glob(&root, &pat, &mut Vec::new(), &mut out)?;
+        walk_glob(&root, &pat, &mut hive_of(&root), &mut out)?;
     } else {
         let p = PathBuf::from(spec);
         let meta = std::fs::metadata(&p).map_err(|e| io(&p, e))?;
         if meta.is_dir() {
-            walk_dir(&p, &mut Vec::new(), &mut out)?;
+            walk_dir(&p, &mut hive_of(&p), &mut out)?;
         } else {
             let format = FileFormat::of(&p).ok_or_else(|| unknown_format(&p))?;
             out.push(InputFile {
                 label: p.display().to_string(),
+                hive: p.parent().map(hive_of).unwrap_or_default(),
                 path: p,
                 format,
-                hive: Vec::new(),
             });
         }
     }
@@ -128,6 +128,13 @@ fn glob_root(spec: &str) -> (PathBuf, String) {
         PathBuf::from(root)
     };
     (root, parts[first..].join("/"))
+}
+
+/// `column=value` folders of a path named on the command line.
+fn hive_of(p: &Path) -> Vec<(String, String)> {
+    p.components()
+        .filter_map(|c| hive_pair(&c.as_os_str().to_string_lossy()))
+        .collect()
 }
 
 fn skipped(name: &str) -> bool {
