@@ -208,7 +208,7 @@ fn poisoned() -> EngineError {
 
 enum Msg {
     /// Staged, non-late rows of view `view` for this worker.
-    Rows { view: usize, rows: Rows },
+    Rows { view: usize, rows: Box<Rows> },
     /// The source watermark moved: fire the windows it closes.
     Advance(i64),
     /// End of input: close windows through `fire`, emit lifetime rows as of `end`.
@@ -480,7 +480,7 @@ fn read_source(
                 senders[0]
                     .send(Msg::Rows {
                         view: vi,
-                        rows: staged,
+                        rows: Box::new(staged),
                     })
                     .map_err(|_| gone())?;
                 continue;
@@ -492,7 +492,7 @@ fn read_source(
                 if !part.is_empty() {
                     tx.send(Msg::Rows {
                         view: vi,
-                        rows: part,
+                        rows: Box::new(part),
                     })
                     .map_err(|_| gone())?;
                 }
@@ -566,7 +566,7 @@ fn worker(
         match msg {
             Msg::Rows { view, rows } => {
                 let (op, sink) = &mut ops[view];
-                op.process_staged(rows)?;
+                op.process_staged(*rows)?;
                 drain(view, op, sink, &mut out, false)?;
             }
             Msg::Advance(wm) => {
