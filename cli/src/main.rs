@@ -3,6 +3,7 @@
 
 mod backfill;
 mod bench;
+mod bench_backfill;
 mod bench_kafka;
 mod generate;
 mod produce;
@@ -71,6 +72,8 @@ enum Cmd {
     },
     /// Benchmark the quickstart view (run by hand with --release; see README).
     Bench(bench::BenchArgs),
+    /// Benchmark backfill and training-set joins against DuckDB (see README).
+    BenchBackfill(bench_backfill::BenchBackfillArgs),
     /// Benchmark the quickstart view fed from Kafka against a count-only consumer (see README).
     BenchKafka(bench_kafka::BenchKafkaArgs),
 }
@@ -180,6 +183,7 @@ fn main() {
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::BenchKafka(a) => bench_kafka::run(&a),
+        Cmd::BenchBackfill(a) => bench_backfill::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -221,13 +221,16 @@ fn training_set_matches_naive_recomputation() {
 
     // Windows the lake can hold end at or before the final watermark.
     let wm = evs.iter().map(|e| e.ts).max().expect("events") - DELAY;
-    let coverage = |slide: i64, size: i64| -> i64 {
+    // The lake covers its first to its last window end; outside, features are NULL.
+    let first_ts = evs.iter().map(|e| e.ts).min().expect("events");
+    let covered = |e: i64, slide: i64, size: i64| -> bool {
         // The last window end at or before wm holding some event.
-        let mut e = wm.div_euclid(slide) * slide;
-        while evs.iter().all(|x| x.ts < e - size || x.ts >= e) {
-            e -= slide;
+        let mut last = wm.div_euclid(slide) * slide;
+        while evs.iter().all(|x| x.ts < last - size || x.ts >= last) {
+            last -= slide;
         }
-        e
+        let first = first_ts.div_euclid(slide) * slide + slide;
+        e >= first && e <= last
     };
     let cols: HashMap<&str, Vec<Option<f64>>> = [
         "hop__n",
@@ -249,7 +252,7 @@ fn training_set_matches_naive_recomputation() {
         let (slide, size) = (5 * MIN, 20 * MIN);
         let e = t.div_euclid(slide) * slide;
         let (n, s, lo, hi) = match uid {
-            Some(u) if e <= coverage(slide, size) => {
+            Some(u) if covered(e, slide, size) => {
                 let w = in_window(&evs, u, false, e - size, e);
                 let p: Vec<f64> = w.iter().map(|x| x.price).collect();
                 if p.is_empty() {
@@ -280,7 +283,7 @@ fn training_set_matches_naive_recomputation() {
         let slide = 15 * MIN;
         let e = t.div_euclid(slide) * slide;
         let (n, avg) = match uid {
-            Some(u) if e <= coverage(slide, slide) => {
+            Some(u) if covered(e, slide, slide) => {
                 let p: Vec<f64> = in_window(&evs, u, false, e - slide, e)
                     .iter()
                     .map(|x| x.price)
@@ -296,7 +299,7 @@ fn training_set_matches_naive_recomputation() {
         // item_pop: by item, 10 min
         let slide = 10 * MIN;
         let e = t.div_euclid(slide) * slide;
-        let n = (e <= coverage(slide, slide))
+        let n = covered(e, slide, slide)
             .then(|| in_window(&evs, item, true, e - slide, e).len() as f64);
         want.push(("item_pop__n", n));
         // last: the latest event at or before t.

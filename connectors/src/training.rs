@@ -93,7 +93,7 @@ pub struct ViewJoinStats {
     pub found: usize,
     /// Spine rows whose window was empty (aggregate over the empty set).
     pub empty: usize,
-    /// Spine rows left NULL (no key, or past the lake's end).
+    /// Spine rows left NULL (no key, or a time outside the lake).
     pub null: usize,
 }
 
@@ -486,7 +486,7 @@ fn join_view(
     };
     let dir = root.join(&vp.name);
     let mut files = Vec::new();
-    let mut later = false;
+    let (mut earlier, mut later) = (false, false);
     for (f, day) in lake_files(&dir)? {
         match (&day, &max_day) {
             (Some(d), Some(m)) if d > m => {
@@ -498,6 +498,7 @@ fn join_view(
         if let (Some(d), Some(m)) = (&day, &min_day)
             && d < m
         {
+            earlier = true;
             continue;
         }
         files.push(f);
@@ -547,7 +548,7 @@ fn join_view(
         }
         Ok(())
     })?;
-    let (cols, found) = asof.finish(later)?;
+    let (cols, found) = asof.finish((earlier, later))?;
     for f in &found {
         match f {
             Found::Row => js.found += 1,

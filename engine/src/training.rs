@@ -62,7 +62,8 @@ pub struct AsOf {
     /// Windowed: per spine row, (picked batch, row).
     pick: Vec<Option<(u32, u32)>>,
     empty: Option<RecordBatch>,
-    coverage: Option<i64>,
+    /// Smallest and largest `window_end` pushed.
+    coverage: Option<(i64, i64)>,
     scratch: Vec<u32>,
 }
 
@@ -204,12 +205,12 @@ impl AsOf {
         if n == 0 {
             return Ok(());
         }
-        if let Some(m) = (0..n)
-            .filter(|i| ends.is_valid(*i))
-            .map(|i| ends.value(i))
-            .max()
-        {
-            self.coverage = Some(self.coverage.map_or(m, |c| c.max(m)));
+        for i in (0..n).filter(|i| ends.is_valid(*i)) {
+            let e = ends.value(i);
+            self.coverage = Some(match self.coverage {
+                None => (e, e),
+                Some((lo, hi)) => (lo.min(e), hi.max(e)),
+            });
         }
         let rows = self
             .conv
@@ -276,17 +277,22 @@ impl AsOf {
     }
 
     /// The feature columns for the spine rows, in spine order, and how each
-    /// row was found. `covered_after`: the lake holds data past the rows
-    /// pushed (they were limited to the spine's time range), so every spine
-    /// time is covered.
-    pub fn finish(mut self, covered_after: bool) -> Result<(Vec<ArrayRef>, Vec<Found>)> {
+    /// row was found. A windowed view's empty window reads as the empty-set
+    /// aggregate only inside the time the lake covers (its first to its last
+    /// window end); outside, nothing is known and the features are NULL.
+    /// `covered`: the lake holds rows before / after those pushed (they were
+    /// limited to the spine's time range), so that side is covered.
+    pub fn finish(mut self, covered: (bool, bool)) -> Result<(Vec<ArrayRef>, Vec<Found>)> {
         let n = self.ts.len();
         let nb = self.picked.len();
         let (empty_ref, null_ref) = (nb, nb + 1);
         let mut refs: Vec<(usize, usize)> = Vec::with_capacity(n);
         let mut found = Vec::with_capacity(n);
-        let covered =
-            |t: i64, coverage: Option<i64>| covered_after || coverage.is_some_and(|c| t <= c);
+        let (before, after) = covered;
+        let covered = |e: i64, coverage: Option<(i64, i64)>| match coverage {
+            Some((lo, hi)) => (before || e >= lo) && (after || e <= hi),
+            None => before && after,
+        };
         let take_empty =
             |found: &mut Vec<Found>, refs: &mut Vec<(usize, usize)>, has_empty: bool| {
                 if has_empty {
@@ -502,7 +508,7 @@ mod tests {
         let mut a = AsOf::new("v", Some(10), &keys, &ts, schema(), Some(empty())).expect("new");
         let (e, k, f) = lake(&[("a", 10, 1), ("a", 20, 2), ("b", 40, 9)]);
         a.push(&e, &k, &f).expect("push");
-        let (cols, found) = a.finish(false).expect("finish");
+        let (cols, found) = a.finish((false, false)).expect("finish");
         // t=20: equal timestamps read the window ending at 20; t=30: it expired
         // (no row ending at 30) → empty set; t=19 reads the row ending at 10;
         // b has no row at 20 → empty set; NULL key → NULL; a duplicate spine row repeats.
@@ -515,15 +521,17 @@ mod tests {
     }
 
     #[test]
-    fn times_past_the_lake_are_null_not_zero() {
-        let keys = spine(&[Some("a"), Some("a")]);
-        let ts = [Some(45), Some(95)];
+    fn times_outside_the_lake_are_null_not_zero() {
+        let keys = spine(&[Some("a"), Some("a"), Some("a")]);
+        let ts = [Some(45), Some(95), Some(25)];
         let mut a = AsOf::new("v", Some(10), &keys, &ts, schema(), Some(empty())).expect("new");
         let (e, k, f) = lake(&[("a", 30, 3), ("b", 50, 1)]);
         a.push(&e, &k, &f).expect("push");
-        let (cols, found) = a.finish(false).expect("finish");
-        assert_eq!(values(&cols), vec![Some(0), None]);
-        assert_eq!(found, vec![Found::Empty, Found::Null]);
+        let (cols, found) = a.finish((false, false)).expect("finish");
+        // t=45: the window ending 40 is inside [30, 50] and empty for a;
+        // t=95 is past the lake, t=25 before it.
+        assert_eq!(values(&cols), vec![Some(0), None, None]);
+        assert_eq!(found, vec![Found::Empty, Found::Null, Found::Null]);
     }
 
     #[test]
@@ -536,7 +544,7 @@ mod tests {
         a.push(&e, &k, &f).expect("push");
         let (e, k, f) = lake(&[("a", 10, 1), ("a", 101, 3)]);
         a.push(&e, &k, &f).expect("push");
-        let (cols, _) = a.finish(false).expect("finish");
+        let (cols, _) = a.finish((false, false)).expect("finish");
         // t=5: nothing earlier → NULL; t=15 equal time → that row; t=100 → row at 15 (101 is the future).
         assert_eq!(values(&cols), vec![None, Some(2), Some(2), None]);
     }

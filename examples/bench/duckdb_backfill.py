@@ -1,0 +1,69 @@
+"""DuckDB baselines for `sluice bench-backfill`, timed inside DuckDB's process.
+
+usage:
+  python duckdb_backfill.py hop EVENTS.parquet OUT.parquet WATERMARK_DELAY_MS
+  python duckdb_backfill.py asof SPINE.parquet LAKE_GLOB OUT.parquet
+
+`hop`: the quickstart view (COUNT, SUM, AVG, approx distinct, WHERE price >= 0,
+HOP 5 min / 1 h) computed the usual way — each event repeated for the 12
+windows holding it with time_bucket + unnest(range(size/slide)) — keeping the
+windows the final watermark closed, written to Parquet.
+`asof`: spine ASOF LEFT JOIN feature rows (latest window_end <= ts per key),
+written to Parquet.
+Prints one JSON line: {"seconds": ..., "rows": ...}.
+"""
+
+import json
+import sys
+import time
+
+import duckdb
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    con = duckdb.connect()
+    con.execute("SET threads = 2")
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET preserve_insertion_order = false")
+    t0 = time.perf_counter()
+    if mode == "hop":
+        events, out, delay_ms = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        con.execute(
+            f"""
+            COPY (
+              WITH e AS (SELECT * FROM read_parquet('{events}') WHERE price >= 0),
+              wm AS (SELECT max(ts) - INTERVAL ({delay_ms}) MILLISECOND AS wm FROM read_parquet('{events}'))
+              SELECT ws AS window_start, ws + INTERVAL 1 HOUR AS window_end, user_id,
+                     count(*) AS clicks_1h, sum(price) AS spend_1h, avg(price) AS avg_price_1h,
+                     approx_count_distinct(item_id) AS distinct_items_1h
+              FROM (
+                SELECT e.*, time_bucket(INTERVAL 5 MINUTE, ts) - to_minutes(5 * k) AS ws
+                FROM e, unnest(range(12)) AS r(k)
+              )
+              WHERE ws + INTERVAL 1 HOUR <= (SELECT wm FROM wm)
+              GROUP BY ws, user_id
+            ) TO '{out}' (FORMAT parquet)
+            """
+        )
+    elif mode == "asof":
+        spine, lake, out = sys.argv[2], sys.argv[3], sys.argv[4]
+        con.execute(
+            f"""
+            COPY (
+              SELECT s.*, f.clicks_1h, f.spend_1h, f.avg_price_1h, f.distinct_items_1h
+              FROM read_parquet('{spine}') s
+              ASOF LEFT JOIN read_parquet('{lake}', hive_partitioning = false) f
+                ON s.user_id = f.user_id AND s.ts >= f.window_end
+            ) TO '{out}' (FORMAT parquet)
+            """
+        )
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    secs = time.perf_counter() - t0
+    rows = con.execute(f"SELECT count(*) FROM read_parquet('{sys.argv[3] if mode == 'hop' else sys.argv[4]}')").fetchone()[0]
+    print(json.dumps({"seconds": secs, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
