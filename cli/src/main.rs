@@ -153,7 +153,7 @@ fn training_set(a: &TrainingSetArgs) -> anyhow::Result<()> {
     );
     for v in &stats.views {
         eprintln!(
-            "  {}: {} lake rows from {} files; {} rows found, {} empty windows, {} NULL (no key or past the lake)",
+            "  {}: {} lake rows from {} files; {} rows found, {} empty windows, {} NULL (no key, or a time outside the lake)",
             v.view, v.lake_rows, v.files, v.found, v.empty, v.null
         );
     }

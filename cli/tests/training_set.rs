@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::Command;
 
 use arrow::array::{AsArray, RecordBatch};
@@ -365,4 +366,100 @@ fn training_set_errors_name_the_fix() {
     )
     .expect("spine");
     assert!(run(&["--features", "v", "--key", "user_id=uid"]).contains("--time-column"));
+}
+
+/// The README's "From stream to training set" walk-through, on a small history.
+#[test]
+fn training_example_runs() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/training");
+    let events = d.join("history/date=2024-01-01/events.parquet");
+    let o = common::sluice(&[
+        "gen",
+        "--events",
+        "60000",
+        "--keys",
+        "10",
+        "--minutes",
+        "180",
+        "--late-every",
+        "500",
+        "--out",
+        &events.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = ex.join("pipeline.sql").display().to_string();
+    let lake = d.join("lake");
+    let run = |args: &[&str]| {
+        let o = Command::new(bin())
+            .args(args)
+            .env("SLUICE_LAKE", &lake)
+            .output()
+            .expect("run");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let log = run(&[
+        "backfill",
+        &p,
+        "--source",
+        &format!("clicks={}", d.join("history").display()),
+        "--state-dir",
+        &d.join("st").display().to_string(),
+        "--online",
+    ]);
+    assert!(log.contains("backfill done: 60000 events"), "{log}");
+    let out = d.join("train.csv");
+    run(&[
+        "training-set",
+        &p,
+        "--spine",
+        &ex.join("spine.csv").display().to_string(),
+        "--features",
+        "user_activity",
+        "--features",
+        "item_popularity:clicks_30m",
+        "--key",
+        "user_id=uid",
+        "--time-column",
+        "ts",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let text = std::fs::read_to_string(&out).expect("output");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 11, "{text}");
+    assert_eq!(
+        lines[0],
+        "uid,item_id,ts,label,user_activity__clicks_1h,user_activity__spend_1h,user_activity__distinct_items_1h,item_popularity__clicks_30m"
+    );
+    // u00001 at 01:00 reads the hour ending 01:00; the NULL key and the time
+    // after the data (09:00) have no user features.
+    assert!(
+        lines[1].starts_with("u00001,i17,2024-01-01T01:00:00Z,1,"),
+        "{}",
+        lines[1]
+    );
+    assert!(!lines[1].contains(",,"), "{}", lines[1]);
+    assert!(
+        lines[7].starts_with(",i8,2024-01-01T02:00:00Z,0,,,,"),
+        "{}",
+        lines[7]
+    );
+    assert!(
+        lines[10].starts_with("u00006,i5,2024-01-01T09:00:00Z,1,,,,"),
+        "{}",
+        lines[10]
+    );
+    // An unknown user inside the data's time reads as no activity: 0 clicks.
+    assert!(
+        lines[8].starts_with("u99999,i8,2024-01-01T02:00:00Z,0,0,,"),
+        "{}",
+        lines[8]
+    );
 }
