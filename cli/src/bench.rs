@@ -47,7 +47,8 @@ pub struct BenchArgs {
     clients: u64,
 }
 
-fn peak_rss_mib() -> f64 {
+/// Peak resident set size of this process (VmHWM), MiB.
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

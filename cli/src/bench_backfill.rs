@@ -21,6 +21,7 @@ use arrow::datatypes::DataType;
 use sluice_engine::aggregate::emitted_schema;
 
 use crate::backfill::BackfillArgs;
+use crate::bench::peak_rss_mib;
 use crate::generate::{self, BASE_TS, Rng};
 
 /// Options of `sluice bench-backfill`.
@@ -50,19 +51,6 @@ pub struct BenchBackfillArgs {
     /// Skip DuckDB.
     #[arg(long)]
     no_duckdb: bool,
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 fn mib(p: &Path) -> f64 {

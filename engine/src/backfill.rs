@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::UInt32Array;
-use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, TimestampMillisecondArray};
+use arrow::array::{BooleanArray, Int64Array, RecordBatch};
 use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::NO_WATERMARK;
+use crate::job::{NO_WATERMARK, event_times};
 use crate::online::{fmt_ts, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
@@ -375,15 +375,7 @@ fn read_source(
         // for a one-partition source.
         let (ts, wms) = match sp.event_time {
             Some(idx) => {
-                let col = batch.column(idx);
-                let tsa = col
-                    .as_any()
-                    .downcast_ref::<TimestampMillisecondArray>()
-                    .ok_or_else(|| EngineError::Connector {
-                        what: format!("source {}", sp.name),
-                        message: format!("event-time column has type {}", col.data_type()),
-                    })?;
-                let ts = Int64Array::new(tsa.values().clone(), None);
+                let ts = event_times(&sp.name, &batch, idx)?;
                 let mut w = Vec::with_capacity(n);
                 let mut max = max_seen.unwrap_or(i64::MIN);
                 for t in ts.values().iter() {

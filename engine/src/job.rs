@@ -31,6 +31,19 @@ const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 /// No watermark yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
 
+/// The event times (ms) of a source batch, from its event-time column `idx`.
+pub fn event_times(source: &str, batch: &RecordBatch, idx: usize) -> Result<Int64Array> {
+    let col = batch.column(idx);
+    let tsa = col
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .ok_or_else(|| EngineError::Connector {
+            what: format!("source {source}"),
+            message: format!("event-time column has type {}", col.data_type()),
+        })?;
+    Ok(Int64Array::new(tsa.values().clone(), None))
+}
+
 /// How a job runs.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -544,15 +557,7 @@ impl Job {
         metrics::counter!("sluice_events_in_total", "source" => s.name.clone()).increment(n as u64);
         let (ts, wm) = match s.event_time {
             Some(idx) => {
-                let col = batch.column(idx);
-                let tsa = col
-                    .as_any()
-                    .downcast_ref::<TimestampMillisecondArray>()
-                    .ok_or_else(|| EngineError::Connector {
-                        what: format!("source {}", s.name),
-                        message: format!("event-time column has type {}", col.data_type()),
-                    })?;
-                let ts = Int64Array::new(tsa.values().clone(), None);
+                let ts = event_times(&s.name, &batch, idx)?;
                 let mut wm = Vec::with_capacity(n);
                 let mut cur = s.wm;
                 let mut max = s.max_ts.unwrap_or(i64::MIN);
