@@ -13,11 +13,11 @@ use arrow::compute::{CastOptions, cast_with_options, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowPredicateFn, ParquetRecordBatchReaderBuilder, RowFilter};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::aggregate::emitted_schema;
-use sluice_engine::training::{AsOf, Found, time_millis};
+use sluice_engine::training::{AsOf, Found, Probe, time_millis};
 use sluice_engine::view::ViewOp;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::PipelinePlan;
@@ -515,23 +515,29 @@ fn join_view(
         .iter()
         .map(|i| emitted.field(*i).name().clone())
         .collect();
-    // One thread decodes Parquet while this one joins.
+    // Two threads decode the lake, dropping rows no spine row can use
+    // before their features are decoded; this one collects the rest.
     let (tx, rx) = sync_channel::<Result<RecordBatch>>(4);
+    let probe = asof.probe();
+    let nk = keys.len();
     std::thread::scope(|scope| -> Result<()> {
-        let files = &files;
         let names = &names;
-        scope.spawn(move || {
-            for f in files {
-                if let Err(e) = read_lake_file(f, names, &tx) {
-                    let _ = tx.send(Err(e));
-                    return;
+        for part in 0..2usize {
+            let tx = tx.clone();
+            let probe = Arc::clone(&probe);
+            let mine: Vec<PathBuf> = files.iter().skip(part).step_by(2).cloned().collect();
+            scope.spawn(move || {
+                for f in &mine {
+                    if let Err(e) = read_lake_file(f, names, nk, &probe, &tx) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
                 }
-            }
-        });
-        let nk = keys.len();
+            });
+        }
+        drop(tx);
         for b in rx {
             let b = b?;
-            js.lake_rows += b.num_rows();
             let ends = b
                 .column(0)
                 .as_any()
@@ -548,6 +554,7 @@ fn join_view(
         }
         Ok(())
     })?;
+    js.lake_rows = probe.scanned() as usize;
     let (cols, found) = asof.finish((earlier, later))?;
     for f in &found {
         match f {
@@ -573,6 +580,8 @@ fn join_view(
 fn read_lake_file(
     path: &Path,
     names: &[String],
+    nk: usize,
+    probe: &Arc<Probe>,
     tx: &std::sync::mpsc::SyncSender<Result<RecordBatch>>,
 ) -> Result<()> {
     let ctx = format!("lake file {}", path.display());
@@ -591,23 +600,54 @@ fn read_lake_file(
             })
         })
         .collect::<Result<_>>()?;
-    let mask = ProjectionMask::roots(b.parquet_schema(), idx.clone());
+    // Decoded columns come in file order: where each requested one lands.
+    let order = |wanted: &[usize]| -> Vec<usize> {
+        let mut sorted = wanted.to_vec();
+        sorted.sort_unstable();
+        wanted
+            .iter()
+            .map(|i| sorted.binary_search(i).unwrap_or(0))
+            .collect()
+    };
+    // Late materialization: window_end and the keys first; features only
+    // for the rows the spine can use.
+    let probe_cols = &idx[..=nk];
+    let probe_order = order(probe_cols);
+    let p = Arc::clone(probe);
+    let predicate = ArrowPredicateFn::new(
+        ProjectionMask::roots(b.parquet_schema(), probe_cols.to_vec()),
+        move |batch: RecordBatch| {
+            let ends = batch
+                .column(probe_order[0])
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .cloned()
+                .ok_or_else(|| {
+                    arrow::error::ArrowError::SchemaError("window_end is not TIMESTAMP(ms)".into())
+                })?;
+            let keys: Vec<ArrayRef> = probe_order[1..]
+                .iter()
+                .map(|i| Arc::clone(batch.column(*i)))
+                .collect();
+            p.matches(&ends, &keys)
+                .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))
+        },
+    );
+    let projection = ProjectionMask::roots(b.parquet_schema(), idx.clone());
     let r = b
-        .with_projection(mask)
+        .with_projection(projection)
+        .with_row_filter(RowFilter::new(vec![Box::new(predicate)]))
         .with_batch_size(65536)
         .build()
         .map_err(|e| cerr(ctx.clone(), e.to_string()))?;
-    // The projected batch keeps file order; put it in the requested order.
-    let mut sorted = idx.clone();
-    sorted.sort_unstable();
-    let order: Vec<usize> = idx
-        .iter()
-        .map(|i| sorted.binary_search(i).unwrap_or(0))
-        .collect();
+    let out_order = order(&idx);
     for b in r {
         let b = b.map_err(|e| EngineError::arrow(ctx.clone(), e))?;
+        if b.num_rows() == 0 {
+            continue;
+        }
         let b = b
-            .project(&order)
+            .project(&out_order)
             .map_err(|e| EngineError::arrow(ctx.clone(), e))?;
         if tx.send(Ok(b)).is_err() {
             return Ok(());

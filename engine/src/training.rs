@@ -17,9 +17,11 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use arrow::array::{
-    Array, ArrayRef, RecordBatch, TimestampMillisecondArray, UInt32Array, new_null_array,
+    Array, ArrayRef, BooleanArray, RecordBatch, TimestampMillisecondArray, UInt32Array,
+    new_null_array,
 };
 use arrow::compute::{interleave, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
@@ -38,8 +40,11 @@ pub enum Found {
     Null,
 }
 
-/// The as-of lookup of one view for one spine.
-pub struct AsOf {
+/// The spine side of one view's as-of lookup: which lake rows can be valid
+/// at some spine row's time. Shared (read-only) with the threads decoding
+/// the lake, so rows no spine row needs are dropped before their feature
+/// columns are decoded.
+pub struct Probe {
     view: String,
     slide: Option<i64>,
     conv: RowConverter,
@@ -54,16 +59,30 @@ pub struct AsOf {
     /// Unwindowed: the key group of each spine row, and a spine row of each group.
     group_of: Vec<u32>,
     group_rep: Vec<u32>,
+    state: ahash::RandomState,
+    /// Smallest and largest `window_end` seen in the lake.
+    lo: AtomicI64,
+    hi: AtomicI64,
+    /// Lake rows looked at.
+    scanned: AtomicU64,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Probe({}, {} spine rows)", self.view, self.ts.len())
+    }
+}
+
+/// The as-of lookup of one view for one spine.
+pub struct AsOf {
+    probe: Arc<Probe>,
     /// Unwindowed: (time, picked batch, row) per key group.
     cands: Vec<Vec<(i64, u32, u32)>>,
-    state: ahash::RandomState,
     features: SchemaRef,
     picked: Vec<RecordBatch>,
     /// Windowed: per spine row, (picked batch, row).
     pick: Vec<Option<(u32, u32)>>,
     empty: Option<RecordBatch>,
-    /// Smallest and largest `window_end` pushed.
-    coverage: Option<(i64, i64)>,
     scratch: Vec<u32>,
 }
 
@@ -96,7 +115,94 @@ impl BuildHasher for NoHash {
 
 impl std::fmt::Debug for AsOf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AsOf({}, {} spine rows)", self.view, self.ts.len())
+        write!(f, "AsOf({:?})", self.probe)
+    }
+}
+
+impl Probe {
+    fn hash(&self, key: &[u8], end: Option<i64>) -> u64 {
+        let mut h = self.state.build_hasher();
+        h.write(key);
+        if let Some(e) = end {
+            h.write_i64(e);
+        }
+        h.finish()
+    }
+
+    /// Calls `hit(lake row, spine row | key group)` for every lake row a
+    /// spine row can use.
+    fn hits(
+        &self,
+        ends: &TimestampMillisecondArray,
+        keys: &[ArrayRef],
+        mut hit: impl FnMut(u32, u32),
+    ) -> Result<()> {
+        let rows = self
+            .conv
+            .convert_columns(keys)
+            .map_err(|e| EngineError::arrow(format!("lake keys of view `{}`", self.view), e))?;
+        for i in 0..ends.len() {
+            if !ends.is_valid(i) || keys.iter().any(|k| k.is_null(i)) {
+                continue;
+            }
+            let key = rows.row(i);
+            let end = ends.value(i);
+            match self.slide {
+                Some(s) => {
+                    let Some(spine) = self.index.get(&self.hash(key.as_ref(), Some(end))) else {
+                        continue;
+                    };
+                    for r in spine {
+                        let r = *r as usize;
+                        if self.spine_keys.row(r) == key && self.ts[r].div_euclid(s) * s == end {
+                            hit(i as u32, r as u32);
+                        }
+                    }
+                }
+                None => {
+                    let Some(groups) = self.index.get(&self.hash(key.as_ref(), None)) else {
+                        continue;
+                    };
+                    for g in groups {
+                        let rep = self.group_rep[*g as usize] as usize;
+                        if self.spine_keys.row(rep) == key {
+                            hit(i as u32, *g);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(&self, ends: &TimestampMillisecondArray) {
+        let mut lo = i64::MAX;
+        let mut hi = i64::MIN;
+        for i in (0..ends.len()).filter(|i| ends.is_valid(*i)) {
+            lo = lo.min(ends.value(i));
+            hi = hi.max(ends.value(i));
+        }
+        self.lo.fetch_min(lo, Ordering::Relaxed);
+        self.hi.fetch_max(hi, Ordering::Relaxed);
+    }
+
+    /// Which of these lake rows some spine row can use; records the lake's
+    /// time range and counts the rows (call it on every lake row once).
+    pub fn matches(
+        &self,
+        ends: &TimestampMillisecondArray,
+        keys: &[ArrayRef],
+    ) -> Result<BooleanArray> {
+        self.observe(ends);
+        self.scanned.fetch_add(ends.len() as u64, Ordering::Relaxed);
+        let mut keep = vec![false; ends.len()];
+        self.hits(ends, keys, |r, _| keep[r as usize] = true)?;
+        Ok(BooleanArray::from(keep))
+    }
+
+    /// Lake rows passed to [`Probe::matches`].
+    pub fn scanned(&self) -> u64 {
+        self.scanned.load(Ordering::Relaxed)
     }
 }
 
@@ -130,8 +236,7 @@ impl AsOf {
             .map(|i| spine_ts[i].is_some() && spine_keys.iter().all(|k| k.is_valid(i)))
             .collect();
         let ts: Vec<i64> = spine_ts.iter().map(|t| t.unwrap_or(0)).collect();
-        let state = ahash::RandomState::with_seeds(3, 5, 7, 9);
-        let mut me = AsOf {
+        let mut p = Probe {
             view: view.to_string(),
             slide: slide.filter(|s| *s > 0),
             conv,
@@ -141,118 +246,73 @@ impl AsOf {
             index: HashMap::with_hasher(NoHash),
             group_of: vec![u32::MAX; n],
             group_rep: Vec::new(),
-            cands: Vec::new(),
-            state,
-            features,
-            picked: Vec::new(),
-            pick: vec![None; n],
-            empty,
-            coverage: None,
-            scratch: Vec::new(),
+            state: ahash::RandomState::with_seeds(3, 5, 7, 9),
+            lo: AtomicI64::new(i64::MAX),
+            hi: AtomicI64::new(i64::MIN),
+            scanned: AtomicU64::new(0),
         };
         for i in 0..n {
-            if !me.valid[i] {
+            if !p.valid[i] {
                 continue;
             }
-            match me.slide {
+            match p.slide {
                 Some(s) => {
-                    let end = me.ts[i].div_euclid(s) * s;
-                    let h = me.hash(me.spine_keys.row(i).as_ref(), Some(end));
-                    me.index.entry(h).or_default().push(i as u32);
+                    let end = p.ts[i].div_euclid(s) * s;
+                    let h = p.hash(p.spine_keys.row(i).as_ref(), Some(end));
+                    p.index.entry(h).or_default().push(i as u32);
                 }
                 None => {
-                    let h = me.hash(me.spine_keys.row(i).as_ref(), None);
-                    let bucket = me.index.entry(h).or_default();
+                    let h = p.hash(p.spine_keys.row(i).as_ref(), None);
+                    let bucket = p.index.entry(h).or_default();
                     let found = bucket.iter().copied().find(|g| {
-                        me.spine_keys.row(me.group_rep[*g as usize] as usize)
-                            == me.spine_keys.row(i)
+                        p.spine_keys.row(p.group_rep[*g as usize] as usize) == p.spine_keys.row(i)
                     });
                     let g = match found {
                         Some(g) => g,
                         None => {
-                            let g = me.group_rep.len() as u32;
-                            me.group_rep.push(i as u32);
-                            me.cands.push(Vec::new());
+                            let g = p.group_rep.len() as u32;
+                            p.group_rep.push(i as u32);
                             bucket.push(g);
                             g
                         }
                     };
-                    me.group_of[i] = g;
+                    p.group_of[i] = g;
                 }
             }
         }
-        Ok(me)
+        let groups = p.group_rep.len();
+        Ok(AsOf {
+            probe: Arc::new(p),
+            cands: vec![Vec::new(); groups],
+            features,
+            picked: Vec::new(),
+            pick: vec![None; n],
+            empty,
+            scratch: Vec::new(),
+        })
     }
 
-    fn hash(&self, key: &[u8], end: Option<i64>) -> u64 {
-        let mut h = self.state.build_hasher();
-        h.write(key);
-        if let Some(e) = end {
-            h.write_i64(e);
-        }
-        h.finish()
+    /// The spine side, for filtering lake rows while they are decoded.
+    pub fn probe(&self) -> Arc<Probe> {
+        Arc::clone(&self.probe)
     }
 
     /// Feeds lake rows: their `window_end`, key columns (lake types) and
-    /// feature columns (the schema given to [`AsOf::new`]).
+    /// feature columns (the schema given to [`AsOf::new`]). Rows no spine
+    /// row uses may be left out (see [`Probe::matches`]) or included.
     pub fn push(
         &mut self,
         ends: &TimestampMillisecondArray,
         keys: &[ArrayRef],
         features: &RecordBatch,
     ) -> Result<()> {
-        let n = ends.len();
-        if n == 0 {
+        if ends.is_empty() {
             return Ok(());
         }
-        for i in (0..n).filter(|i| ends.is_valid(*i)) {
-            let e = ends.value(i);
-            self.coverage = Some(match self.coverage {
-                None => (e, e),
-                Some((lo, hi)) => (lo.min(e), hi.max(e)),
-            });
-        }
-        let rows = self
-            .conv
-            .convert_columns(keys)
-            .map_err(|e| EngineError::arrow(format!("lake keys of view `{}`", self.view), e))?;
+        self.probe.observe(ends);
         // (lake row, spine row or key group)
         let mut hits: Vec<(u32, u32)> = Vec::new();
-        for i in 0..n {
-            if !ends.is_valid(i) || keys.iter().any(|k| k.is_null(i)) {
-                continue;
-            }
-            let key = rows.row(i);
-            let end = ends.value(i);
-            match self.slide {
-                Some(_) => {
-                    let h = self.hash(key.as_ref(), Some(end));
-                    if let Some(spine) = self.index.get(&h) {
-                        for s in spine {
-                            let s = *s as usize;
-                            if self.spine_keys.row(s) == key
-                                && self.ts[s].div_euclid(self.slide.unwrap_or(1))
-                                    * self.slide.unwrap_or(1)
-                                    == end
-                            {
-                                hits.push((i as u32, s as u32));
-                            }
-                        }
-                    }
-                }
-                None => {
-                    let h = self.hash(key.as_ref(), None);
-                    if let Some(groups) = self.index.get(&h) {
-                        for g in groups {
-                            let rep = self.group_rep[*g as usize] as usize;
-                            if self.spine_keys.row(rep) == key {
-                                hits.push((i as u32, *g));
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        self.probe.hits(ends, keys, |r, t| hits.push((r, t)))?;
         if hits.is_empty() {
             return Ok(());
         }
@@ -261,16 +321,23 @@ impl AsOf {
         self.scratch.extend(hits.iter().map(|(r, _)| *r));
         self.scratch.sort_unstable();
         self.scratch.dedup();
-        let idx = UInt32Array::from(self.scratch.clone());
-        let kept = take_record_batch(features, &idx)
-            .map_err(|e| EngineError::arrow(format!("features of view `{}`", self.view), e))?;
+        let kept = if self.scratch.len() == features.num_rows() {
+            features.clone()
+        } else {
+            let idx = UInt32Array::from(self.scratch.clone());
+            take_record_batch(features, &idx).map_err(|e| {
+                EngineError::arrow(format!("features of view `{}`", self.probe.view), e)
+            })?
+        };
         let b = self.picked.len() as u32;
         self.picked.push(kept);
+        let windowed = self.probe.slide.is_some();
         for (r, target) in hits {
             let at = self.scratch.binary_search(&r).unwrap_or(0) as u32;
-            match self.slide {
-                Some(_) => self.pick[target as usize] = Some((b, at)),
-                None => self.cands[target as usize].push((ends.value(r as usize), b, at)),
+            if windowed {
+                self.pick[target as usize] = Some((b, at));
+            } else {
+                self.cands[target as usize].push((ends.value(r as usize), b, at));
             }
         }
         Ok(())
@@ -283,7 +350,10 @@ impl AsOf {
     /// `covered`: the lake holds rows before / after those pushed (they were
     /// limited to the spine's time range), so that side is covered.
     pub fn finish(mut self, covered: (bool, bool)) -> Result<(Vec<ArrayRef>, Vec<Found>)> {
-        let n = self.ts.len();
+        let p = Arc::clone(&self.probe);
+        let n = p.ts.len();
+        let (lo, hi) = (p.lo.load(Ordering::Relaxed), p.hi.load(Ordering::Relaxed));
+        let coverage = (lo <= hi).then_some((lo, hi));
         let nb = self.picked.len();
         let (empty_ref, null_ref) = (nb, nb + 1);
         let mut refs: Vec<(usize, usize)> = Vec::with_capacity(n);
@@ -303,14 +373,13 @@ impl AsOf {
                     found.push(Found::Null);
                 }
             };
-        match self.slide {
+        match p.slide {
             Some(s) => {
                 for i in 0..n {
                     if let Some((b, r)) = self.pick[i] {
                         refs.push((b as usize, r as usize));
                         found.push(Found::Row);
-                    } else if self.valid[i] && covered(self.ts[i].div_euclid(s) * s, self.coverage)
-                    {
+                    } else if p.valid[i] && covered(p.ts[i].div_euclid(s) * s, coverage) {
                         take_empty(&mut found, &mut refs, self.empty.is_some());
                     } else {
                         refs.push((null_ref, 0));
@@ -323,13 +392,13 @@ impl AsOf {
                     c.sort_unstable_by_key(|x| x.0);
                 }
                 for i in 0..n {
-                    if !self.valid[i] {
+                    if !p.valid[i] {
                         refs.push((null_ref, 0));
                         found.push(Found::Null);
                         continue;
                     }
-                    let c = &self.cands[self.group_of[i] as usize];
-                    let t = self.ts[i];
+                    let c = &self.cands[p.group_of[i] as usize];
+                    let t = p.ts[i];
                     // The latest row with time <= t.
                     let k = c.partition_point(|x| x.0 <= t);
                     if k > 0 {
@@ -357,7 +426,7 @@ impl AsOf {
             arrays.push(empty_col.as_ref());
             arrays.push(null_col.as_ref());
             let col = interleave(&arrays, &refs).map_err(|e| {
-                EngineError::arrow(format!("feature {} of view `{}`", f.name(), self.view), e)
+                EngineError::arrow(format!("feature {} of view `{}`", f.name(), p.view), e)
             })?;
             cols.push(col);
         }
