@@ -19,13 +19,14 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use arrow::array::make_comparator;
 use arrow::array::{
     Array, ArrayRef, BooleanArray, RecordBatch, TimestampMillisecondArray, UInt32Array,
     new_null_array,
 };
+use arrow::compute::SortOptions;
 use arrow::compute::{interleave, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
-use arrow::row::{RowConverter, Rows, SortField};
 
 use crate::error::{EngineError, Result};
 
@@ -47,19 +48,23 @@ pub enum Found {
 pub struct Probe {
     view: String,
     slide: Option<i64>,
-    conv: RowConverter,
-    spine_keys: Rows,
+    /// The spine's key columns (in the lake's key types).
+    spine_keys: Vec<ArrayRef>,
     /// Spine row has a complete (non-NULL) key and a time.
     valid: Vec<bool>,
     /// Spine times (ms).
     ts: Vec<i64>,
     /// Windowed: hash of (key, window end valid at t) → spine rows.
     /// Unwindowed: hash of key → key groups.
-    index: HashMap<u64, Vec<u32>, NoHash>,
+    /// (First entry of a hash chain; `next` links entries with equal hashes.)
+    index: HashMap<u64, u32, NoHash>,
+    next: Vec<u32>,
+    /// One bit per hash (a one-probe Bloom filter), small enough to stay in
+    /// cache: most lake rows match no spine row and stop here.
+    bloom: Vec<u64>,
     /// Unwindowed: the key group of each spine row, and a spine row of each group.
     group_of: Vec<u32>,
     group_rep: Vec<u32>,
-    state: ahash::RandomState,
     /// Smallest and largest `window_end` seen in the lake.
     lo: AtomicI64,
     hi: AtomicI64,
@@ -119,16 +124,47 @@ impl std::fmt::Debug for AsOf {
     }
 }
 
-impl Probe {
-    fn hash(&self, key: &[u8], end: Option<i64>) -> u64 {
-        let mut h = self.state.build_hasher();
-        h.write(key);
-        if let Some(e) = end {
-            h.write_i64(e);
-        }
-        h.finish()
-    }
+/// End of a hash chain.
+const NONE: u32 = u32::MAX;
 
+/// The Bloom-filter bit of a hash (`words` a power of two).
+fn bloom_bit(h: u64, words: usize) -> usize {
+    ((h >> 17) as usize) & (words * 64 - 1)
+}
+
+/// Seed of the key hashes (spine and lake must agree).
+const HASH_SEED: u64 = 0x5eed;
+
+/// One hash per row over `cols` (vectorized, NULL-aware).
+fn row_hashes(view: &str, cols: &[ArrayRef]) -> Result<Vec<u64>> {
+    let n = cols.first().map_or(0, |c| c.len());
+    let mut h = vec![0u64; n];
+    let state = datafusion::common::hash_utils::RandomState::with_seed(HASH_SEED);
+    datafusion::common::hash_utils::create_hashes(cols, &state, &mut h)
+        .map_err(|e| EngineError::df(view, e))?;
+    Ok(h)
+}
+
+/// Window ends as plain `Int64` (hashes do not depend on a time zone).
+fn as_i64(ends: &TimestampMillisecondArray) -> ArrayRef {
+    Arc::new(arrow::array::Int64Array::new(
+        ends.values().clone(),
+        ends.nulls().cloned(),
+    ))
+}
+
+/// Compares key rows of `left` (row i) with `right` (row j), column by column.
+fn key_eq(left: &[ArrayRef], right: &[ArrayRef]) -> Result<impl Fn(usize, usize) -> bool> {
+    let cmps = left
+        .iter()
+        .zip(right)
+        .map(|(l, r)| make_comparator(l.as_ref(), r.as_ref(), SortOptions::default()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::arrow("comparing keys", e))?;
+    Ok(move |i: usize, j: usize| cmps.iter().all(|c| c(i, j).is_eq()))
+}
+
+impl Probe {
     /// Calls `hit(lake row, spine row | key group)` for every lake row a
     /// spine row can use.
     fn hits(
@@ -137,39 +173,40 @@ impl Probe {
         keys: &[ArrayRef],
         mut hit: impl FnMut(u32, u32),
     ) -> Result<()> {
-        let rows = self
-            .conv
-            .convert_columns(keys)
-            .map_err(|e| EngineError::arrow(format!("lake keys of view `{}`", self.view), e))?;
-        for i in 0..ends.len() {
+        let mut cols = keys.to_vec();
+        if self.slide.is_some() {
+            cols.push(as_i64(ends));
+        }
+        let hashes = row_hashes(&self.view, &cols)?;
+        let same = key_eq(keys, &self.spine_keys)?;
+        for (i, h) in hashes.iter().enumerate() {
+            let bit = bloom_bit(*h, self.bloom.len());
+            if self.bloom[bit / 64] & (1 << (bit % 64)) == 0 {
+                continue;
+            }
+            let Some(first) = self.index.get(h) else {
+                continue;
+            };
             if !ends.is_valid(i) || keys.iter().any(|k| k.is_null(i)) {
                 continue;
             }
-            let key = rows.row(i);
             let end = ends.value(i);
-            match self.slide {
-                Some(s) => {
-                    let Some(spine) = self.index.get(&self.hash(key.as_ref(), Some(end))) else {
-                        continue;
-                    };
-                    for r in spine {
-                        let r = *r as usize;
-                        if self.spine_keys.row(r) == key && self.ts[r].div_euclid(s) * s == end {
-                            hit(i as u32, r as u32);
+            let mut t = *first;
+            while t != NONE {
+                match self.slide {
+                    Some(s) => {
+                        let r = t as usize;
+                        if self.ts[r].div_euclid(s) * s == end && same(i, r) {
+                            hit(i as u32, t);
+                        }
+                    }
+                    None => {
+                        if same(i, self.group_rep[t as usize] as usize) {
+                            hit(i as u32, t);
                         }
                     }
                 }
-                None => {
-                    let Some(groups) = self.index.get(&self.hash(key.as_ref(), None)) else {
-                        continue;
-                    };
-                    for g in groups {
-                        let rep = self.group_rep[*g as usize] as usize;
-                        if self.spine_keys.row(rep) == key {
-                            hit(i as u32, *g);
-                        }
-                    }
-                }
+                t = self.next[t as usize];
             }
         }
         Ok(())
@@ -222,64 +259,67 @@ impl AsOf {
         features: SchemaRef,
         empty: Option<RecordBatch>,
     ) -> Result<Self> {
-        let arrow_err = |e| EngineError::arrow(format!("keys of view `{view}`"), e);
-        let conv = RowConverter::new(
-            spine_keys
-                .iter()
-                .map(|k| SortField::new(k.data_type().clone()))
-                .collect(),
-        )
-        .map_err(arrow_err)?;
-        let rows = conv.convert_columns(spine_keys).map_err(arrow_err)?;
         let n = spine_ts.len();
         let valid: Vec<bool> = (0..n)
             .map(|i| spine_ts[i].is_some() && spine_keys.iter().all(|k| k.is_valid(i)))
             .collect();
         let ts: Vec<i64> = spine_ts.iter().map(|t| t.unwrap_or(0)).collect();
-        let mut p = Probe {
+        let slide = slide.filter(|s| *s > 0);
+        let mut cols = spine_keys.to_vec();
+        if let Some(s) = slide {
+            // The one window end valid at t.
+            let ends: Vec<i64> = ts.iter().map(|t| t.div_euclid(s) * s).collect();
+            cols.push(Arc::new(arrow::array::Int64Array::from(ends)));
+        }
+        let hashes = row_hashes(view, &cols)?;
+        let same = key_eq(spine_keys, spine_keys)?;
+        let mut index: HashMap<u64, u32, NoHash> = HashMap::with_capacity_and_hasher(n, NoHash);
+        let mut next: Vec<u32> = Vec::with_capacity(n);
+        let bloom_words = (n.max(1) * 16).next_power_of_two().div_ceil(64);
+        let mut bloom = vec![0u64; bloom_words];
+        let mut group_of = vec![NONE; n];
+        let mut group_rep: Vec<u32> = Vec::new();
+        if slide.is_some() {
+            next.resize(n, NONE);
+        }
+        for i in (0..n).filter(|i| valid[*i]) {
+            let h = hashes[i];
+            let bit = bloom_bit(h, bloom.len());
+            bloom[bit / 64] |= 1 << (bit % 64);
+            if slide.is_some() {
+                // Windowed: chain spine rows.
+                if let Some(old) = index.insert(h, i as u32) {
+                    next[i] = old;
+                }
+                continue;
+            }
+            // Unwindowed: chain key groups.
+            let mut t = index.get(&h).copied().unwrap_or(NONE);
+            while t != NONE && !same(group_rep[t as usize] as usize, i) {
+                t = next[t as usize];
+            }
+            if t == NONE {
+                t = group_rep.len() as u32;
+                group_rep.push(i as u32);
+                next.push(index.insert(h, t).unwrap_or(NONE));
+            }
+            group_of[i] = t;
+        }
+        let p = Probe {
             view: view.to_string(),
-            slide: slide.filter(|s| *s > 0),
-            conv,
-            spine_keys: rows,
+            slide,
+            spine_keys: spine_keys.to_vec(),
             valid,
             ts,
-            index: HashMap::with_hasher(NoHash),
-            group_of: vec![u32::MAX; n],
-            group_rep: Vec::new(),
-            state: ahash::RandomState::with_seeds(3, 5, 7, 9),
+            index,
+            next,
+            bloom,
+            group_of,
+            group_rep,
             lo: AtomicI64::new(i64::MAX),
             hi: AtomicI64::new(i64::MIN),
             scanned: AtomicU64::new(0),
         };
-        for i in 0..n {
-            if !p.valid[i] {
-                continue;
-            }
-            match p.slide {
-                Some(s) => {
-                    let end = p.ts[i].div_euclid(s) * s;
-                    let h = p.hash(p.spine_keys.row(i).as_ref(), Some(end));
-                    p.index.entry(h).or_default().push(i as u32);
-                }
-                None => {
-                    let h = p.hash(p.spine_keys.row(i).as_ref(), None);
-                    let bucket = p.index.entry(h).or_default();
-                    let found = bucket.iter().copied().find(|g| {
-                        p.spine_keys.row(p.group_rep[*g as usize] as usize) == p.spine_keys.row(i)
-                    });
-                    let g = match found {
-                        Some(g) => g,
-                        None => {
-                            let g = p.group_rep.len() as u32;
-                            p.group_rep.push(i as u32);
-                            bucket.push(g);
-                            g
-                        }
-                    };
-                    p.group_of[i] = g;
-                }
-            }
-        }
         let groups = p.group_rep.len();
         Ok(AsOf {
             probe: Arc::new(p),
