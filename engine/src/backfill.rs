@@ -294,10 +294,11 @@ fn run_source(
                 }
             }
         }
-        let read = read?;
+        // A worker's own error explains a reader's "worker stopped early".
         if let Some(e) = first_err {
             return Err(e);
         }
+        let read = read?;
         for (v, n) in views.iter().zip(rows) {
             stats.views.push(ViewStats {
                 name: v.name.clone(),
