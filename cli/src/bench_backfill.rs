@@ -53,17 +53,13 @@ pub struct BenchBackfillArgs {
     no_duckdb: bool,
 }
 
+/// Size of a file or of the files under a folder, MiB.
 fn mib(p: &Path) -> f64 {
-    fn size(p: &Path) -> u64 {
-        match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => std::fs::read_dir(p)
-                .map(|r| r.flatten().map(|e| size(&e.path())).sum())
-                .unwrap_or(0),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        }
-    }
-    size(p) as f64 / (1024.0 * 1024.0)
+    let bytes = match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => m.len(),
+        _ => sluice_engine::store::dir_size(p),
+    };
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 struct Duck {

@@ -8,17 +8,22 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray,
+    new_null_array,
+};
 use arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use sluice_engine::training::time_millis;
 use sluice_engine::view::features_json;
 use sluice_engine::{DeadLetter, EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::SourcePlan;
 
 use crate::file::JsonFileSource;
 use crate::json::preview;
+use crate::lake::io;
 
 /// Row positions pack the file index above this many bits.
 const FILE_SHIFT: u32 = 40;
@@ -60,13 +65,6 @@ pub struct InputFile {
     pub hive: Vec<(String, String)>,
     /// How dead letters name it (path as given).
     pub label: String,
-}
-
-fn io(path: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Io {
-        path: path.display().to_string(),
-        source: e,
-    }
 }
 
 /// The files a `--source NAME=PATH` names: a file, a folder (recursively;
@@ -534,23 +532,22 @@ fn csv_header(line: &str) -> Vec<String> {
         .collect()
 }
 
-/// Casts a column to a declared type. Text becomes a timestamp from RFC 3339
-/// (any offset, stored as UTC) or from epoch milliseconds.
-fn cast_column(
-    c: &ArrayRef,
-    to: &DataType,
-    opts: &CastOptions<'_>,
-) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+/// Casts a column to a declared type. Text becomes a millisecond timestamp
+/// as training-set spines read it: RFC 3339 (any offset, stored as UTC) or
+/// epoch milliseconds.
+fn cast_column(c: &ArrayRef, to: &DataType, opts: &CastOptions<'_>) -> Result<ArrayRef> {
     if c.data_type() == to {
         return Ok(Arc::clone(c));
     }
-    if matches!(to, DataType::Timestamp(_, _)) && matches!(c.data_type(), DataType::Utf8) {
-        let as_text = cast_with_options(c, to, opts)?;
-        let as_ms = cast_with_options(&cast_with_options(c, &DataType::Int64, opts)?, to, opts)?;
-        let has_text = arrow::compute::is_not_null(&as_text)?;
-        return arrow::compute::kernels::zip::zip(&has_text, &as_text, &as_ms);
+    if let DataType::Timestamp(TimeUnit::Millisecond, tz) = to
+        && matches!(c.data_type(), DataType::Utf8)
+    {
+        let ms = time_millis(c)?;
+        return Ok(Arc::new(
+            TimestampMillisecondArray::from(ms).with_timezone_opt(tz.clone()),
+        ));
     }
-    cast_with_options(c, to, opts)
+    cast_with_options(c, to, opts).map_err(|e| EngineError::arrow("casting", e))
 }
 
 impl Source for FilesSource {

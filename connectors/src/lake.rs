@@ -28,7 +28,8 @@ pub struct LakeWriter {
     prefix: String,
 }
 
-fn io(p: &Path, e: std::io::Error) -> EngineError {
+/// An I/O error on `p`.
+pub(crate) fn io(p: &Path, e: std::io::Error) -> EngineError {
     EngineError::Io {
         path: p.display().to_string(),
         source: e,
@@ -66,11 +67,6 @@ impl LakeWriter {
     pub fn with_prefix(mut self, prefix: &str) -> Self {
         self.prefix = prefix.to_string();
         self
-    }
-
-    /// The view's folder in the lake.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn write_file(&self, path: &Path, batch: &RecordBatch) -> Result<()> {

@@ -23,7 +23,7 @@ use sluice_engine::{EngineError, Result};
 use sluice_sql::PipelinePlan;
 
 use crate::files::FileFormat;
-use crate::lake::day_string;
+use crate::lake::{day_string, io};
 
 /// The features asked of one view: `VIEW` (all) or `VIEW:COL,COL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,13 +101,6 @@ fn cerr(what: impl Into<String>, message: impl Into<String>) -> EngineError {
     EngineError::Connector {
         what: what.into(),
         message: message.into(),
-    }
-}
-
-fn io(p: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Io {
-        path: p.display().to_string(),
-        source: e,
     }
 }
 

@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::array::UInt32Array;
@@ -29,11 +28,11 @@ use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, event_times};
-use crate::online::{fmt_ts, view_meta_key, watermark_key};
+use crate::job::{NO_WATERMARK, event_times, late_letter};
+use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::view::{OnlineRow, ViewOp, features_json};
+use crate::view::{OnlineRow, ViewOp};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +142,7 @@ pub fn backfill(
 ) -> Result<BackfillStats> {
     let started = Instant::now();
     let mut stats = BackfillStats::default();
-    let dead = Arc::new(Mutex::new(outputs.dead));
+    let mut dead = outputs.dead;
     let mut online_rows: Vec<(String, Vec<OnlineRow>)> = Vec::new();
     let mut metas = Vec::new();
     for mut src in sources {
@@ -160,43 +159,52 @@ pub fn backfill(
             &views,
             outputs.lake,
             outputs.online.is_some(),
-            &dead,
+            dead.as_mut(),
             opts,
             &mut stats,
         )?;
-        for (v, rows) in views.iter().zip(out.online) {
+        for ((v, rows), meta) in views.iter().zip(out.online).zip(out.metas) {
             if outputs.online.is_some() && v.online {
-                let op = ViewOp::new(v)?;
-                metas.push((view_meta_key(&v.name), serde_json::to_vec(&op.meta()?)));
+                let meta = serde_json::to_vec(&meta).map_err(|e| EngineError::Connector {
+                    what: format!("online store, view `{}`", v.name),
+                    message: e.to_string(),
+                })?;
+                metas.push((view_meta_key(&v.name), meta));
                 online_rows.push((v.name.clone(), rows));
             }
         }
         if let Some(w) = out.watermark {
-            metas.push((watermark_key(&sp.name), Ok(w.to_be_bytes().to_vec())));
+            metas.push((watermark_key(&sp.name), w.to_be_bytes().to_vec()));
         }
         stats.watermarks.push((sp.name.clone(), out.watermark));
     }
-    dead.lock().map_err(|_| poisoned())?.commit()?;
+    dead.commit()?;
     if let Some(store) = outputs.online {
         for (view, rows) in &online_rows {
             if let Some(s) = stats.views.iter_mut().find(|s| &s.name == view) {
                 s.online_keys = rows.len() as u64;
             }
         }
-        let mut c = Commit::default();
-        for (k, v) in metas {
-            let v = v.map_err(|e| EngineError::Connector {
-                what: "online store".into(),
-                message: e.to_string(),
-            })?;
-            c.meta.push((k, v));
-        }
-        c.online = online_rows;
+        let c = Commit {
+            meta: metas,
+            online: online_rows,
+            ..Commit::default()
+        };
         store.commit(c)?;
         store.flush()?;
     }
     stats.elapsed = started.elapsed();
     Ok(stats)
+}
+
+fn dead_letter(
+    dead: &mut dyn DeadLetterSink,
+    d: &DeadLetter,
+    stats: &mut BackfillStats,
+) -> Result<()> {
+    stats.dead_letters += 1;
+    metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
+    dead.write(d)
 }
 
 fn poisoned() -> EngineError {
@@ -218,6 +226,8 @@ enum Msg {
 struct SourceOut {
     /// Per view: each key's latest online row.
     online: Vec<Vec<OnlineRow>>,
+    /// Per view: what a reader of the online store needs.
+    metas: Vec<ViewMeta>,
     watermark: Option<i64>,
 }
 
@@ -233,7 +243,7 @@ fn run_source(
     views: &[&ViewPlan],
     lake: &LakeFactory<'_>,
     online: bool,
-    dead: &Arc<Mutex<Box<dyn DeadLetterSink>>>,
+    dead: &mut dyn DeadLetterSink,
     opts: &BackfillOptions,
     stats: &mut BackfillStats,
 ) -> Result<SourceOut> {
@@ -307,6 +317,7 @@ fn run_source(
             });
         }
         Ok(SourceOut {
+            metas: probes.iter().map(ViewOp::meta).collect::<Result<_>>()?,
             online: latest
                 .into_iter()
                 .map(|m| m.into_iter().collect())
@@ -330,7 +341,7 @@ fn read_source(
     sp: &SourcePlan,
     probes: &[ViewOp],
     senders: &[SyncSender<Msg>],
-    dead: &Arc<Mutex<Box<dyn DeadLetterSink>>>,
+    dead: &mut dyn DeadLetterSink,
     opts: &BackfillOptions,
     stats: &mut BackfillStats,
 ) -> Result<ReadOut> {
@@ -338,11 +349,6 @@ fn read_source(
     let gone = || EngineError::Connector {
         what: format!("backfill of source {}", sp.name),
         message: "a worker stopped early".into(),
-    };
-    let dead_letter = |d: &DeadLetter, stats: &mut BackfillStats| -> Result<()> {
-        stats.dead_letters += 1;
-        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
-        dead.lock().map_err(|_| poisoned())?.write(d)
     };
     let mut wm = NO_WATERMARK;
     let mut max_seen: Option<i64> = None;
@@ -361,7 +367,7 @@ fn read_source(
         };
         for d in &rejected {
             metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.clone()).increment(1);
-            dead_letter(d, stats)?;
+            dead_letter(dead, d, stats)?;
         }
         let Some(sb) = batch else { continue };
         let batch = sb.batch;
@@ -433,36 +439,20 @@ fn read_source(
                 stats.late += late.len() as u64;
                 metrics::counter!("sluice_late_events_total", "view" => probe.name().to_string())
                     .increment(late.len() as u64);
-                let all: Vec<usize> = (0..batch.num_columns()).collect();
                 let mut keep = vec![true; staged.len()];
                 for i in &late {
                     keep[*i] = false;
                     let r = staged.rowid.value(*i) as usize;
-                    let rec = features_json(&batch.slice(r, 1), &all)?
-                        .pop()
-                        .unwrap_or_default();
-                    let d = DeadLetter {
-                        source: sp.name.clone(),
-                        position: src
-                            .describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
-                        kind: "late_event".into(),
-                        reason: format!(
-                            "late for view `{}`: event time {} is behind the watermark {}; every window holding it had closed",
-                            probe.name(),
-                            staged
-                                .ts
-                                .as_ref()
-                                .map(|a| fmt_ts(a.value(*i)))
-                                .unwrap_or_default(),
-                            staged
-                                .wm
-                                .as_ref()
-                                .map(|a| fmt_ts(a.value(*i)))
-                                .unwrap_or_default(),
-                        ),
-                        record: String::from_utf8_lossy(&rec).into_owned(),
-                    };
-                    dead_letter(&d, stats)?;
+                    let d = late_letter(
+                        &sp.name,
+                        src.describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
+                        probe.name(),
+                        &batch,
+                        r,
+                        staged.ts.as_ref().map(|a| a.value(*i)),
+                        staged.wm.as_ref().map(|a| a.value(*i)),
+                    )?;
+                    dead_letter(dead, &d, stats)?;
                 }
                 staged.filter(&BooleanArray::from(keep))?
             };

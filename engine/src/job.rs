@@ -44,6 +44,34 @@ pub fn event_times(source: &str, batch: &RecordBatch, idx: usize) -> Result<Int6
     Ok(Int64Array::new(tsa.values().clone(), None))
 }
 
+/// The dead letter of source row `row` of `batch`, late for `view`: its
+/// event time `ts` was behind the watermark `wm` when it arrived.
+pub fn late_letter(
+    source: &str,
+    position: String,
+    view: &str,
+    batch: &RecordBatch,
+    row: usize,
+    ts: Option<i64>,
+    wm: Option<i64>,
+) -> Result<DeadLetter> {
+    let all: Vec<usize> = (0..batch.num_columns()).collect();
+    let rec = features_json(&batch.slice(row, 1), &all)?
+        .pop()
+        .unwrap_or_default();
+    Ok(DeadLetter {
+        source: source.to_string(),
+        position,
+        kind: "late_event".into(),
+        reason: format!(
+            "late for view `{view}`: event time {} is behind the watermark {}; every window holding it had closed",
+            ts.map(crate::online::fmt_ts).unwrap_or_default(),
+            wm.map(crate::online::fmt_ts).unwrap_or_default()
+        ),
+        record: String::from_utf8_lossy(&rec).into_owned(),
+    })
+}
+
 /// How a job runs.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -598,30 +626,19 @@ impl Job {
             let late = self.views[vi].process(rows.clone())?;
             if !late.is_empty() {
                 metrics::counter!("sluice_late_events_total", "view" => self.views[vi].name().to_string()).increment(late.len() as u64);
-                let all: Vec<usize> = (0..batch.num_columns()).collect();
                 for rid in late {
                     let r = rid as usize;
-                    let rec = features_json(&batch.slice(r, 1), &all)?
-                        .pop()
-                        .unwrap_or_default();
-                    let (t, w) = (
+                    let s = &self.sources[si];
+                    let d = late_letter(
+                        &s.name,
+                        s.src
+                            .describe_position(positions.get(r).copied().unwrap_or(0)),
+                        self.views[vi].name(),
+                        &batch,
+                        r,
                         rows.ts.as_ref().map(|a| a.value(r)),
                         rows.wm.as_ref().map(|a| a.value(r)),
-                    );
-                    let d = DeadLetter {
-                        source: self.sources[si].name.clone(),
-                        position: self.sources[si]
-                            .src
-                            .describe_position(positions.get(r).copied().unwrap_or(0)),
-                        kind: "late_event".into(),
-                        reason: format!(
-                            "late for view `{}`: event time {} is behind the watermark {}; every window holding it had closed",
-                            self.views[vi].name(),
-                            t.map(crate::online::fmt_ts).unwrap_or_default(),
-                            w.map(crate::online::fmt_ts).unwrap_or_default()
-                        ),
-                        record: String::from_utf8_lossy(&rec).into_owned(),
-                    };
+                    )?;
                     self.dead_letter(&d)?;
                 }
             }
