@@ -5,8 +5,11 @@ mod backfill;
 mod bench;
 mod bench_backfill;
 mod bench_kafka;
+mod bench_vectors;
 mod generate;
+mod nearest;
 mod produce;
+mod recsys;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -54,8 +57,12 @@ enum Cmd {
         #[arg(long, default_value = "sluice-state")]
         state_dir: PathBuf,
     },
+    /// Nearest neighbours in a view's vector index (`vector_index`), from a state dir.
+    Nearest(nearest::NearestArgs),
     /// Generate click events as JSON lines (for the quickstart and benchmarks).
     Gen(generate::GenArgs),
+    /// Generate the recsys example's item embeddings and clicks (see examples/recsys).
+    GenRecsys(recsys::RecsysArgs),
     /// Write a clickstream to a Kafka topic at a chosen rate, keyed by user.
     Produce(produce::ProduceArgs),
     /// Embedded end-to-end demo: generate events, run the quickstart pipeline, serve features.
@@ -74,6 +81,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Benchmark backfill and training-set joins against DuckDB (see README).
     BenchBackfill(bench_backfill::BenchBackfillArgs),
+    /// Benchmark the vector index: update rate, query latency and recall vs exact scan (see README).
+    BenchVectors(bench_vectors::BenchVectorsArgs),
     /// Benchmark the quickstart view fed from Kafka against a count-only consumer (see README).
     BenchKafka(bench_kafka::BenchKafkaArgs),
 }
@@ -178,12 +187,15 @@ fn main() {
             key,
             state_dir,
         } => get(&state_dir, &view, &key),
+        Cmd::Nearest(a) => nearest::run(&a),
         Cmd::Gen(a) => generate::run(&a),
+        Cmd::GenRecsys(a) => recsys::run(&a),
         Cmd::Produce(a) => produce::run(&a).map(|_| ()),
         Cmd::Demo { dir, events, serve } => demo(&dir, events, &serve),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::BenchKafka(a) => bench_kafka::run(&a),
         Cmd::BenchBackfill(a) => bench_backfill::run(&a),
+        Cmd::BenchVectors(a) => bench_vectors::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

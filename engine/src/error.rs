@@ -49,6 +49,17 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// The nearest-neighbour index of a view (LMDB / arroy) failed.
+    #[error("vector index {path}: {message}")]
+    Index {
+        /// The index directory.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A request a client can fix (wrong vector length, unknown view).
+    #[error("{0}")]
+    BadRequest(String),
     /// I/O on a path.
     #[error("{path}: {source}")]
     Io {

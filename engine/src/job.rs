@@ -17,6 +17,7 @@ use crate::exec::Rows;
 use crate::online::{ViewMeta, read_view_meta, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
+use crate::vector::VectorIndex;
 use crate::view::{ViewOp, features_json};
 
 /// How often a running job logs its progress.
@@ -110,6 +111,8 @@ pub struct Live {
     pub ready: AtomicBool,
     /// Sources that cannot make progress now, with the reason.
     pub unready: Mutex<BTreeMap<String, String>>,
+    /// Nearest-neighbour indexes by view.
+    pub indexes: HashMap<String, Arc<VectorIndex>>,
 }
 
 impl Live {
@@ -234,6 +237,18 @@ pub struct RunStats {
     pub elapsed: Duration,
 }
 
+/// Fault injection for the crash tests: `SLUICE_FAULT_ABORT_BEFORE_STATE_COMMIT=N`
+/// aborts the process after checkpoint N's index commit, before its state commit.
+fn abort_before_state_commit(epoch: u64) -> bool {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    AT.get_or_init(|| {
+        std::env::var("SLUICE_FAULT_ABORT_BEFORE_STATE_COMMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+    .is_some_and(|n| n == epoch)
+}
+
 /// A running pipeline.
 pub struct Job {
     sources: Vec<SourceRt>,
@@ -275,8 +290,21 @@ impl Job {
         }
         let mut views = Vec::new();
         let mut metas = HashMap::new();
+        let mut indexes = HashMap::new();
         for vp in &plan.views {
             let mut op = ViewOp::new(vp)?;
+            if let Some(vi) = &vp.vector_index {
+                let idx = VectorIndex::open(&opts.state_dir, &vp.name, vi)?;
+                if idx.epoch()? != Some(epoch) {
+                    let wm = store
+                        .meta_i64(&watermark_key(&vp.source))?
+                        .filter(|w| *w != NO_WATERMARK);
+                    let st = crate::vector::rebuild_from_store(&idx, &store, epoch, wm)?;
+                    tracing::info!(view = %vp.name, keys = st.upserts, "vector index rebuilt from the online store");
+                }
+                op.keep_vector_updates();
+                indexes.insert(vp.name.clone(), Arc::new(idx));
+            }
             let meta = op.meta()?;
             if epoch > 0
                 && let Some(old) = read_view_meta(&store, &vp.name)?
@@ -395,6 +423,7 @@ impl Job {
             views: metas,
             ready: AtomicBool::new(false),
             unready: Mutex::new(BTreeMap::new()),
+            indexes,
         });
         Ok(Job {
             sources: rts,
@@ -713,6 +742,31 @@ impl Job {
             crate::store::STATE_FORMAT_KEY.into(),
             crate::store::STATE_FORMAT.to_vec(),
         ));
+        // The indexes commit first: a crash before the state commit leaves
+        // them one epoch ahead, and the next start rebuilds them.
+        for v in self.views.iter_mut() {
+            let Some(idx) = self.live.indexes.get(v.name()) else {
+                continue;
+            };
+            let updates = std::mem::take(&mut v.pending_vectors);
+            let wm = self
+                .sources
+                .iter()
+                .find(|s| s.name == v.plan.source)
+                .map(|s| s.wm)
+                .filter(|w| *w != NO_WATERMARK);
+            let t = Instant::now();
+            let st = idx.apply(epoch, &updates, wm, false)?;
+            metrics::counter!("sluice_index_updates_total", "view" => v.name().to_string())
+                .increment(st.upserts + st.removals);
+            metrics::counter!("sluice_index_expired_total", "view" => v.name().to_string())
+                .increment(st.expired);
+            metrics::histogram!("sluice_index_commit_seconds", "view" => v.name().to_string())
+                .record(t.elapsed().as_secs_f64());
+        }
+        if abort_before_state_commit(epoch) {
+            std::process::abort();
+        }
         self.live.store.commit(c)?;
         self.epoch = epoch;
         for s in self.sources.iter_mut() {

@@ -14,6 +14,7 @@ pub mod server;
 pub mod source;
 pub mod store;
 pub mod training;
+pub mod vector;
 pub mod view;
 
 pub use error::{EngineError, Result};

@@ -34,6 +34,7 @@ pub fn router(state: ServeState) -> Router {
     let api = Router::new()
         .route("/v1/features/{view}/{key}", get(get_feature))
         .route("/v1/features/{view}", post(post_features))
+        .route("/v1/features/{view}/nearest", post(post_nearest))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -156,6 +157,154 @@ async fn post_features(
     }
     observe("batch", StatusCode::OK, t0);
     (StatusCode::OK, Json(json!({"results": out}))).into_response()
+}
+
+/// A nearest-neighbour request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NearestRequest {
+    vector: Option<Vec<f32>>,
+    key: Option<String>,
+    /// The view whose index holds `key` (default: the queried view).
+    key_view: Option<String>,
+    k: Option<usize>,
+    #[serde(default)]
+    features: bool,
+    #[serde(default)]
+    exact: bool,
+    search_k: Option<usize>,
+}
+
+/// Most neighbours one request may ask for.
+const MAX_K: usize = 1000;
+
+fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Value) {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, json!({"error": m}));
+    let req: NearestRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "expected {{\"vector\": [...]}} or {{\"key\": \"...\"}} with optional \"k\", \"features\", \"exact\", \"key_view\", \"search_k\": {e}"
+            ));
+        }
+    };
+    let Some(idx) = s.live.indexes.get(view) else {
+        let indexed: Vec<&String> = s.live.indexes.keys().collect();
+        let status = if s.live.views.contains_key(view) {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        return (
+            status,
+            json!({"error": format!("view `{view}` has no vector index"), "indexed_views": indexed}),
+        );
+    };
+    let k = req.k.unwrap_or(10);
+    if k == 0 || k > MAX_K {
+        return bad(format!("k must be between 1 and {MAX_K}"));
+    }
+    // The query: a vector, the key's own vector in this index, or a key's
+    // vector in another view's index (e.g. a user's taste among items).
+    let own: Option<Vec<f32>>;
+    let query = match (&req.vector, &req.key, &req.key_view) {
+        (Some(v), None, None) => crate::vector::Query::Vector(v),
+        (None, Some(k), None) => crate::vector::Query::Key(k),
+        (None, Some(k), Some(other)) => {
+            let Some(oi) = s.live.indexes.get(other) else {
+                return bad(format!("key_view `{other}` has no vector index"));
+            };
+            own = match oi.vector(k) {
+                Ok(v) => v,
+                Err(e) => {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"error": e.to_string()}),
+                    );
+                }
+            };
+            match &own {
+                Some(v) => crate::vector::Query::Vector(v),
+                None => {
+                    return (
+                        StatusCode::NOT_FOUND,
+                        json!({"error": format!("key `{k}` has no current vector in view `{other}`"), "key": k}),
+                    );
+                }
+            }
+        }
+        _ => {
+            return bad(
+                "give either \"vector\" or \"key\" (with \"key_view\" only alongside \"key\")"
+                    .into(),
+            );
+        }
+    };
+    let found = if req.exact {
+        idx.nearest_exact(query, k)
+    } else {
+        idx.nearest(query, k, req.search_k)
+    };
+    let found = match found {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            let key = req.key.unwrap_or_default();
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("key `{key}` has no current vector in view `{view}`"), "key": key}),
+            );
+        }
+        Err(crate::error::EngineError::BadRequest(m)) => return bad(m),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            );
+        }
+    };
+    let mut out = Vec::with_capacity(found.len());
+    for n in found {
+        let mut o = json!({"key": n.key, "distance": n.distance});
+        if req.features {
+            let f = match lookup(s, view, &n.key) {
+                Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
+                Ok(None) => Value::Null,
+                Err((status, body)) => return (status, body),
+            };
+            if let Some(m) = o.as_object_mut() {
+                m.insert("features".into(), f);
+            }
+        }
+        out.push(o);
+    }
+    (
+        StatusCode::OK,
+        json!({
+            "view": view,
+            "distance": idx.plan().distance.name(),
+            "exact": req.exact,
+            "neighbours": out,
+        }),
+    )
+}
+
+async fn post_nearest(
+    State(s): State<ServeState>,
+    Path(view): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let t0 = Instant::now();
+    let st = s.clone();
+    let (status, body) =
+        match tokio::task::spawn_blocking(move || nearest_response(&st, &view, &body)).await {
+            Ok(r) => r,
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": format!("query task failed: {e}")}),
+            ),
+        };
+    observe("nearest", status, t0);
+    (status, Json(body)).into_response()
 }
 
 async fn metrics_text(State(s): State<ServeState>) -> Response {

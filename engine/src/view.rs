@@ -32,6 +32,11 @@ pub struct ViewOp {
     /// Online writes since the last checkpoint, in order (later wins).
     pub pending_online: Vec<OnlineRow>,
     fired: Vec<Fired>,
+    /// Column of the indexed vector in emitted rows, when the view has a
+    /// vector index and the job keeps it (see [`ViewOp::keep_vector_updates`]).
+    vector_col: Option<usize>,
+    /// Index changes since the last checkpoint, in order (later wins).
+    pub pending_vectors: Vec<crate::vector::VectorUpdate>,
     /// Emit only windows with `window_start >= .0` and `window_end <= .1`
     /// (backfill `--from` / `--to`); `None`: everything.
     pub window_range: Option<(Option<i64>, Option<i64>)>,
@@ -59,8 +64,20 @@ impl ViewOp {
             pending_lake: Vec::new(),
             pending_online: Vec::new(),
             fired: Vec::new(),
+            vector_col: None,
+            pending_vectors: Vec::new(),
             window_range: None,
         })
+    }
+
+    /// Collects, with each online write, the change of the view's vector
+    /// index (for the streaming job, which keeps the index).
+    pub fn keep_vector_updates(&mut self) {
+        self.vector_col = self
+            .plan
+            .vector_index
+            .as_ref()
+            .and_then(|vi| self.schema.index_of(&vi.column).ok());
     }
 
     /// The view's name.
@@ -254,6 +271,17 @@ impl ViewOp {
             let vu = valid_until
                 .map(|v| v.to_string())
                 .unwrap_or_else(|| "null".into());
+            if let Some(c) = self.vector_col {
+                let vu = valid_until;
+                let vectors = vectors_of(out.column(c))?;
+                for (k, v) in keys.iter().zip(vectors) {
+                    self.pending_vectors.push(crate::vector::VectorUpdate {
+                        key: k.clone(),
+                        vector: v,
+                        valid_until: vu,
+                    });
+                }
+            }
             for (i, (k, f)) in keys.into_iter().zip(feats).enumerate() {
                 let v = format!(
                     "{{\"window_start\":{},\"window_end\":{},\"valid_until\":{vu},\"features\":{}}}",
@@ -356,6 +384,32 @@ pub fn key_and_feature_columns(plan: &ViewPlan) -> (Vec<usize>, Vec<usize>) {
         .filter(|i| !keys.contains(i))
         .collect();
     (keys, features)
+}
+
+/// The rows of a vector column (`FLOAT[n]`) as vectors, NULL as `None`.
+pub fn vectors_of(col: &ArrayRef) -> Result<Vec<Option<Vec<f32>>>> {
+    let not_vector = || EngineError::Connector {
+        what: "vector index".into(),
+        message: format!("the indexed column is {}, not FLOAT[n]", col.data_type()),
+    };
+    let l = col
+        .as_any()
+        .downcast_ref::<arrow::array::FixedSizeListArray>()
+        .ok_or_else(not_vector)?;
+    let vals = l
+        .values()
+        .as_any()
+        .downcast_ref::<arrow::array::Float32Array>()
+        .ok_or_else(not_vector)?;
+    let n = l.value_length() as usize;
+    Ok((0..l.len())
+        .map(|i| {
+            l.is_valid(i).then(|| {
+                let start = l.value_offset(i) as usize;
+                vals.values()[start..start + n].to_vec()
+            })
+        })
+        .collect())
 }
 
 /// One JSON object per row with the given columns (NULLs explicit).

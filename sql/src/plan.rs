@@ -230,6 +230,8 @@ pub struct ViewPlan {
     pub query: String,
     /// The source's event-time column, if it has one.
     pub event_time: Option<String>,
+    /// The nearest-neighbour index over a vector column, if any.
+    pub vector_index: Option<crate::vector::VectorIndexPlan>,
 }
 
 impl ViewPlan {
@@ -289,9 +291,17 @@ const KAFKA_OPTIONS: &[&str] = &[
     "dead_letter_topic",
     "max_record_bytes",
 ];
-const VIEW_OPTIONS: &[&str] = &["online", "offline", "kafka_topic", "kafka_brokers"];
-const TYPES: &str =
-    "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE";
+const VIEW_OPTIONS: &[&str] = &[
+    "online",
+    "offline",
+    "kafka_topic",
+    "kafka_brokers",
+    "vector_index",
+    "distance",
+    "index_trees",
+    "search_k",
+];
+const TYPES: &str = "TEXT, VARCHAR, DOUBLE, FLOAT, REAL, BIGINT, INT, SMALLINT, BOOLEAN, TIMESTAMP, DATE, FLOAT[n] (a vector of n float32)";
 
 /// Reads, parses and plans a pipeline file.
 pub fn plan_file(path: &Path) -> Result<PipelinePlan, PipelineError> {
@@ -316,6 +326,8 @@ pub fn plan_pipeline(
         views: Vec::new(),
     };
     let ctx = SessionContext::new();
+    ctx.register_udaf(crate::vector::VectorAgg::udaf(crate::vector::VectorOp::Sum));
+    ctx.register_udaf(crate::vector::VectorAgg::udaf(crate::vector::VectorOp::Avg));
     let mut names = HashSet::new();
     for st in statements {
         match st {
@@ -360,6 +372,16 @@ pub fn plan_pipeline(
 
 fn arrow_type(dt: &ast::DataType) -> Option<DataType> {
     let s = dt.to_string().to_ascii_uppercase();
+    // `FLOAT[n]` / `REAL[n]`: a vector of n float32.
+    if let Some((elem, rest)) = s.split_once('[') {
+        let dims: i32 = rest.strip_suffix(']')?.trim().parse().ok()?;
+        return match elem.trim() {
+            "FLOAT" | "REAL" | "FLOAT4" | "FLOAT32" if dims > 0 => {
+                Some(crate::vector::vector_type(dims))
+            }
+            _ => None,
+        };
+    }
     let base = s.split('(').next().unwrap_or("").trim();
     Some(match base {
         "TEXT" | "STRING" | "VARCHAR" | "CHAR" | "CHARACTER VARYING" => DataType::Utf8,
@@ -932,8 +954,29 @@ fn lower_view(
     let mut offline = None;
     let mut kafka_topic = None;
     let mut kafka_brokers = None;
+    let mut index_col: Option<&OptionDef> = None;
+    let mut distance: Option<&OptionDef> = None;
+    let mut index_trees = None;
+    let mut search_k = None;
+    let count = |o: &OptionDef| -> Result<usize, PipelineError> {
+        match o.value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!(
+                    "{} must be a positive integer, found `{}`",
+                    o.key.value, o.value
+                ),
+            )),
+        }
+    };
     for o in &v.options {
         match o.key.value.as_str() {
+            "vector_index" => index_col = Some(o),
+            "distance" => distance = Some(o),
+            "index_trees" => index_trees = Some(count(o)?),
+            "search_k" => search_k = Some(count(o)?),
             "online" => {
                 online = match o.value.to_ascii_lowercase().as_str() {
                     "true" => true,
@@ -1199,13 +1242,21 @@ fn lower_view(
                 .last()
                 .map(stage_output)
                 .unwrap_or_else(|| Arc::clone(&a.schema));
+            let event_time = source
+                .event_time
+                .map(|i| source.schema.field(i).name().clone());
+            let aggr_exprs = a
+                .aggr_expr
+                .iter()
+                .map(|e| order_by_event_time(e, event_time.as_deref(), a.input.schema()))
+                .collect();
             let agg = AggregatePlan {
                 window: window
                     .as_ref()
                     .map(|w| w.spec)
                     .unwrap_or(WindowSpec::Lifetime),
                 group_exprs: a.group_expr.clone(),
-                aggr_exprs: a.aggr_expr.clone(),
+                aggr_exprs,
                 input_schema: Arc::clone(a.input.schema()),
                 output_schema: Arc::clone(&a.schema),
                 post,
@@ -1236,6 +1287,73 @@ fn lower_view(
             ));
         }
     }
+    let vector_index = match index_col {
+        None => {
+            if let Some(o) = [distance].into_iter().flatten().next().or(v
+                .options
+                .iter()
+                .find(|o| matches!(o.key.value.as_str(), "index_trees" | "search_k")))
+            {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.key.pos),
+                    format!("`{}` needs vector_index = 'column'", o.key.value),
+                ));
+            }
+            None
+        }
+        Some(o) => {
+            let col = o.value.trim();
+            let Ok(field) = output_schema.field_with_name(col) else {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!("vector_index: the view has no output column `{col}`"),
+                )
+                .suggest(
+                    col,
+                    output_schema.fields().iter().map(|f| f.name().as_str()),
+                ));
+            };
+            let Some(dims) = crate::vector::vector_dims(field.data_type()) else {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!(
+                        "vector_index: `{col}` is {}, not a vector (FLOAT[n])",
+                        field.data_type()
+                    ),
+                ));
+            };
+            if !online {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.key.pos),
+                    "vector_index indexes the online store's current values; it needs online = true",
+                ));
+            }
+            let distance = match distance {
+                None => crate::vector::Distance::Cosine,
+                Some(d) => crate::vector::Distance::parse(&d.value).ok_or_else(|| {
+                    PipelineError::at(
+                        file,
+                        Some(d.value_pos),
+                        format!(
+                            "distance must be 'cosine', 'euclidean' or 'dot', found `{}`",
+                            d.value
+                        ),
+                    )
+                })?,
+            };
+            Some(crate::vector::VectorIndexPlan {
+                column: col.to_string(),
+                dims,
+                distance,
+                trees: index_trees,
+                search_k,
+            })
+        }
+    };
     if kafka_topic.is_some() && kafka_brokers.is_none() {
         match plan.source(&source_name) {
             Some(sp) if sp.connector == "kafka" => {
@@ -1269,7 +1387,38 @@ fn lower_view(
         event_time: source
             .event_time
             .map(|i| source.schema.field(i).name().clone()),
+        vector_index,
     })
+}
+
+/// `LAST_VALUE(x)` / `FIRST_VALUE(x)` without `ORDER BY` mean the value of
+/// the latest (earliest) event by event time, not by arrival: panes merged
+/// in any order and a replay in another order then agree.
+fn order_by_event_time(e: &Expr, event_time: Option<&str>, input: &DFSchemaRef) -> Expr {
+    match e {
+        Expr::Alias(a) => Expr::Alias(datafusion::logical_expr::expr::Alias {
+            expr: Box::new(order_by_event_time(&a.expr, event_time, input)),
+            relation: a.relation.clone(),
+            name: a.name.clone(),
+            metadata: a.metadata.clone(),
+        }),
+        Expr::AggregateFunction(f)
+            if matches!(f.func.name(), "last_value" | "first_value")
+                && f.params.order_by.is_empty() =>
+        {
+            let Some(ts) = event_time else {
+                return e.clone();
+            };
+            let Ok((q, field)) = input.qualified_field_with_unqualified_name(ts) else {
+                return e.clone();
+            };
+            let col = Expr::Column(datafusion::common::Column::new(q.cloned(), field.name()));
+            let mut f = f.clone();
+            f.params.order_by = vec![datafusion::logical_expr::SortExpr::new(col, true, false)];
+            Expr::AggregateFunction(f)
+        }
+        other => other.clone(),
+    }
 }
 
 fn stage_output(s: &Stage) -> DFSchemaRef {
