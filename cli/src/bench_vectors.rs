@@ -35,6 +35,12 @@ pub struct BenchVectorsArgs {
     /// Neighbours per query.
     #[arg(short, long, default_value_t = 10)]
     k: usize,
+    /// Extra `search_k` settings to sweep on the first size (recall vs latency).
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Skip the update-throughput runs.
+    #[arg(long)]
+    no_updates: bool,
 }
 
 fn unit(rng: &mut Rng) -> f32 {
@@ -95,10 +101,7 @@ pub fn run(a: &BenchVectorsArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.dir)
         .with_context(|| format!("cannot create {}", a.dir.display()))?;
     let mut rng = Rng::new(11);
-    println!(
-        "# vector index benchmark (arroy {}, cosine, k={})",
-        "0.9", a.k
-    );
+    println!("# vector index benchmark (arroy 0.9, cosine, k={})", a.k);
     println!(
         "\n## update throughput ({} vectors per checkpoint)",
         a.batch
@@ -109,7 +112,7 @@ pub fn run(a: &BenchVectorsArgs) -> anyhow::Result<()> {
         a.updates / 2
     );
     println!("|---|---|---|");
-    for &dims in &a.dims {
+    for &dims in a.dims.iter().filter(|_| !a.no_updates) {
         let d = a.dir.join(format!("upd-{dims}"));
         let _ = std::fs::remove_dir_all(&d);
         let idx = VectorIndex::open(&d, "v", &plan(dims))?;
@@ -181,6 +184,34 @@ pub fn run(a: &BenchVectorsArgs) -> anyhow::Result<()> {
         }
         tree.sort_by(f64::total_cmp);
         exact.sort_by(f64::total_cmp);
+        for &sk in a.sweep.iter().filter(|_| n == a.sizes[0]) {
+            let mut lat = Vec::new();
+            let mut h = 0;
+            let mut r2 = Rng::new(99);
+            for _ in 0..a.queries.min(200) {
+                let q = vector(&mut r2, dims);
+                let t = Instant::now();
+                let got = idx
+                    .nearest(Query::Vector(&q), a.k, Some(sk))?
+                    .unwrap_or_default();
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                let want = idx
+                    .nearest_exact(Query::Vector(&q), a.k)?
+                    .unwrap_or_default();
+                h += got
+                    .iter()
+                    .filter(|g| want.iter().any(|w| w.key == g.key))
+                    .count();
+            }
+            lat.sort_by(f64::total_cmp);
+            println!(
+                "sweep search_k={sk}: recall@{} {:.3}, p50 {:.2} ms, p99 {:.2} ms",
+                a.k,
+                h as f64 / (lat.len() * a.k) as f64,
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            );
+        }
         let size = sluice_engine::store::dir_size(&d) as f64 / (1 << 20) as f64;
         println!(
             "| {n} | {build:.1} s | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.3} | {size:.0} MiB |",

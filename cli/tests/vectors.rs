@@ -295,7 +295,10 @@ fn free_port() -> u16 {
 
 fn post(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // Not listening yet: status 0.
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, serde_json::Value::Null);
+    };
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -325,6 +328,9 @@ fn nearest_over_http() {
     let root = tempfile::tempdir().expect("tmp");
     let dir = root.path();
     make_data(dir, 5_000, 0);
+    // Ingest everything first, then serve the final state (a second run
+    // over the same file has nothing new to read and keeps serving).
+    run_to_end(dir);
     let port = free_port();
     let mut args = run_args(dir);
     args.extend(["--serve".into(), format!("127.0.0.1:{port}")]);
