@@ -215,7 +215,12 @@ fn explain(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
+/// A state dir's online store opened for reading `view`, with the view's
+/// metadata and committed watermark.
+pub(crate) fn open_view(
+    state_dir: &Path,
+    view: &str,
+) -> anyhow::Result<(Store, sluice_engine::online::ViewMeta, Option<i64>)> {
     let store = Store::open_read_only(state_dir)?;
     let Some(meta) = read_view_meta(&store, view)? else {
         bail!("no feature view `{view}` in {}", state_dir.display());
@@ -223,6 +228,11 @@ fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
     let wm = store
         .meta_i64(&watermark_key(&meta.source))?
         .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
+    Ok((store, meta, wm))
+}
+
+fn get(state_dir: &Path, view: &str, key: &str) -> anyhow::Result<()> {
+    let (store, meta, wm) = open_view(state_dir, view)?;
     match read_feature(&store, &meta, key, wm)? {
         Some(v) => {
             println!("{}", serde_json::to_string_pretty(&v)?);

@@ -1,12 +1,11 @@
 //! `sluice nearest`: nearest neighbours from a state dir's vector index.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use sluice_engine::online::{read_feature, read_view_meta, watermark_key};
-use sluice_engine::store::Store;
+use sluice_engine::online::read_feature;
 use sluice_engine::vector::{Query, VectorIndex};
 
 /// Arguments of `sluice nearest`.
@@ -91,7 +90,7 @@ pub fn run(a: &NearestArgs) -> anyhow::Result<()> {
         );
     };
     let store = if a.features {
-        Some(features_reader(&a.state_dir, &a.view)?)
+        Some(crate::open_view(&a.state_dir, &a.view)?)
     } else {
         None
     };
@@ -110,17 +109,4 @@ pub fn run(a: &NearestArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-type Reader = (Store, sluice_engine::online::ViewMeta, Option<i64>);
-
-fn features_reader(state_dir: &Path, view: &str) -> anyhow::Result<Reader> {
-    let store = Store::open_read_only(state_dir)?;
-    let Some(meta) = read_view_meta(&store, view)? else {
-        bail!("no feature view `{view}` in {}", state_dir.display());
-    };
-    let wm = store
-        .meta_i64(&watermark_key(&meta.source))?
-        .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
-    Ok((store, meta, wm))
 }

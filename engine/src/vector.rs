@@ -180,13 +180,7 @@ impl VectorIndex {
             path: path.display().to_string(),
             source: e,
         })?;
-        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(MAP_SIZE).max_dbs(8);
-        // SAFETY: LMDB maps the file into memory; the environment is opened
-        // once per process (heed refuses a second open of the same path) and
-        // no one truncates or rewrites the file behind LMDB's back.
-        #[allow(unsafe_code)]
-        let env = unsafe { opts.open(&path) }.map_err(|e| index_err(&path, "open", e))?;
+        let env = open_env(&path)?;
         let wtxn = env.write_txn().map_err(|e| index_err(&path, "open", e))?;
         let created = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> heed::Result<_> {
@@ -265,11 +259,7 @@ impl VectorIndex {
                 state_dir.display()
             )));
         }
-        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(MAP_SIZE).max_dbs(8);
-        // SAFETY: as in `open`.
-        #[allow(unsafe_code)]
-        let env = unsafe { opts.open(&path) }.map_err(|e| index_err(&path, "open", e))?;
+        let env = open_env(&path)?;
         let rtxn = env.read_txn().map_err(|e| index_err(&path, "open", e))?;
         let opened = env
             .open_databases_and_commit(rtxn, |dbo, rtxn| -> heed::Result<_> {
@@ -758,6 +748,18 @@ impl Ord for Ordered {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&o.0)
     }
+}
+
+/// Opens the LMDB environment of an index.
+fn open_env(path: &Path) -> Result<Env<WithoutTls>> {
+    let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+    opts.map_size(MAP_SIZE).max_dbs(8);
+    // SAFETY: LMDB maps the file into memory; the environment is opened
+    // once per process (heed refuses a second open of the same path) and
+    // no one truncates or rewrites the file behind LMDB's back.
+    #[allow(unsafe_code)]
+    let env = unsafe { opts.open(path) }.map_err(|e| index_err(path, "open", e))?;
+    Ok(env)
 }
 
 fn index_err(path: &Path, what: &str, e: impl std::fmt::Display) -> EngineError {
