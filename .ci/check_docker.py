@@ -42,6 +42,11 @@ dockerfile = (root / "Dockerfile").read_text()
 for needle in ("libclang-dev", "libssl-dev", "libssl3", "cargo build --release", "ENTRYPOINT", "COPY examples"):
     if needle not in dockerfile:
         errors.append(f"Dockerfile lacks `{needle}`")
+ignore_file = root.parent / ".dockerignore"
+ignored = ignore_file.read_text().split() if ignore_file.exists() else []
+for needle in (".git", "target", "examples/*/lake"):
+    if needle not in ignored:
+        errors.append(f".dockerignore does not leave out `{needle}` (the build context would carry it)")
 prom = yaml.safe_load((root / "prometheus.yml").read_text())
 targets = [t for job in prom.get("scrape_configs", []) for sc in job.get("static_configs", []) for t in sc.get("targets", [])]
 if not any(t.startswith("sluice:") for t in targets):

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use sluice_engine::{DeadLetter, EngineError, Poll, Result, Source, SourceBatch};
+use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::SourcePlan;
 
 use crate::json::{JsonRecords, Span, preview};
 
-/// Largest record accepted unless `max_record_bytes` says otherwise.
-pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+pub mod options;
+pub use options::FileOptions;
 
 /// A JSON-lines file read from start to end.
 pub struct JsonFileSource {
@@ -33,12 +33,10 @@ pub struct JsonFileSource {
 impl JsonFileSource {
     /// A source for a planned `connector = 'file'` source.
     pub fn new(plan: &SourcePlan) -> Result<Self> {
-        let path = PathBuf::from(plan.options.get("path").cloned().unwrap_or_default());
-        let max_record_bytes = plan
-            .options
-            .get("max_record_bytes")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        let FileOptions {
+            path,
+            max_record_bytes,
+        } = FileOptions::parse(plan)?;
         let label = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -70,7 +68,7 @@ impl JsonFileSource {
         }
     }
 
-    fn reject(&self, line: u64, bytes: &[u8], kind: &str, reason: String) -> DeadLetter {
+    fn reject(&self, line: u64, bytes: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
         file_reject(&self.name, &self.label, line, bytes, kind, reason)
     }
 }
@@ -80,13 +78,13 @@ fn file_reject(
     label: &str,
     line: u64,
     bytes: &[u8],
-    kind: &str,
+    kind: DeadLetterKind,
     reason: String,
 ) -> DeadLetter {
     DeadLetter {
         source: name.to_string(),
         position: format!("{label}:{line}"),
-        kind: kind.to_string(),
+        kind,
         reason,
         record: preview(bytes),
     }
@@ -165,7 +163,7 @@ impl Source for JsonFileSource {
                 let d = self.reject(
                     self.line,
                     line,
-                    "oversized",
+                    DeadLetterKind::Oversized,
                     format!(
                         "record of {} bytes exceeds max_record_bytes = {}",
                         line.len(),
@@ -194,7 +192,7 @@ impl Source for JsonFileSource {
         }
         let buf = std::mem::take(&mut self.buf);
         let (name, label) = (&self.name, &self.label);
-        let reject = |pos: u64, bytes: &[u8], kind: &str, reason: String| {
+        let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| {
             file_reject(name, label, pos, bytes, kind, reason)
         };
         let decoded = self.records.decode(&buf, &lines, &reject, &mut rejected);

@@ -18,7 +18,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use sluice_engine::training::time_millis;
 use sluice_engine::view::features_json;
-use sluice_engine::{DeadLetter, EngineError, Poll, Result, Source, SourceBatch};
+use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::SourcePlan;
 
 use crate::file::JsonFileSource;
@@ -398,7 +398,7 @@ impl FilesSource {
     ) -> Result<Option<SourceBatch>> {
         let n = raw.num_rows();
         let schema = &self.plan.schema;
-        let mut bad: Vec<Option<(String, String)>> = vec![None; n];
+        let mut bad: Vec<Option<(DeadLetterKind, String)>> = vec![None; n];
         let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         let opts = CastOptions {
             safe: true,
@@ -442,7 +442,7 @@ impl FilesSource {
                     && c.is_valid(i)
                 {
                     *b = Some((
-                        "wrong_type".into(),
+                        DeadLetterKind::WrongType,
                         format!(
                             "column `{}`: value is not a {}",
                             field.name(),
@@ -451,7 +451,7 @@ impl FilesSource {
                     ));
                 } else if !field.is_nullable() {
                     *b = Some((
-                        "missing_field".into(),
+                        DeadLetterKind::MissingField,
                         format!(
                             "column `{}` is NOT NULL but the value is missing",
                             field.name()
@@ -483,7 +483,7 @@ impl FilesSource {
                 rejected.push(DeadLetter {
                     source: self.plan.name.clone(),
                     position: format!("{}:{}", file.label, first_row + i as u64 + 1),
-                    kind: kind.clone(),
+                    kind: *kind,
                     reason: reason.clone(),
                     record: preview(&rec),
                 });
@@ -676,5 +676,82 @@ mod tests {
         assert_eq!(g.len(), 1);
         assert_eq!(g[0].hive.len(), 2);
         assert!(expand_paths(&format!("{}/*.parquet", root.display())).is_err());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Globbing: a pattern made from a name by wildcards matches it, a
+    //! literal matches only itself, no input panics; `expand_paths` over a
+    //! generated folder returns exactly the matching files, sorted.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `name` with some characters replaced by `?`, some runs by `*`, and
+    /// some characters by a one-character class.
+    fn pattern_of(name: &str, edits: &[(usize, u8)]) -> String {
+        let mut chars: Vec<String> = name.chars().map(|c| c.to_string()).collect();
+        for (at, op) in edits {
+            if chars.is_empty() {
+                break;
+            }
+            let i = at % chars.len();
+            chars[i] = match op % 4 {
+                0 => "?".into(),
+                1 => "*".into(),
+                2 => format!("[{}]", chars[i]),
+                _ => format!("[{0}-{0}]", chars[i]),
+            };
+        }
+        chars.concat()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_pattern_made_from_a_name_matches_it(
+            name in "[a-z0-9._=-]{0,16}",
+            edits in prop::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+        ) {
+            let p = pattern_of(&name, &edits);
+            prop_assert!(wildcard(p.as_bytes(), name.as_bytes()), "{} !~ {}", p, name);
+        }
+
+        #[test]
+        fn a_literal_matches_only_itself(a in "[a-z0-9._=-]{0,12}", b in "[a-z0-9._=-]{0,12}") {
+            prop_assert_eq!(wildcard(a.as_bytes(), b.as_bytes()), a == b);
+        }
+
+        #[test]
+        fn any_pattern_and_name_never_panic(p in prop::collection::vec(any::<u8>(), 0..12), s in prop::collection::vec(any::<u8>(), 0..12)) {
+            let _ = wildcard(&p, &s);
+        }
+
+        #[test]
+        fn expand_paths_finds_exactly_the_matching_files(
+            names in prop::collection::btree_set("[a-c_.]{1,3}\\.(jsonl|csv|txt)", 1..8),
+            pat in "[a-c*?]{0,3}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            for n in &names {
+                std::fs::write(dir.path().join(n), b"").unwrap();
+            }
+            let spec = format!("{}/{pat}*.jsonl", dir.path().display());
+            let want: Vec<PathBuf> = names
+                .iter()
+                .filter(|n| !n.starts_with(['.', '_']) || pat.starts_with(['.', '_']))
+                .filter(|n| wildcard(format!("{pat}*.jsonl").as_bytes(), n.as_bytes()))
+                .map(|n| dir.path().join(n))
+                .collect();
+            match expand_paths(&spec) {
+                Ok(files) => {
+                    let got: Vec<PathBuf> = files.into_iter().map(|f| f.path).collect();
+                    prop_assert_eq!(got, want);
+                }
+                Err(_) => prop_assert!(want.is_empty(), "no match reported, expected {:?}", want),
+            }
+        }
     }
 }

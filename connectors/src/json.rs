@@ -9,7 +9,7 @@ use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::json::ReaderBuilder;
 use arrow::json::reader::Decoder;
-use sluice_engine::{DeadLetter, EngineError, Result};
+use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Result};
 
 /// How much of a rejected record a dead letter keeps.
 pub const RECORD_PREVIEW: usize = 4096;
@@ -27,7 +27,7 @@ pub struct Span {
 }
 
 /// Builds a dead letter for a record: `(position, bytes, kind, reason)`.
-pub type Reject<'a> = &'a dyn Fn(u64, &[u8], &str, String) -> DeadLetter;
+pub type Reject<'a> = &'a dyn Fn(u64, &[u8], DeadLetterKind, String) -> DeadLetter;
 
 /// Decodes JSON objects into a declared schema.
 pub struct JsonRecords {
@@ -108,7 +108,7 @@ impl JsonRecords {
                     rejected.push(reject(
                         sp.pos,
                         &buf[sp.start..sp.end],
-                        "missing_field",
+                        DeadLetterKind::MissingField,
                         format!("required field `{}` is missing or null", f.name()),
                     ));
                 }
@@ -158,7 +158,7 @@ impl JsonRecords {
                     rejected.push(reject(
                         sp.pos,
                         rec,
-                        "malformed_json",
+                        DeadLetterKind::MalformedJson,
                         "the record holds no single JSON object".into(),
                     ));
                     self.decoder = new_decoder(&self.decode_schema, &self.name)?;
@@ -185,16 +185,16 @@ fn classify(
         Ok(serde_json::Value::Object(_)) => reject(
             pos,
             rec,
-            "wrong_type",
+            DeadLetterKind::WrongType,
             format!("a field does not fit the declared schema: {err}"),
         ),
         Ok(_) => reject(
             pos,
             rec,
-            "malformed_json",
+            DeadLetterKind::MalformedJson,
             "the record is valid JSON but not an object".into(),
         ),
-        Err(e) => reject(pos, rec, "malformed_json", format!("not valid JSON: {e}")),
+        Err(e) => reject(pos, rec, DeadLetterKind::MalformedJson, format!("not valid JSON: {e}")),
     }
 }
 
@@ -208,4 +208,96 @@ fn new_decoder(schema: &SchemaRef, name: &str) -> Result<Decoder> {
 /// The first `RECORD_PREVIEW` bytes of a record, as text.
 pub fn preview(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(RECORD_PREVIEW)]).into_owned()
+}
+
+#[cfg(test)]
+mod props {
+    //! Any bytes, as records: each becomes a row or a dead letter, never a
+    //! panic, and the rows keep their order.
+
+    use super::*;
+    use arrow::datatypes::{DataType, TimeUnit};
+    use proptest::prelude::*;
+
+    fn decoder() -> JsonRecords {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, false),
+            Field::new("price", DataType::Float64, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        ]));
+        JsonRecords::new("s", schema).unwrap()
+    }
+
+    /// Records that are often almost right: objects with the declared
+    /// fields holding values of any JSON type, or arbitrary bytes.
+    fn record() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            Just("null".to_string()),
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| format!("{v:e}")),
+            "[a-z0-9:TZ.-]{0,24}".prop_map(|s| format!("\"{s}\"")),
+            Just("[1, 2]".to_string()),
+            Just("{\"a\": 1}".to_string()),
+            Just("1e300".to_string()),
+            Just("-9223372036854775808".to_string()),
+            Just("\"2024-01-01T00:00:00Z\"".to_string()),
+        ];
+        let field = (
+            prop::sample::select(&["user_id", "price", "n", "ts", "extra"][..]),
+            value,
+        );
+        prop_oneof![
+            prop::collection::vec(field, 0..6).prop_map(|fs| {
+                let body: Vec<String> = fs.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+                format!("{{{}}}", body.join(", ")).into_bytes()
+            }),
+            prop::collection::vec(any::<u8>(), 0..40)
+                .prop_map(|b| b.into_iter().filter(|c| *c != b'\n').collect()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_record_is_a_row_or_a_dead_letter(records in prop::collection::vec(record(), 1..20)) {
+            let mut buf = Vec::new();
+            let mut spans = Vec::new();
+            for (i, r) in records.iter().enumerate() {
+                let start = buf.len();
+                buf.extend_from_slice(r);
+                spans.push(Span { start, end: buf.len(), pos: i as u64 });
+                buf.push(b'\n');
+            }
+            let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| DeadLetter {
+                source: "s".into(),
+                position: pos.to_string(),
+                kind,
+                reason,
+                record: preview(bytes),
+            };
+            let mut rejected = Vec::new();
+            let mut d = decoder();
+            let out = d.decode(&buf, &spans, &reject, &mut rejected).unwrap();
+            let rows = out.as_ref().map(|(b, r)| {
+                assert_eq!(b.num_rows(), r.len());
+                r.clone()
+            }).unwrap_or_default();
+            prop_assert_eq!(rows.len() + rejected.len(), spans.len());
+            prop_assert!(rows.windows(2).all(|w| w[0] < w[1]), "rows out of order: {:?}", rows);
+            let bad: std::collections::BTreeSet<u64> =
+                rejected.iter().map(|d| d.position.parse().unwrap()).collect();
+            prop_assert_eq!(bad.len(), rejected.len(), "a record dead-lettered twice");
+            for r in &rows {
+                prop_assert!(!bad.contains(&(*r as u64)), "record {} is both a row and a dead letter", r);
+            }
+            // The decoder keeps working after bad input.
+            let good = br#"{"user_id": "a", "ts": 1}"#;
+            let spans = [Span { start: 0, end: good.len(), pos: 0 }];
+            let mut rejected = Vec::new();
+            let ok = d.decode(good, &spans, &reject, &mut rejected).unwrap();
+            prop_assert!(ok.is_some() && rejected.is_empty());
+        }
+    }
 }

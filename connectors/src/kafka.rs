@@ -29,11 +29,13 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::keys::key_strings;
 use sluice_engine::view::{features_json, key_and_feature_columns};
-use sluice_engine::{DeadLetter, EngineError, OfflineSink, Poll, Result, Source, SourceBatch};
+use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, OfflineSink, Poll, Result, Source, SourceBatch};
 use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
-use crate::file::DEFAULT_MAX_RECORD_BYTES;
 use crate::json::{JsonRecords, Span};
+
+pub mod options;
+pub use options::{KafkaOptions, Start};
 
 /// How long start-up waits for the brokers to answer before it reports why not.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,13 +192,6 @@ fn apply_user_options(c: &mut ClientConfig, options: &BTreeMap<String, String>) 
     }
 }
 
-/// Where the source starts in a partition the checkpoint does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start {
-    Earliest,
-    Latest,
-    Committed,
-}
 
 /// Per-message metadata kept for the metadata columns.
 #[derive(Debug, Clone)]
@@ -240,27 +235,14 @@ impl KafkaSource {
     /// the network until [`Source::seek`].
     pub fn new(plan: &SourcePlan) -> Result<Self> {
         let what = format!("source {}", plan.name);
-        let opt = |k: &str| plan.options.get(k).cloned().unwrap_or_default();
-        let topic = opt("topic");
-        let brokers = opt("brokers");
-        let start = match plan.options.get("start").map(String::as_str) {
-            None | Some("earliest") => Start::Earliest,
-            Some("latest") => Start::Latest,
-            Some("committed") => Start::Committed,
-            Some(other) => return Err(conn_err(&what, format!("unknown start `{other}`"))),
-        };
-        let group = plan
-            .options
-            .get("group_id")
-            .cloned()
-            .unwrap_or_else(|| format!("sluice-{}", plan.name));
-        let mut cfg = client_config(&brokers);
-        cfg.set("group.id", &group)
+        let o = KafkaOptions::parse(plan)?;
+        let mut cfg = client_config(&o.brokers);
+        cfg.set("group.id", &o.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest");
-        apply_user_options(&mut cfg, &plan.options);
+        apply_user_options(&mut cfg, &o.client);
         let ctx = Context::new(&plan.name);
         let consumer: BaseConsumer<Context> = cfg
             .create_with_context(ctx)
@@ -280,9 +262,9 @@ impl KafkaSource {
         }
         Ok(KafkaSource {
             name: plan.name.clone(),
-            topic,
-            brokers,
-            start,
+            topic: o.topic,
+            brokers: o.brokers,
+            start: o.start,
             schema: Arc::clone(&plan.schema),
             records: JsonRecords::new(&plan.name, payload_schema)?,
             columns,
@@ -290,11 +272,7 @@ impl KafkaSource {
             ctx,
             next: BTreeMap::new(),
             reported: BTreeMap::new(),
-            max_record_bytes: plan
-                .options
-                .get("max_record_bytes")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DEFAULT_MAX_RECORD_BYTES),
+            max_record_bytes: o.max_record_bytes,
             buf: Vec::new(),
             last_lag: Instant::now(),
             assigned: false,
@@ -492,7 +470,7 @@ impl KafkaSource {
         }
     }
 
-    fn reject(&self, pos: u64, bytes: &[u8], kind: &str, reason: String) -> DeadLetter {
+    fn reject(&self, pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
         kafka_reject(&self.name, &self.topic, pos, bytes, kind, reason)
     }
 }
@@ -502,13 +480,13 @@ fn kafka_reject(
     topic: &str,
     pos: u64,
     bytes: &[u8],
-    kind: &str,
+    kind: DeadLetterKind,
     reason: String,
 ) -> DeadLetter {
     DeadLetter {
         source: source.to_string(),
         position: describe(topic, pos),
-        kind: kind.to_string(),
+        kind,
         reason,
         // A Kafka dead letter keeps the whole record so it can be replayed.
         record: String::from_utf8_lossy(bytes).into_owned(),
@@ -677,7 +655,7 @@ impl Source for KafkaSource {
                 rejected.push(self.reject(
                     pos,
                     b"",
-                    "malformed_json",
+                    DeadLetterKind::MalformedJson,
                     "the message has no payload (a tombstone)".into(),
                 ));
                 continue;
@@ -687,7 +665,7 @@ impl Source for KafkaSource {
                 rejected.push(self.reject(
                     pos,
                     &payload[..payload.len().min(crate::json::RECORD_PREVIEW)],
-                    "oversized",
+                    DeadLetterKind::Oversized,
                     format!(
                         "record of {} bytes exceeds max_record_bytes = {}",
                         payload.len(),
@@ -730,7 +708,7 @@ impl Source for KafkaSource {
         }
         let buf = std::mem::take(&mut self.buf);
         let (name, topic) = (&self.name, &self.topic);
-        let reject = |pos: u64, bytes: &[u8], kind: &str, reason: String| {
+        let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| {
             kafka_reject(name, topic, pos, bytes, kind, reason)
         };
         let decoded = self.records.decode(&buf, &spans, &reject, &mut rejected);
@@ -774,7 +752,7 @@ impl Source for KafkaSource {
                         rejected.push(self.reject(
                             sp.pos,
                             &self.buf[sp.start..sp.end],
-                            "missing_field",
+                            DeadLetterKind::MissingField,
                             format!("required metadata `{}` is missing", field.name()),
                         ));
                     }
@@ -1040,16 +1018,19 @@ pub struct DeadLetterTopic {
 impl DeadLetterTopic {
     /// For a source with `dead_letter_topic` set.
     pub fn new(plan: &SourcePlan) -> Result<Option<Self>> {
-        let Some(topic) = plan.options.get("dead_letter_topic") else {
+        if plan.connector != "kafka" {
+            return Ok(None);
+        }
+        let o = KafkaOptions::parse(plan)?;
+        let Some(topic) = &o.dead_letter_topic else {
             return Ok(None);
         };
-        let brokers = plan.options.get("brokers").cloned().unwrap_or_default();
         Ok(Some(DeadLetterTopic {
             writer: TopicWriter::new(
                 &format!("dead letters of {}", plan.name),
-                &brokers,
+                &o.brokers,
                 topic,
-                &plan.options,
+                &o.client,
             )?,
         }))
     }
@@ -1070,7 +1051,7 @@ impl DeadLetterTopic {
                 ("sluice-position", &d.position),
                 ("sluice-partition", partition),
                 ("sluice-offset", offset),
-                ("sluice-kind", &d.kind),
+                ("sluice-kind", d.kind.as_str()),
                 ("sluice-reason", &d.reason),
             ],
         )
@@ -1218,7 +1199,7 @@ mod tests {
         assert_eq!(sorted, vec![0, 0, 1]);
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].position, "clicks/1@1");
-        assert_eq!(dead[0].kind, "malformed_json");
+        assert_eq!(dead[0].kind, DeadLetterKind::MalformedJson);
         // Metadata columns: key and partition.
         for batch in &batches {
             let users = batch

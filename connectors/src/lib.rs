@@ -4,13 +4,13 @@
 //! the engine's [`sluice_engine::Source`], [`sluice_engine::OfflineSink`]
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
-pub mod deadletter;
-pub mod file;
+mod deadletter;
+mod file;
 pub mod files;
-pub mod json;
+mod json;
 pub mod kafka;
-pub mod lake;
-pub mod memory;
+mod lake;
+mod memory;
 pub mod training;
 
 use std::collections::HashMap;
@@ -18,14 +18,42 @@ use std::path::Path;
 
 use sluice_engine::aggregate::emitted_schema;
 use sluice_engine::{DeadLetter, DeadLetterSink, EngineError, OfflineSink, Result, Source};
-use sluice_sql::PipelinePlan;
+use sluice_sql::{OptionReader, PipelineError, PipelinePlan};
 
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
-pub use file::JsonFileSource;
+pub use file::{FileOptions, JsonFileSource};
 pub use files::{FilesSource, expand_paths};
-pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaSource};
+pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};
 pub use lake::LakeWriter;
 pub use memory::MemorySource;
+
+/// Checks every source's connector options (each connector owns and
+/// parses its own; see [`file::FileOptions`], [`kafka::KafkaOptions`]). An
+/// error names the option's line and column in the pipeline file.
+pub fn check(plan: &PipelinePlan) -> std::result::Result<(), PipelineError> {
+    for s in &plan.sources {
+        match s.connector.as_str() {
+            "file" => {
+                FileOptions::parse(s)?;
+            }
+            "kafka" => {
+                KafkaOptions::parse(s)?;
+            }
+            other => {
+                return Err(OptionReader::new(s, "sources")
+                    .error(
+                        "connector",
+                        format!("unknown connector `{other}`; expected 'file' or 'kafka'"),
+                    )
+                    .suggest(other, CONNECTORS.iter().copied()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The connectors a source can name.
+pub const CONNECTORS: &[&str] = &["file", "kafka"];
 
 /// Builds the sources of a plan, in plan order.
 pub fn build_sources(plan: &PipelinePlan) -> Result<Vec<Box<dyn Source>>> {

@@ -17,6 +17,7 @@ use parquet::arrow::arrow_reader::{ArrowPredicateFn, ParquetRecordBatchReaderBui
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::time::event_time_problem;
 use sluice_engine::training::{AsOf, Found, Probe, time_millis};
 use sluice_engine::view::ViewOp;
 use sluice_engine::{EngineError, Result};
@@ -76,6 +77,9 @@ pub struct TrainingSetRequest {
 pub struct TrainingSetStats {
     /// Spine rows (= output rows).
     pub rows: usize,
+    /// Spine rows whose time is outside the supported event-time range
+    /// (years 1677 to 2262): their features are NULL.
+    pub times_out_of_range: usize,
     /// Per view: (name, lake files read, lake rows read, rows found, empty-set rows, NULL rows).
     pub views: Vec<ViewJoinStats>,
 }
@@ -308,9 +312,18 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
             }
         }
     };
-    let ts = time_millis(spine.column(time_col))?;
+    let mut ts = time_millis(spine.column(time_col))?;
+    // A time no event can have joins nothing: NULL features, counted.
+    let mut times_out_of_range = 0;
+    for t in ts.iter_mut() {
+        if t.is_some_and(|t| event_time_problem(t).is_some()) {
+            *t = None;
+            times_out_of_range += 1;
+        }
+    }
     let mut stats = TrainingSetStats {
         rows: spine.num_rows(),
+        times_out_of_range,
         ..Default::default()
     };
     let mut fields: Vec<Field> = sschema

@@ -25,6 +25,7 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use sluice_sql::{AggregatePlan, WindowSpec};
 
 use crate::error::{EngineError, Result};
+use crate::time::{add, sub};
 use crate::exec::{PhysStage, Rows, compile_stages, eval, physical, run_stages};
 use crate::keys::KeyDict;
 
@@ -689,24 +690,24 @@ impl WindowAgg {
             return Ok(());
         }
         if let Some((&first, _)) = self.panes.iter().next() {
-            let mut e = first + slide;
+            let mut e = add(first, slide)?;
             if let Some(done) = self.emitted_through {
-                e = e.max(done + slide);
+                e = e.max(add(done, slide)?);
             }
             while e <= last {
-                let lo = e - size;
+                let lo = sub(e, size)?;
                 if self.panes.range(lo..e).next().is_none() {
                     // No pane in this window: jump to the first window holding the next pane.
                     match self.panes.range(e..).next() {
                         Some((&p, _)) => {
-                            e = p + slide;
+                            e = add(p, slide)?;
                             continue;
                         }
                         None => break,
                     }
                 }
                 self.fire(lo, e, slide, out)?;
-                e += slide;
+                e = add(e, slide)?;
             }
         }
         self.emitted_through = Some(last);
@@ -716,7 +717,7 @@ impl WindowAgg {
             .panes
             .range(..=keep_from)
             .map(|(p, _)| *p)
-            .filter(|p| p + size <= wm)
+            .filter(|p| p.saturating_add(size) <= wm)
             .collect();
         for p in old {
             self.panes.remove(&p);
@@ -748,7 +749,7 @@ impl WindowAgg {
             out.push(Fired {
                 start: Some(lo),
                 end: Some(end),
-                valid_until: Some(end + slide),
+                valid_until: Some(add(end, slide)?),
                 row_ends: None,
                 batch,
             });

@@ -28,7 +28,8 @@ use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, event_times, late_letter};
+use crate::job::{NO_WATERMARK, late_letter};
+use crate::time::{drop_bad_event_times, event_times};
 use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
@@ -203,7 +204,7 @@ fn dead_letter(
     stats: &mut BackfillStats,
 ) -> Result<()> {
     stats.dead_letters += 1;
-    metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
+    metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
     dead.write(d)
 }
 
@@ -366,9 +367,20 @@ fn read_source(
             Poll::Data { batch, rejected } => (batch, rejected),
         };
         for d in &rejected {
-            metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.clone()).increment(1);
+            metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.as_str()).increment(1);
             dead_letter(dead, d, stats)?;
         }
+        let batch = match (batch, sp.event_time) {
+            (Some(b), Some(idx)) => {
+                let describe = |p| src.describe_position(p);
+                let (b, bad) = drop_bad_event_times(&sp.name, b, idx, &describe)?;
+                for d in &bad {
+                    dead_letter(dead, d, stats)?;
+                }
+                b
+            }
+            (b, _) => b,
+        };
         let Some(sb) = batch else { continue };
         let batch = sb.batch;
         let n = batch.num_rows();

@@ -1,11 +1,38 @@
-//! Engine errors.
+//! Engine errors, each with a category ([`ErrorDomain`]: the user's, the
+//! outside world's, or a bug) and a retry hint ([`RetryHint`]) that the job's
+//! source backoff and `/readyz` act on.
 
 use datafusion::common::DataFusionError;
+use sluice_sql::PipelineError;
+
+/// Whose problem an error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorDomain {
+    /// The user's: a pipeline, an option, a request or a state dir that does
+    /// not fit. Fix the input; retrying the same thing fails the same way.
+    User,
+    /// The outside world's: a broker, the filesystem, the network.
+    External,
+    /// Sluice's own: a broken invariant. Please report it.
+    Internal,
+}
+
+/// Whether trying the same operation again can succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryHint {
+    /// It will fail the same way.
+    Never,
+    /// It may succeed later: retry with backoff (a broker away, a full disk).
+    Backoff,
+}
 
 /// An error of the runtime. Bad input records are not errors: they are
 /// dead-lettered and counted.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The pipeline file, or a connector's options in it, is wrong.
+    #[error(transparent)]
+    Plan(#[from] PipelineError),
     /// DataFusion failed to plan or evaluate an expression or aggregate.
     #[error("evaluating view `{view}`: {source}")]
     DataFusion {
@@ -57,6 +84,9 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// A broken invariant of the engine: a bug, not bad input.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A request a client can fix (wrong vector length, unknown view).
     #[error("{0}")]
     BadRequest(String),
@@ -72,6 +102,30 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// Whose problem this is.
+    pub fn domain(&self) -> ErrorDomain {
+        match self {
+            EngineError::Plan(_) | EngineError::Incompatible { .. } | EngineError::BadRequest(_) => {
+                ErrorDomain::User
+            }
+            EngineError::Store { .. }
+            | EngineError::Connector { .. }
+            | EngineError::Index { .. }
+            | EngineError::Io { .. } => ErrorDomain::External,
+            EngineError::DataFusion { .. } | EngineError::Arrow { .. } | EngineError::Internal(_) => {
+                ErrorDomain::Internal
+            }
+        }
+    }
+
+    /// Whether retrying can help: only for the outside world's errors.
+    pub fn retry(&self) -> RetryHint {
+        match self.domain() {
+            ErrorDomain::External => RetryHint::Backoff,
+            ErrorDomain::User | ErrorDomain::Internal => RetryHint::Never,
+        }
+    }
+
     /// A DataFusion error in `view`.
     pub fn df(view: &str, source: DataFusionError) -> Self {
         EngineError::DataFusion {

@@ -8,7 +8,7 @@ use arrow::array::{
 };
 use arrow::compute::{filter, filter_record_batch};
 use arrow::datatypes::SchemaRef;
-use datafusion::common::{DFSchema, ScalarValue};
+use datafusion::common::DFSchema;
 use datafusion::logical_expr::Expr;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::physical_expr::execution_props::ExecutionProps;
@@ -181,9 +181,4 @@ pub fn project(
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )
     .map_err(|e| EngineError::arrow(format!("projecting view `{view}`"), e))
-}
-
-/// A scalar to an array of `n`.
-pub fn scalar_array(v: &ScalarValue, n: usize) -> Result<ArrayRef> {
-    v.to_array_of_size(n).map_err(|e| EngineError::df("", e))
 }

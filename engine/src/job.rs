@@ -9,14 +9,16 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, Int64Array, RecordBatch, TimestampMillisecondArray, UInt32Array};
+use arrow::array::{Int64Array, RecordBatch, UInt32Array};
 use sluice_sql::PipelinePlan;
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::online::{ViewMeta, read_view_meta, view_meta_key, watermark_key};
-use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
+use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
+use crate::error::RetryHint;
+use crate::time::{drop_bad_event_times, event_times};
 use crate::vector::VectorIndex;
 use crate::view::{ViewOp, features_json};
 
@@ -31,19 +33,6 @@ const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
 /// No watermark yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
-
-/// The event times (ms) of a source batch, from its event-time column `idx`.
-pub fn event_times(source: &str, batch: &RecordBatch, idx: usize) -> Result<Int64Array> {
-    let col = batch.column(idx);
-    let tsa = col
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()
-        .ok_or_else(|| EngineError::Connector {
-            what: format!("source {source}"),
-            message: format!("event-time column has type {}", col.data_type()),
-        })?;
-    Ok(Int64Array::new(tsa.values().clone(), None))
-}
 
 /// The dead letter of source row `row` of `batch`, late for `view`: its
 /// event time `ts` was behind the watermark `wm` when it arrived.
@@ -63,7 +52,7 @@ pub fn late_letter(
     Ok(DeadLetter {
         source: source.to_string(),
         position,
-        kind: "late_event".into(),
+        kind: DeadLetterKind::LateEvent,
         reason: format!(
             "late for view `{view}`: event time {} is behind the watermark {}; every window holding it had closed",
             ts.map(crate::online::fmt_ts).unwrap_or_default(),
@@ -166,9 +155,46 @@ struct SourceRt {
     idle: Option<Duration>,
     last_parts_refresh: Instant,
     down: Option<String>,
+    /// The position after the last rows a poll returned: where a poll that
+    /// failed is retried from, so a retry loses and repeats nothing.
+    last_good: Vec<u8>,
+    /// A poll failed with an error worth retrying: why, when to retry, and
+    /// the backoff to double if it fails again.
+    retry: Option<Retry>,
 }
 
+struct Retry {
+    reason: String,
+    at: Instant,
+    backoff: Duration,
+}
+
+/// The first and the longest wait before polling a failed source again.
+const MIN_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
+
 impl SourceRt {
+    /// A failed poll: retried later if the error says a retry can help,
+    /// else the job's error.
+    fn failed(&mut self, e: EngineError) -> Result<()> {
+        if e.retry() != RetryHint::Backoff {
+            return Err(e);
+        }
+        let backoff = self
+            .retry
+            .as_ref()
+            .map(|r| (r.backoff * 2).min(MAX_RETRY_BACKOFF))
+            .unwrap_or(MIN_RETRY_BACKOFF);
+        tracing::warn!(source = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed; retrying");
+        metrics::counter!("sluice_source_retries_total", "source" => self.name.clone()).increment(1);
+        self.retry = Some(Retry {
+            reason: e.to_string(),
+            at: Instant::now() + backoff,
+            backoff,
+        });
+        Ok(())
+    }
+
     fn part_index(&mut self, id: u32, now: Instant) -> usize {
         match self.parts.iter().position(|p| p.id == id) {
             Some(i) => i,
@@ -391,7 +417,10 @@ impl Job {
                     .map(|ms| Duration::from_millis(ms.max(0) as u64)),
                 last_parts_refresh: now,
                 down: None,
+                last_good: Vec::new(),
+                retry: None,
             };
+            rt.last_good = rt.src.position();
             // State written before partitions were tracked: one partition.
             if rt.parts.is_empty()
                 && let Some(m) = rt.max_ts
@@ -466,13 +495,29 @@ impl Job {
                 }
                 all_done = false;
                 let mut got_rows = false;
-                match self.sources[si].src.poll(self.opts.batch_rows)? {
+                let Some(polled) = self.poll_source(si)? else {
+                    self.check_health(si);
+                    continue;
+                };
+                match polled {
                     Poll::Data { batch, rejected } => {
                         any = true;
                         for d in &rejected {
                             self.dead_letter(d)?;
-                            metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.clone()).increment(1);
+                            metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.as_str()).increment(1);
                         }
+                        let batch = match (batch, self.sources[si].event_time) {
+                            (Some(b), Some(idx)) => {
+                                let s = &self.sources[si];
+                                let describe = |p| s.src.describe_position(p);
+                                let (b, bad) = drop_bad_event_times(&s.name, b, idx, &describe)?;
+                                for d in &bad {
+                                    self.dead_letter(d)?;
+                                }
+                                b
+                            }
+                            (b, _) => b,
+                        };
                         if let Some(b) = batch {
                             got_rows = true;
                             self.on_batch(si, b.batch, &b.row_positions, &b.partitions)?;
@@ -542,14 +587,48 @@ impl Job {
 
     fn dead_letter(&mut self, d: &DeadLetter) -> Result<()> {
         self.stats.dead_letters += 1;
-        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.clone()).increment(1);
+        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
         self.dead.write(d)
     }
 
     /// Marks a source down or up again (for `/readyz` and metrics).
+    /// Polls source `si`. An error the outside world may fix (a broker, a
+    /// file system) is not the end of the job: the source is marked down
+    /// (`/readyz`, `sluice_source_up`), retried with doubling backoff from
+    /// the position after its last good poll; `None` while it waits.
+    fn poll_source(&mut self, si: usize) -> Result<Option<Poll>> {
+        let max_rows = self.opts.batch_rows;
+        let s = &mut self.sources[si];
+        if let Some(r) = &s.retry {
+            if Instant::now() < r.at {
+                return Ok(None);
+            }
+            let last_good = s.last_good.clone();
+            if let Err(e) = s.src.seek(Some(&last_good)) {
+                return s.failed(e).map(|()| None);
+            }
+        }
+        match s.src.poll(max_rows) {
+            Ok(p) => {
+                if s.retry.take().is_some() {
+                    tracing::info!(source = %s.name, "source polls again");
+                }
+                if matches!(p, Poll::Data { .. }) {
+                    s.last_good = s.src.position();
+                }
+                Ok(Some(p))
+            }
+            Err(e) => s.failed(e).map(|()| None),
+        }
+    }
+
     fn check_health(&mut self, si: usize) {
         let s = &mut self.sources[si];
-        let h = s.src.health();
+        let h = s
+            .retry
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .or_else(|| s.src.health());
         if h == s.down {
             return;
         }
@@ -814,7 +893,7 @@ impl Job {
 mod tests {
     use std::collections::VecDeque;
 
-    use arrow::array::StringArray;
+    use arrow::array::{StringArray, TimestampMillisecondArray};
     use arrow::datatypes::SchemaRef;
 
     use super::*;

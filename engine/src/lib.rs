@@ -4,19 +4,21 @@
 
 pub mod aggregate;
 pub mod backfill;
-pub mod error;
-pub mod exec;
+mod error;
+mod exec;
 pub mod job;
 pub mod keys;
 pub mod metrics_names;
 pub mod online;
 pub mod server;
-pub mod source;
+mod source;
 pub mod store;
+pub mod time;
 pub mod training;
 pub mod vector;
 pub mod view;
 
-pub use error::{EngineError, Result};
+pub use error::{EngineError, ErrorDomain, Result, RetryHint};
+pub use exec::Rows;
 pub use job::{Job, JobOptions, Live, RunStats};
-pub use source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch};
+pub use source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch};

@@ -117,6 +117,31 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "histogram",
         "Serving API latency (label: route)",
     ),
+    (
+        "sluice_lake_files_total",
+        "counter",
+        "Parquet files committed to the lake (label: view)",
+    ),
+    (
+        "sluice_source_retries_total",
+        "counter",
+        "Polls of a source that failed with an error worth retrying, retried with backoff (label: source)",
+    ),
+    (
+        "sluice_index_updates_total",
+        "counter",
+        "Vector index upserts and removals applied at checkpoints (label: view)",
+    ),
+    (
+        "sluice_index_expired_total",
+        "counter",
+        "Keys removed from a vector index because their windowed row expired (label: view)",
+    ),
+    (
+        "sluice_index_commit_seconds",
+        "histogram",
+        "Time of a vector index's LMDB transaction at a checkpoint (label: view)",
+    ),
 ];
 
 /// Registers the help texts with the installed recorder.
@@ -127,5 +152,54 @@ pub fn describe() {
             "gauge" => metrics::describe_gauge!(*name, *help),
             _ => metrics::describe_histogram!(*name, *help),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::METRICS;
+
+    /// Every `sluice_…` metric the code reports is described here, and every
+    /// one described here is documented in `docs/operations.md`.
+    #[test]
+    fn every_metric_is_described_and_documented() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut used = std::collections::BTreeSet::new();
+        for dir in ["engine/src", "connectors/src", "cli/src"] {
+            let mut stack = vec![root.join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap().flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_some_and(|x| x == "rs") {
+                        let text = std::fs::read_to_string(&p).unwrap();
+                        for part in text.split("metrics::").skip(1) {
+                            let Some(start) = part.find("\"sluice_") else {
+                                continue;
+                            };
+                            if start > 40 {
+                                continue;
+                            }
+                            let name: String = part[start + 1..]
+                                .chars()
+                                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                                .collect();
+                            used.insert(name);
+                        }
+                    }
+                }
+            }
+        }
+        let described: std::collections::BTreeSet<String> =
+            METRICS.iter().map(|m| m.0.to_string()).collect();
+        let missing: Vec<&String> = used.difference(&described).collect();
+        assert!(missing.is_empty(), "reported but not in METRICS: {missing:?}");
+        let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+        let undocumented: Vec<&String> = described
+            .iter()
+            .filter(|m| !docs.contains(&format!("`{m}`")))
+            .collect();
+        assert!(undocumented.is_empty(), "not in docs/operations.md: {undocumented:?}");
     }
 }

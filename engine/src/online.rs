@@ -85,7 +85,7 @@ pub fn read_feature(
         return Ok(Some(json!({
             "key": key,
             "window_end": fmt_ts(end),
-            "valid_until": fmt_ts(end + slide),
+            "valid_until": fmt_ts(end.saturating_add(slide)),
             "features": meta.empty_features.clone().unwrap_or(Value::Null),
         })));
     }

@@ -12,13 +12,60 @@ pub struct DeadLetter {
     pub source: String,
     /// Position in the source, e.g. `clicks.jsonl:17` or `clicks/3@1042`.
     pub position: String,
-    /// Why it was rejected: `malformed_json`, `wrong_type`, `missing_field`,
-    /// `oversized`, `late_event`.
-    pub kind: String,
+    /// Why it was rejected.
+    pub kind: DeadLetterKind,
     /// A readable explanation.
     pub reason: String,
     /// The record as received (truncated to 4 KiB).
     pub record: String,
+}
+
+/// Why a record was rejected. The names (`as_str`, and the `kind` field of
+/// a dead-letter file or the `sluice-kind` header of a dead-letter topic) are
+/// stable: tools filter on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterKind {
+    /// Not JSON, or JSON but not an object, or a message without payload.
+    MalformedJson,
+    /// A value does not fit its declared column type (event times outside
+    /// the supported range included).
+    WrongType,
+    /// A NOT NULL column is missing or null.
+    MissingField,
+    /// Larger than the source's `max_record_bytes`.
+    Oversized,
+    /// Every window holding the event had closed when it arrived.
+    LateEvent,
+}
+
+impl DeadLetterKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [DeadLetterKind; 5] = [
+        DeadLetterKind::MalformedJson,
+        DeadLetterKind::WrongType,
+        DeadLetterKind::MissingField,
+        DeadLetterKind::Oversized,
+        DeadLetterKind::LateEvent,
+    ];
+
+    /// The stable name: `malformed_json`, `wrong_type`, `missing_field`,
+    /// `oversized`, `late_event`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::MalformedJson => "malformed_json",
+            DeadLetterKind::WrongType => "wrong_type",
+            DeadLetterKind::MissingField => "missing_field",
+            DeadLetterKind::Oversized => "oversized",
+            DeadLetterKind::LateEvent => "late_event",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Rows a source decoded, with the position of each row for error reports.

@@ -145,29 +145,6 @@ fn from_arroy(d: Distance, v: f32) -> f32 {
     }
 }
 
-/// The distance between two vectors, in the units [`VectorIndex::nearest`] reports.
-pub fn exact_distance(d: Distance, a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    match d {
-        Distance::Cosine => {
-            let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-            let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if na * nb > f32::EPSILON {
-                1.0 - (dot / (na * nb)).clamp(-1.0, 1.0)
-            } else {
-                0.0
-            }
-        }
-        Distance::Euclidean => a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f32>()
-            .sqrt(),
-        Distance::Dot => -dot,
-    }
-}
-
 impl VectorIndex {
     fn err(&self, what: &str, e: impl std::fmt::Display) -> EngineError {
         index_err(&self.path, what, e)

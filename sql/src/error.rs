@@ -20,8 +20,10 @@ impl From<datafusion::sql::sqlparser::tokenizer::Location> for Pos {
     }
 }
 
-/// An error in a pipeline file: what is wrong, where, and what would be valid.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An error in a pipeline file: what is wrong, where, and what would be
+/// valid. Always the user's to fix (a retry does not help).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", Rendered(self))]
 pub struct PipelineError {
     /// The pipeline file's path as the user gave it.
     pub file: String,
@@ -63,22 +65,22 @@ impl PipelineError {
     }
 }
 
-impl fmt::Display for PipelineError {
+/// `file:line:column: message`, then `  help: …` when there is a hint.
+struct Rendered<'a>(&'a PipelineError);
+
+impl fmt::Display for Rendered<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.pos {
-            Some(p) if p.line > 0 => {
-                write!(f, "{}:{}:{}: {}", self.file, p.line, p.column, self.message)?
-            }
-            _ => write!(f, "{}: {}", self.file, self.message)?,
+        let e = self.0;
+        match e.pos {
+            Some(p) if p.line > 0 => write!(f, "{}:{}:{}: {}", e.file, p.line, p.column, e.message)?,
+            _ => write!(f, "{}: {}", e.file, e.message)?,
         }
-        if let Some(h) = &self.help {
+        if let Some(h) = &e.help {
             write!(f, "\n  help: {h}")?;
         }
         Ok(())
     }
 }
-
-impl std::error::Error for PipelineError {}
 
 /// The candidate closest to `word` by edit distance (case-insensitive), when
 /// it is close enough to be a plausible typo.

@@ -22,6 +22,22 @@ fn unit_ms(unit: &str) -> Option<i64> {
     })
 }
 
+/// The longest interval accepted (window sizes, slides, delays): 100 years
+/// of 365.25 days. Event times span years 1677 to 2262, so an event time
+/// plus or minus any accepted interval fits in an `i64` of milliseconds.
+pub const MAX_INTERVAL_MS: i64 = 36_525 * 86_400_000;
+
+/// `ms` rounded, if it is a finite number of milliseconds within
+/// ±[`MAX_INTERVAL_MS`].
+fn bounded(text: &str, ms: f64) -> Result<i64, String> {
+    if !ms.is_finite() || ms.abs() > MAX_INTERVAL_MS as f64 {
+        return Err(format!(
+            "interval `{text}` is longer than the longest supported interval (100 years)"
+        ));
+    }
+    Ok(ms.round() as i64)
+}
+
 /// Parses `"5"` with a unit, or `"1 hour 30 minutes"`, into milliseconds.
 fn text_ms(text: &str, unit: Option<&str>) -> Result<i64, String> {
     let parts: Vec<&str> = text.split_whitespace().collect();
@@ -30,17 +46,17 @@ fn text_ms(text: &str, unit: Option<&str>) -> Result<i64, String> {
         ([n], Some(u)) => {
             let n: f64 = n.parse().map_err(|_| bad())?;
             let m = unit_ms(u).ok_or_else(|| format!("unknown interval unit `{u}`"))?;
-            Ok((n * m as f64).round() as i64)
+            bounded(text, n * m as f64)
         }
         (parts, None) if !parts.is_empty() && parts.len() % 2 == 0 => {
-            let mut total = 0i64;
+            let mut total = 0f64;
             for pair in parts.chunks(2) {
                 let n: f64 = pair[0].parse().map_err(|_| bad())?;
                 let m = unit_ms(pair[1])
                     .ok_or_else(|| format!("unknown interval unit `{}`", pair[1]))?;
-                total += (n * m as f64).round() as i64;
+                total += n * m as f64;
             }
-            Ok(total)
+            bounded(text, total)
         }
         _ => Err(bad()),
     }

@@ -16,8 +16,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::job::{Job, JobOptions};
 
-use crate::bench::fresh;
-use crate::produce::{self, ProduceArgs};
+use crate::fresh;
+use sluice_cli::commands::produce::{self, ProduceArgs};
 
 /// Options of `sluice bench-kafka`.
 #[derive(clap::Args, Debug)]
@@ -180,7 +180,7 @@ fn pipeline_sql(brokers: &str, topic: &str, settings: &[(String, String)]) -> St
         .iter()
         .map(|(k, v)| format!(" kafka.{k} = '{v}',"))
         .collect();
-    crate::QUICKSTART_SQL
+    sluice_cli::QUICKSTART_SQL
         .replace("connector = 'file',", "connector = 'kafka',")
         .replace(
             "path = 'events.jsonl',",
@@ -248,7 +248,7 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         .local_addr()?
         .port();
     let http = format!("127.0.0.1:{port}");
-    let exe = std::env::current_exe()?;
+    let exe = crate::sluice_exe()?;
     let spawn = || {
         Command::new(&exe)
             .args([
@@ -337,7 +337,10 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
         }
     );
     // Fresh topics per run: every measurement reads exactly what it wrote.
-    let stamp = chrono::Utc::now().timestamp();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     for &parts in &a.partitions {
         let topic = format!("bench-{}-{}k-p{parts}-{stamp}", a.events, a.keys / 1000);
         println!("{parts} partition(s):");

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::json;
 
-use crate::generate::{BASE_TS, Rng, rfc3339};
+use crate::commands::generate::{BASE_TS, Rng, rfc3339};
 
 /// Options of `sluice gen-recsys`.
 #[derive(clap::Args, Debug, Clone)]

@@ -20,9 +20,9 @@ use arrow::array::{
 use arrow::datatypes::DataType;
 use sluice_engine::aggregate::emitted_schema;
 
-use crate::backfill::BackfillArgs;
-use crate::bench::peak_rss_mib;
-use crate::generate::{self, BASE_TS, Rng};
+use sluice_cli::commands::backfill::BackfillArgs;
+use crate::peak_rss_mib;
+use sluice_cli::commands::generate::{self, BASE_TS, Rng};
 
 /// Options of `sluice bench-backfill`.
 #[derive(clap::Args, Debug)]
@@ -68,18 +68,10 @@ struct Duck {
     max_rss_mib: f64,
 }
 
-/// Runs the DuckDB script under `/usr/bin/time -v` when available (peak RSS).
-fn duckdb(py: &Path, args: &[String]) -> anyhow::Result<Duck> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench/duckdb_backfill.py");
-    let timed = Path::new("/usr/bin/time").exists();
-    let mut cmd = if timed {
-        let mut c = std::process::Command::new("/usr/bin/time");
-        c.arg("-v").arg(py);
-        c
-    } else {
-        std::process::Command::new(py)
-    };
-    let out = cmd
+/// Runs the DuckDB script; it reports its own time and peak RSS.
+fn duckdb(dir: &Path, py: &Path, args: &[String]) -> anyhow::Result<Duck> {
+    let script = crate::scripts::write(dir, crate::scripts::DUCKDB_BACKFILL)?;
+    let out = std::process::Command::new(py)
         .arg(&script)
         .args(args)
         .output()
@@ -91,17 +83,10 @@ fn duckdb(py: &Path, args: &[String]) -> anyhow::Result<Duck> {
     }
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
         .with_context(|| format!("DuckDB output: {stdout}"))?;
-    let max_rss_mib = stderr
-        .lines()
-        .find(|l| l.contains("Maximum resident set size"))
-        .and_then(|l| l.rsplit(':').next())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0);
     Ok(Duck {
         seconds: v["seconds"].as_f64().unwrap_or(f64::NAN),
         rows: v["rows"].as_u64().unwrap_or(0),
-        max_rss_mib,
+        max_rss_mib: v["max_rss_mib"].as_f64().unwrap_or(0.0),
     })
 }
 
@@ -154,7 +139,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     let pipeline = dir.join("pipeline.sql");
     std::fs::write(
         &pipeline,
-        crate::QUICKSTART_SQL.replace(
+        sluice_cli::QUICKSTART_SQL.replace(
             "WITH (online = true, offline = 'lake')",
             "WITH (offline = 'lake')",
         ),
@@ -186,7 +171,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
         quiet: true,
     };
     let t = Instant::now();
-    let stats = crate::backfill::run(&args)?;
+    let stats = sluice_cli::commands::backfill::run(&args)?;
     let ours = t.elapsed().as_secs_f64();
     let rows: u64 = stats.views.iter().map(|v| v.rows).sum();
     println!(
@@ -198,6 +183,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     if !a.no_duckdb {
         let out = dir.join("duckdb_hop.parquet");
         let d = duckdb(
+            &dir,
             &py,
             &[
                 "hop".into(),
@@ -231,7 +217,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     );
     let flake = dir.join(format!("feature-lake-{}-{}", a.feature_rows, a.keys));
     let spine = dir.join(format!("spine-{}-{}.parquet", a.spine_rows, a.keys));
-    let plan = crate::plan(&pipeline)?;
+    let plan = sluice_cli::plan(&pipeline)?;
     let view = plan
         .view("user_activity")
         .context("quickstart view user_activity")?;
@@ -278,6 +264,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     if !a.no_duckdb {
         let dout = dir.join("duckdb_asof.parquet");
         let d = duckdb(
+            &dir,
             &py,
             &[
                 "asof".into(),

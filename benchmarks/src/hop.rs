@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -19,7 +19,9 @@ use sluice_engine::job::{Job, JobOptions};
 use sluice_engine::server::{ServeState, router};
 use sluice_engine::{OfflineSink, Source};
 
-use crate::generate::{self, Rng, event};
+use sluice_cli::commands::generate::{self, Rng, event};
+
+use crate::{fresh, peak_rss_mib};
 
 /// Options of `sluice bench`.
 #[derive(clap::Args, Debug)]
@@ -47,20 +49,6 @@ pub struct BenchArgs {
     clients: u64,
 }
 
-/// Peak resident set size of this process (VmHWM), MiB.
-pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 fn batches(a: &BenchArgs, schema: arrow::datatypes::SchemaRef) -> anyhow::Result<Vec<RecordBatch>> {
     let mut rng = Rng::new(42);
     let mut out = Vec::new();
@@ -86,15 +74,6 @@ fn batches(a: &BenchArgs, schema: arrow::datatypes::SchemaRef) -> anyhow::Result
         i += n;
     }
     Ok(out)
-}
-
-/// Empties (or creates) a working directory.
-pub(crate) fn fresh(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
-    }
-    std::fs::create_dir_all(dir)?;
-    Ok(())
 }
 
 /// Keep-alive GETs of random keys; returns per-request latencies.
@@ -165,7 +144,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     );
 
     // 1. Engine over in-memory events (online store on, no lake), one thread.
-    let sql = crate::QUICKSTART_SQL.replace(
+    let sql = sluice_cli::QUICKSTART_SQL.replace(
         "WITH (online = true, offline = 'lake')",
         "WITH (online = true)",
     );
@@ -217,7 +196,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         file_bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    std::fs::write(dir.join("pipeline.sql"), crate::QUICKSTART_SQL)?;
+    std::fs::write(dir.join("pipeline.sql"), sluice_cli::QUICKSTART_SQL)?;
     let plan =
         sluice_sql::plan_file(&dir.join("pipeline.sql")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let state = dir.join("state");
@@ -309,7 +288,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             .collect();
         drop(text);
         std::fs::write(&warm, head)?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bench/flink_hop.py");
+        let script = crate::scripts::write(&dir, crate::scripts::FLINK_HOP)?;
         let out = std::process::Command::new(py)
             .arg(&script)
             .arg(&warm)

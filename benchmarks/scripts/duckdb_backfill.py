@@ -15,6 +15,7 @@ Prints one JSON line: {"seconds": ..., "rows": ...}.
 
 import json
 import sys
+import resource
 import time
 
 import duckdb
@@ -62,7 +63,8 @@ def main() -> None:
         raise SystemExit(f"unknown mode {mode}")
     secs = time.perf_counter() - t0
     rows = con.execute(f"SELECT count(*) FROM read_parquet('{sys.argv[3] if mode == 'hop' else sys.argv[4]}')").fetchone()[0]
-    print(json.dumps({"seconds": secs, "rows": rows}))
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": secs, "rows": rows, "max_rss_mib": peak_mib}))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ use anyhow::Context;
 use sluice_engine::vector::{Query, VectorIndex, VectorUpdate};
 use sluice_sql::vector::{Distance, VectorIndexPlan};
 
-use crate::generate::Rng;
+use sluice_cli::commands::generate::Rng;
 
 /// Options of `sluice bench-vectors`.
 #[derive(clap::Args, Debug)]
@@ -224,6 +224,6 @@ pub fn run(a: &BenchVectorsArgs) -> anyhow::Result<()> {
         drop(idx);
         let _ = std::fs::remove_dir_all(&d);
     }
-    println!("\npeak RSS {} MiB", crate::bench::peak_rss_mib());
+    println!("\npeak RSS {} MiB", crate::peak_rss_mib());
     Ok(())
 }

@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::generate::{Rng, clickstream_json, event};
+use crate::commands::generate::{Rng, clickstream_json, event};
 
 /// Options of `sluice produce`.
 #[derive(clap::Args, Debug, Clone)]

@@ -1,0 +1,95 @@
+//! `sluice-bench`: whole-system benchmarks of Sluice against their baselines
+//! (Apache Flink SQL, DuckDB, a count-only Kafka consumer, an exact vector
+//! scan), each measured in the same run. Run by hand on a release build,
+//! never in CI; see `docs/benchmarks.md`.
+
+mod backfill;
+mod hop;
+mod kafka;
+mod scripts;
+mod vectors;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks of Sluice, each printing its baseline measured in the same run.
+#[derive(Parser)]
+#[command(name = "sluice-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The quickstart HOP(5 min, 1 h) view: engine, whole `run`, state size, GET latency; Flink optional.
+    Hop(hop::BenchArgs),
+    /// Backfill and training-set joins against DuckDB.
+    Backfill(backfill::BenchBackfillArgs),
+    /// The vector index: update rate, query latency and recall against an exact scan.
+    Vectors(vectors::BenchVectorsArgs),
+    /// The quickstart view fed from Kafka against a count-only consumer; restart time.
+    Kafka(kafka::BenchKafkaArgs),
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match Cli::parse().cmd {
+        Cmd::Hop(a) => hop::run(&a),
+        Cmd::Backfill(a) => backfill::run(&a),
+        Cmd::Vectors(a) => vectors::run(&a),
+        Cmd::Kafka(a) => kafka::run(&a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), MiB.
+pub(crate) fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Empties (or creates) a working directory.
+pub(crate) fn fresh(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// The `sluice` binary the benchmarks start as a child process: `$SLUICE_BIN`,
+/// or the `sluice` built beside this binary (`cargo build --release -p sluice
+/// -p sluice-benchmarks`).
+pub(crate) fn sluice_exe() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe()?;
+    let beside = me.with_file_name("sluice");
+    if beside.exists() {
+        Ok(beside)
+    } else {
+        anyhow::bail!(
+            "no `sluice` binary beside {}: build it with `cargo build --release -p sluice`, or set SLUICE_BIN",
+            me.display()
+        )
+    }
+}

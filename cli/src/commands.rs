@@ -1,0 +1,12 @@
+//! One module per `sluice` subcommand: its clap arguments and its `run`.
+
+pub mod backfill;
+pub mod demo;
+pub mod explain;
+pub mod generate;
+pub mod gen_recsys;
+pub mod get;
+pub mod nearest;
+pub mod produce;
+pub mod run;
+pub mod training_set;

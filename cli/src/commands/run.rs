@@ -1,0 +1,163 @@
+//! `sluice run`: the streaming job, its signal handling and its server.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sluice_engine::job::{Job, JobOptions, Live};
+use sluice_engine::server::{ServeState, router};
+
+/// Options of `sluice run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub pipeline: PathBuf,
+    /// State directory (RocksDB, dead letters).
+    #[arg(long, default_value = "sluice-state")]
+    pub state_dir: PathBuf,
+    /// Serve the online store on this address (e.g. 127.0.0.1:8080) and keep serving after the sources end.
+    #[arg(long)]
+    pub serve: Option<SocketAddr>,
+    /// File holding a bearer token the serving API requires.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Milliseconds between checkpoints.
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_interval_ms: u64,
+    /// Rows per source poll.
+    #[arg(long, default_value_t = 8192)]
+    pub batch_rows: usize,
+    /// Read Kafka sources up to the offsets current at start, then stop
+    /// (a catch-up run); without it a Kafka source runs until interrupted.
+    #[arg(long)]
+    pub stop_at_end: bool,
+    /// Sleep after every batch (for tests that need a long-running job).
+    #[arg(long, hide = true)]
+    pub throttle_ms: Option<u64>,
+}
+
+/// Runs the pipeline until its sources end (or a signal), serving if asked.
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let p = crate::plan(&a.pipeline)?;
+    let handle = crate::install_metrics()?;
+    let token = match &a.auth_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let opts = JobOptions {
+        state_dir: a.state_dir.clone(),
+        checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms),
+        batch_rows: a.batch_rows.max(1),
+        throttle: a.throttle_ms.map(Duration::from_millis),
+    };
+    let sources = sluice_connectors::build_sources_with(&p, a.stop_at_end)?;
+    run_job(&p, sources, opts, a.serve, token, Some(handle))
+}
+
+/// Runs `p` over `sources`: the job, the signal handler and the server.
+pub fn run_job(
+    p: &sluice_sql::PipelinePlan,
+    sources: Vec<Box<dyn sluice_engine::Source>>,
+    opts: JobOptions,
+    serve: Option<SocketAddr>,
+    token: Option<String>,
+    handle: Option<PrometheusHandle>,
+) -> anyhow::Result<()> {
+    let lakes: HashMap<_, _> = sluice_connectors::build_lakes(p)?;
+    let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir, p)?);
+    let state_dir = opts.state_dir.clone();
+    let mut job = Job::open(p, sources, lakes, dead, opts)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    {
+        let stop = Arc::clone(&stop);
+        rt.spawn(async move {
+            shutdown_signal().await;
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    if let Some(addr) = serve {
+        start_server(&rt, addr, job.live(), token, handle)?;
+    }
+    tracing::info!(epoch = job.epoch(), state_dir = %state_dir.display(), "pipeline started");
+    let stats = job.run(&stop)?;
+    let rate = stats.events as f64 / stats.elapsed.as_secs_f64().max(1e-9);
+    tracing::info!(
+        events = stats.events,
+        dead_letters = stats.dead_letters,
+        rows_emitted = stats.rows_emitted,
+        checkpoints = stats.checkpoints,
+        secs = format!("{:.2}", stats.elapsed.as_secs_f64()),
+        events_per_sec = format!("{rate:.0}"),
+        "sources done; final checkpoint committed"
+    );
+    if serve.is_some() && !stop.load(Ordering::SeqCst) {
+        eprintln!("sources done; still serving (Ctrl-C to stop)");
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+fn start_server(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    live: Arc<Live>,
+    token: Option<String>,
+    handle: Option<PrometheusHandle>,
+) -> anyhow::Result<()> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = router(ServeState {
+        live,
+        metrics: handle,
+        token: token.map(Arc::from),
+    });
+    rt.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("server stopped: {e}");
+        }
+    });
+    eprintln!("serving on http://{bound}");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+

@@ -1,0 +1,61 @@
+//! The `sluice` command's library: one module per subcommand under
+//! [`commands`], and the few helpers they share. The binary (`main.rs`)
+//! only parses arguments and dispatches here; `sluice-benchmarks` reuses the
+//! generators and jobs from it.
+//!
+//! ```text
+//! main.rs ──clap──▶ commands::{run, backfill, training_set, explain, get,
+//!                              nearest, gen, gen_recsys, produce, demo}
+//!                     │ plan()            ▼
+//!                 sluice-sql ──▶ sluice-connectors ──▶ sluice-engine
+//! ```
+
+pub mod commands;
+
+use std::path::Path;
+
+use anyhow::bail;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sluice_engine::online::{ViewMeta, read_view_meta, watermark_key};
+use sluice_engine::store::Store;
+
+/// The quickstart pipeline, embedded so `sluice demo` runs anywhere.
+pub const QUICKSTART_SQL: &str = include_str!("../../examples/quickstart/pipeline.sql");
+
+/// Plans a pipeline file and checks its connectors' options; an error
+/// names file, line and column.
+pub fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
+    let p = sluice_sql::plan_file(path)?;
+    sluice_connectors::check(&p)?;
+    Ok(p)
+}
+
+/// Installs the Prometheus recorder (once per process).
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let h = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ],
+        )?
+        .install_recorder()?;
+    sluice_engine::metrics_names::describe();
+    Ok(h)
+}
+
+/// A state dir's online store opened for reading `view`, with the view's
+/// metadata and committed watermark.
+pub(crate) fn open_view(
+    state_dir: &Path,
+    view: &str,
+) -> anyhow::Result<(Store, ViewMeta, Option<i64>)> {
+    let store = Store::open_read_only(state_dir)?;
+    let Some(meta) = read_view_meta(&store, view)? else {
+        bail!("no feature view `{view}` in {}", state_dir.display());
+    };
+    let wm = store
+        .meta_i64(&watermark_key(&meta.source))?
+        .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
+    Ok((store, meta, wm))
+}

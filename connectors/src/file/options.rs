@@ -1,0 +1,58 @@
+//! The options of a JSON-lines file source, typed, parsed and checked in
+//! one place.
+
+use std::path::PathBuf;
+
+use sluice_sql::{OptionReader, PipelineError, SourcePlan};
+
+/// Records larger than this are dead-lettered unless `max_record_bytes` says otherwise.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// A file source's `WITH` options.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    /// `path`, resolved against the pipeline file's folder.
+    pub path: PathBuf,
+    /// `max_record_bytes`: longer lines are dead-lettered.
+    pub max_record_bytes: usize,
+}
+
+impl FileOptions {
+    /// The options a file source takes.
+    pub const KEYS: &'static [&'static str] = &["connector", "path", "format", "max_record_bytes"];
+
+    /// Reads and checks `source`'s options; an error names the option's
+    /// line and column in the pipeline file.
+    pub fn parse(source: &SourcePlan) -> Result<Self, PipelineError> {
+        let r = OptionReader::new(source, "file sources");
+        r.check_known(Self::KEYS, None)?;
+        let path = r.path("path")?;
+        if let Some(f) = r.get("format")
+            && f != "json"
+        {
+            return Err(r.error(
+                "format",
+                format!(
+                    "file format `{f}` is not supported by `sluice run` yet; it reads 'json' (JSON lines); `sluice backfill` reads Parquet and CSV by file extension"
+                ),
+            ));
+        }
+        Ok(FileOptions {
+            path,
+            max_record_bytes: max_record_bytes(&r)?,
+        })
+    }
+}
+
+/// `max_record_bytes`, a whole number of bytes (default 1 MiB).
+pub(crate) fn max_record_bytes(r: &OptionReader<'_>) -> Result<usize, PipelineError> {
+    Ok(r
+        .parse("max_record_bytes", |v| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("max_record_bytes must be a positive number of bytes, found `{v}`"))
+        })?
+        .unwrap_or(DEFAULT_MAX_RECORD_BYTES))
+}
