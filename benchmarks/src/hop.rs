@@ -197,8 +197,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     std::fs::write(dir.join("pipeline.sql"), sluice_cli::QUICKSTART_SQL)?;
-    let plan =
-        sluice_sql::plan_file(&dir.join("pipeline.sql")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = sluice_cli::plan(&dir.join("pipeline.sql"))?;
     let state = dir.join("state");
     let lakes: HashMap<String, Vec<Box<dyn OfflineSink>>> = sluice_connectors::build_lakes(&plan)?;
     let mut opts = JobOptions::new(state.clone());

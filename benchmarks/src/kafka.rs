@@ -360,8 +360,7 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
             pdir.join("pipeline.sql"),
             pipeline_sql(&a.brokers, &topic, &settings(a)?),
         )?;
-        let plan = sluice_sql::plan_file(&pdir.join("pipeline.sql"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let plan = sluice_cli::plan(&pdir.join("pipeline.sql"))?;
         let state = pdir.join("state");
         let mut opts = JobOptions::new(state.clone());
         opts.checkpoint_interval = Duration::from_millis(a.checkpoint_interval_ms);

@@ -417,7 +417,10 @@ fn complete() -> Result<(), String> {
             let target = if r.is_plan() { &mut fresh } else { &mut s };
             let at = format!("{name}:{}", r.line);
             let actual = execute(target, r, Mode::Streaming).map_err(|e| format!("{at}: {e}"))?;
-            if let (Some(a), Some((_, range))) = (actual, &r.expected) {
+            // Blocks that already match stay as written (JSON keeps its layout).
+            if let (Some(a), Some((want, range))) = (actual, &r.expected)
+                && !a.matches(want)
+            {
                 edits.push((range.clone(), a.lines()));
             }
         }

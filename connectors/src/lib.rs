@@ -18,7 +18,7 @@ use std::path::Path;
 
 use sluice_engine::aggregate::emitted_schema;
 use sluice_engine::{DeadLetter, DeadLetterSink, EngineError, OfflineSink, Result, Source};
-use sluice_sql::{OptionReader, PipelineError, PipelinePlan};
+use sluice_sql::{OptionReader, PipelineError, PipelinePlan, SourcePlan};
 
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use file::{FileOptions, JsonFileSource};
@@ -27,29 +27,20 @@ pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};
 pub use lake::LakeWriter;
 pub use memory::MemorySource;
 
-/// Checks every source's connector options (each connector owns and
-/// parses its own; see [`file::FileOptions`], [`kafka::KafkaOptions`]). An
-/// error names the option's line and column in the pipeline file.
-pub fn check(plan: &PipelinePlan) -> std::result::Result<(), PipelineError> {
-    for s in &plan.sources {
-        match s.connector.as_str() {
-            "file" => {
-                FileOptions::parse(s)?;
-            }
-            "kafka" => {
-                KafkaOptions::parse(s)?;
-            }
-            other => {
-                return Err(OptionReader::new(s, "sources")
-                    .error(
-                        "connector",
-                        format!("unknown connector `{other}`; expected 'file' or 'kafka'"),
-                    )
-                    .suggest(other, CONNECTORS.iter().copied()));
-            }
-        }
+/// Checks a source's connector options (each connector owns and parses its
+/// own: [`FileOptions`], [`KafkaOptions`]); an error names the option's
+/// line and column. Pass it to [`sluice_sql::plan_file`].
+pub fn check_source(s: &SourcePlan) -> std::result::Result<(), PipelineError> {
+    match s.connector.as_str() {
+        "file" => FileOptions::parse(s).map(|_| ()),
+        "kafka" => KafkaOptions::parse(s).map(|_| ()),
+        other => Err(OptionReader::new(s, "sources")
+            .error(
+                "connector",
+                format!("unknown connector `{other}`; expected 'file' or 'kafka'"),
+            )
+            .suggest(other, CONNECTORS.iter().copied())),
     }
-    Ok(())
 }
 
 /// The connectors a source can name.

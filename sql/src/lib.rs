@@ -11,6 +11,6 @@ pub mod vector;
 pub use error::{PipelineError, Pos};
 pub use plan::{
     AggregatePlan, OptionPos, OptionReader, expand_env, MetadataColumn, MetadataKind, PipelinePlan, SourcePlan, Stage, TIMESTAMP_TYPE,
-    ViewKind, ViewPlan, WindowSpec, fmt_ms, plan_file, plan_pipeline,
+    ViewKind, ViewPlan, WindowSpec, fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked, SourceCheck,
 };
 pub use vector::{vector_dims, vector_type};

@@ -119,7 +119,7 @@ pub struct SourcePlan {
     /// How far the watermark trails the largest event time seen.
     pub watermark_delay_ms: i64,
     /// `connector` option: `file` or `kafka`; the connector validates the
-    /// other options (`sluice_connectors::check`).
+    /// other options (`sluice_connectors::check_source`).
     pub connector: String,
     /// All `WITH` options, `${ENV}` references expanded.
     pub options: BTreeMap<String, String>,
@@ -288,21 +288,43 @@ impl PipelinePlan {
     }
 }
 
-/// Reads, parses and plans a pipeline file.
-pub fn plan_file(path: &Path) -> Result<PipelinePlan, PipelineError> {
+/// Checks a source's connector options as soon as the source is lowered
+/// (the connectors crate owns them: `sluice_connectors::check_source`).
+pub type SourceCheck<'a> = &'a dyn Fn(&SourcePlan) -> Result<(), PipelineError>;
+
+/// Reads, parses and plans a pipeline file, each source's options checked
+/// by `check`.
+pub fn plan_file(path: &Path, check: SourceCheck<'_>) -> Result<PipelinePlan, PipelineError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
-        PipelineError::at(&file, None, format!("cannot read the pipeline file: {e}"))
+        PipelineError::at(
+            &file,
+            Some(Pos { line: 1, column: 1 }),
+            format!("cannot read the pipeline file: {e}"),
+        )
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    plan_pipeline(&file, &text, base)
+    plan_pipeline_checked(&file, &text, base, check)
 }
 
-/// Parses and plans pipeline text. Relative paths in options resolve against `base_dir`.
+/// Parses and plans pipeline text. Relative paths in options resolve
+/// against `base_dir`. Connector options are not checked: see
+/// [`plan_pipeline_checked`].
 pub fn plan_pipeline(
     file: &str,
     text: &str,
     base_dir: &Path,
+) -> Result<PipelinePlan, PipelineError> {
+    plan_pipeline_checked(file, text, base_dir, &|_| Ok(()))
+}
+
+/// [`plan_pipeline`], each source's options checked by `check` right after
+/// the source is lowered, so errors come in the order of the file.
+pub fn plan_pipeline_checked(
+    file: &str,
+    text: &str,
+    base_dir: &Path,
+    check: SourceCheck<'_>,
 ) -> Result<PipelinePlan, PipelineError> {
     let statements = parse_pipeline(file, text)?;
     let mut plan = PipelinePlan {
@@ -325,6 +347,7 @@ pub fn plan_pipeline(
                     ));
                 }
                 let sp = sources::lower_source(file, &s, base_dir)?;
+                check(&sp)?;
                 ctx.register_table(
                     sp.name.as_str(),
                     Arc::new(EmptyTable::new(Arc::clone(&sp.schema))),
@@ -346,9 +369,13 @@ pub fn plan_pipeline(
         }
     }
     if plan.views.is_empty() {
+        let end = Pos {
+            line: text.lines().count().max(1) as u64,
+            column: 1,
+        };
         return Err(PipelineError::at(
             file,
-            None,
+            Some(end),
             "the pipeline defines no CREATE FEATURE VIEW",
         ));
     }

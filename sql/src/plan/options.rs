@@ -204,10 +204,12 @@ impl<'a> OptionReader<'a> {
             .copied()
             .ok_or_else(|| {
                 let list: Vec<String> = allowed.iter().map(|a| format!("'{a}'")).collect();
-                self.error(
-                    key,
-                    format!("{key} must be {}, found `{v}`", list.join(" or ")),
-                )
+                let list = match list.split_last() {
+                    Some((last, [])) => last.clone(),
+                    Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                    None => String::new(),
+                };
+                self.error(key, format!("{key} must be {list}, found `{v}`"))
                 .suggest(v, allowed.iter().copied())
             })
     }

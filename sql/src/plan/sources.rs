@@ -1,7 +1,7 @@
 //! `CREATE SOURCE` → [`SourcePlan`]: declared columns and their Arrow
 //! types, metadata columns, the event-time column and its watermark delay,
 //! and the options the engine reads. The connector's own options are the
-//! connector's to check (`sluice_connectors::check`).
+//! connector's to check (`sluice_connectors::check_source`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
