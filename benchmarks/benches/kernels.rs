@@ -48,7 +48,8 @@ impl Rng {
 /// One event per key in each of `PANES` consecutive slides.
 fn pane_rows() -> Rows {
     let mut rng = Rng(42);
-    let (mut users, mut items, mut prices, mut ts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut users, mut items, mut prices, mut ts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for p in 0..PANES {
         for k in 0..KEYS {
             users.push(format!("u{k:05}"));
@@ -111,7 +112,10 @@ fn online_read(c: &mut Criterion) {
         .expect("commit");
     store.flush().expect("flush");
     let plan = sluice_sql::plan_pipeline("bench.sql", PIPELINE, Path::new(".")).expect("plans");
-    let meta = ViewOp::new(&plan.views[0]).expect("view").meta().expect("meta");
+    let meta = ViewOp::new(&plan.views[0])
+        .expect("view")
+        .meta()
+        .expect("meta");
     let mut rng = Rng(7);
     c.bench_function("online_read/100k_keys/valid_row", |b| {
         b.iter(|| {

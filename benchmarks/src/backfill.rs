@@ -20,8 +20,8 @@ use arrow::array::{
 use arrow::datatypes::DataType;
 use sluice_engine::aggregate::emitted_schema;
 
-use sluice_cli::commands::backfill::BackfillArgs;
 use crate::peak_rss_mib;
+use sluice_cli::commands::backfill::BackfillArgs;
 use sluice_cli::commands::generate::{self, BASE_TS, Rng};
 
 /// Options of `sluice bench-backfill`.

@@ -3,8 +3,8 @@
 pub mod backfill;
 pub mod demo;
 pub mod explain;
-pub mod generate;
 pub mod gen_recsys;
+pub mod generate;
 pub mod get;
 pub mod nearest;
 pub mod produce;

@@ -25,7 +25,10 @@ pub const QUICKSTART_SQL: &str = include_str!("../../examples/quickstart/pipelin
 /// Plans a pipeline file and checks its connectors' options; an error
 /// names file, line and column.
 pub fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
-    Ok(sluice_sql::plan_file(path, &sluice_connectors::check_source)?)
+    Ok(sluice_sql::plan_file(
+        path,
+        &sluice_connectors::check_source,
+    )?)
 }
 
 /// Installs the Prometheus recorder (once per process).

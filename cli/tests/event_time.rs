@@ -28,9 +28,18 @@ const BAD: &[(usize, &str)] = &[
     (3, r#"{"user_id": "huge", "ts": 1e300}"#),
     (4, r#"{"user_id": "min", "ts": -9223372036854775808}"#),
     (5, r#"{"user_id": "text-max", "ts": "9223372036854775807"}"#),
-    (6, r#"{"user_id": "text-min", "ts": "-9223372036854775808"}"#),
-    (7, r#"{"user_id": "year-9999", "ts": "9999-12-31T23:59:59Z"}"#),
-    (8, r#"{"user_id": "below-1677", "ts": "1677-09-21T00:12:43.145Z"}"#),
+    (
+        6,
+        r#"{"user_id": "text-min", "ts": "-9223372036854775808"}"#,
+    ),
+    (
+        7,
+        r#"{"user_id": "year-9999", "ts": "9999-12-31T23:59:59Z"}"#,
+    ),
+    (
+        8,
+        r#"{"user_id": "below-1677", "ts": "1677-09-21T00:12:43.145Z"}"#,
+    ),
     (9, r#"{"user_id": "past-2262", "ts": 9223372036855}"#),
     (10, r#"{"user_id": "minus-1e300", "ts": -1e300}"#),
 ];
@@ -45,9 +54,9 @@ fn events() -> String {
 }
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pipeline.sql"), PIPELINE).unwrap();
-    std::fs::write(dir.path().join("clicks.jsonl"), events()).unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pipeline.sql"), PIPELINE).expect("write pipeline");
+    std::fs::write(dir.path().join("clicks.jsonl"), events()).expect("write events");
     dir
 }
 
@@ -100,7 +109,10 @@ fn run_dead_letters_out_of_range_event_times_and_survives_restart() {
     for (_, rec) in BAD {
         let v: serde_json::Value = serde_json::from_str(rec).unwrap();
         let key = v["user_id"].as_str().unwrap();
-        assert!(get(&state, "seen", key).is_none(), "{key} reached the online store");
+        assert!(
+            get(&state, "seen", key).is_none(),
+            "{key} reached the online store"
+        );
     }
     let windows = lake_count(dir.path());
     assert!(windows > 0);
@@ -183,5 +195,9 @@ fn training_set_spine_times_out_of_range_get_null_features() {
     let n: Vec<Option<i64>> = rows.iter().map(|r| r["per_min__n"].as_i64()).collect();
     // 00:02 holds both of a's events ([00:00, 00:02)); the edges are NULL;
     // `1e300` is no time at all (NULL too); epoch ms 00:02 equals the first row.
-    assert_eq!(n, vec![Some(2), None, None, None, None, Some(2)], "{rows:#?}");
+    assert_eq!(
+        n,
+        vec![Some(2), None, None, None, None, Some(2)],
+        "{rows:#?}"
+    );
 }

@@ -155,8 +155,10 @@ impl Actual {
                 a.first() == b.first() && rows_match(&a, &b)
             }
             Actual::Json(None) => expected.len() == 1 && expected[0].trim() == "NOT FOUND",
-            Actual::Json(Some(v)) => serde_json::from_str::<serde_json::Value>(&expected.join("\n"))
-                .is_ok_and(|w| json_match(v, &w)),
+            Actual::Json(Some(v)) => {
+                serde_json::from_str::<serde_json::Value>(&expected.join("\n"))
+                    .is_ok_and(|w| json_match(v, &w))
+            }
         }
     }
 }

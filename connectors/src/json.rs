@@ -194,7 +194,12 @@ fn classify(
             DeadLetterKind::MalformedJson,
             "the record is valid JSON but not an object".into(),
         ),
-        Err(e) => reject(pos, rec, DeadLetterKind::MalformedJson, format!("not valid JSON: {e}")),
+        Err(e) => reject(
+            pos,
+            rec,
+            DeadLetterKind::MalformedJson,
+            format!("not valid JSON: {e}"),
+        ),
     }
 }
 
@@ -224,7 +229,11 @@ mod props {
             Field::new("user_id", DataType::Utf8, false),
             Field::new("price", DataType::Float64, true),
             Field::new("n", DataType::Int64, true),
-            Field::new("ts", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
         ]));
         JsonRecords::new("s", schema).unwrap()
     }
@@ -258,7 +267,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 
         #[test]
         fn every_record_is_a_row_or_a_dead_letter(records in prop::collection::vec(record(), 1..20)) {

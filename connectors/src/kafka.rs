@@ -29,9 +29,12 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::keys::key_strings;
 use sluice_engine::view::{features_json, key_and_feature_columns};
-use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, OfflineSink, Poll, Result, Source, SourceBatch};
+use sluice_engine::{
+    DeadLetter, DeadLetterKind, EngineError, OfflineSink, Poll, Result, Source, SourceBatch,
+};
 use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
+use crate::error::Error;
 use crate::json::{JsonRecords, Span};
 
 pub mod options;
@@ -192,7 +195,6 @@ fn apply_user_options(c: &mut ClientConfig, options: &BTreeMap<String, String>) 
     }
 }
 
-
 /// Per-message metadata kept for the metadata columns.
 #[derive(Debug, Clone)]
 struct MsgMeta {
@@ -246,7 +248,7 @@ impl KafkaSource {
         let ctx = Context::new(&plan.name);
         let consumer: BaseConsumer<Context> = cfg
             .create_with_context(ctx)
-            .map_err(|e| conn_err(&what, format!("invalid Kafka client settings: {e}")))?;
+            .map_err(|e| Error::kafka(format!("{}: invalid Kafka client settings", &what), e))?;
         let ctx = Arc::clone(consumer.context());
         let payload_schema = plan.payload_schema();
         let mut columns = Vec::new();
@@ -449,7 +451,7 @@ impl KafkaSource {
         let tpl = self.next_offsets()?;
         self.consumer
             .assign(&tpl)
-            .map_err(|e| conn_err(&self.what(), format!("cannot assign partitions: {e}")))?;
+            .map_err(|e| Error::kafka(format!("{}: cannot assign partitions", &self.what()), e))?;
         metrics::counter!("sluice_kafka_rebalances_total", "source" => self.name.clone())
             .increment(1);
         self.assigned = true;
@@ -817,7 +819,7 @@ impl Source for KafkaSource {
         let tpl = self.next_offsets()?;
         self.consumer
             .commit(&tpl, CommitMode::Async)
-            .map_err(|e| conn_err(&self.what(), format!("offset report: {e}")))?;
+            .map_err(|e| Error::kafka(format!("{}: offset report", &self.what()), e))?;
         self.reported = self.next.clone();
         Ok(())
     }
@@ -1077,7 +1079,7 @@ pub fn ensure_topic(
     apply_user_options(&mut cfg, options);
     let admin: AdminClient<Context> = cfg
         .create_with_context(Context::new("admin"))
-        .map_err(|e| conn_err(&what, format!("invalid Kafka client settings: {e}")))?;
+        .map_err(|e| Error::kafka(format!("{}: invalid Kafka client settings", &what), e))?;
     let md = admin
         .inner()
         .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
@@ -1100,7 +1102,7 @@ pub fn ensure_topic(
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
     let res = futures::executor::block_on(admin.create_topics([&new], &opts))
-        .map_err(|e| conn_err(&what, format!("cannot create the topic: {e}")))?;
+        .map_err(|e| Error::kafka(format!("{}: cannot create the topic", &what), e))?;
     for r in res {
         match r {
             Ok(_) => {}

@@ -5,6 +5,7 @@
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
 mod deadletter;
+mod error;
 mod file;
 pub mod files;
 mod json;
@@ -21,6 +22,7 @@ use sluice_engine::{DeadLetter, DeadLetterSink, EngineError, OfflineSink, Result
 use sluice_sql::{OptionReader, PipelineError, PipelinePlan, SourcePlan};
 
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
+pub use error::Error;
 pub use file::{FileOptions, JsonFileSource};
 pub use files::{FilesSource, expand_paths};
 pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};

@@ -25,9 +25,9 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use sluice_sql::{AggregatePlan, WindowSpec};
 
 use crate::error::{EngineError, Result};
-use crate::time::{add, sub};
 use crate::exec::{PhysStage, Rows, compile_stages, eval, physical, run_stages};
 use crate::keys::KeyDict;
+use crate::time::{add, sub};
 
 /// One accumulator per aggregate function.
 type Accs = Vec<Box<dyn GroupsAccumulator>>;

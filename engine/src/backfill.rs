@@ -29,10 +29,10 @@ use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::job::{NO_WATERMARK, late_letter};
-use crate::time::{drop_bad_event_times, event_times};
 use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
+use crate::time::{drop_bad_event_times, event_times};
 use crate::view::{OnlineRow, ViewOp};
 
 /// How progress is shown.

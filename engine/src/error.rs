@@ -76,6 +76,9 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// A connector's error (a broker, a client library), its cause kept.
+    #[error(transparent)]
+    External(Box<dyn std::error::Error + Send + Sync>),
     /// The nearest-neighbour index of a view (LMDB / arroy) failed.
     #[error("vector index {path}: {message}")]
     Index {
@@ -105,16 +108,17 @@ impl EngineError {
     /// Whose problem this is.
     pub fn domain(&self) -> ErrorDomain {
         match self {
-            EngineError::Plan(_) | EngineError::Incompatible { .. } | EngineError::BadRequest(_) => {
-                ErrorDomain::User
-            }
+            EngineError::Plan(_)
+            | EngineError::Incompatible { .. }
+            | EngineError::BadRequest(_) => ErrorDomain::User,
             EngineError::Store { .. }
+            | EngineError::External(_)
             | EngineError::Connector { .. }
             | EngineError::Index { .. }
             | EngineError::Io { .. } => ErrorDomain::External,
-            EngineError::DataFusion { .. } | EngineError::Arrow { .. } | EngineError::Internal(_) => {
-                ErrorDomain::Internal
-            }
+            EngineError::DataFusion { .. }
+            | EngineError::Arrow { .. }
+            | EngineError::Internal(_) => ErrorDomain::Internal,
         }
     }
 

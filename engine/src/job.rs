@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use arrow::array::{Int64Array, RecordBatch, UInt32Array};
 use sluice_sql::PipelinePlan;
 
+use crate::error::RetryHint;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::online::{ViewMeta, read_view_meta, view_meta_key, watermark_key};
 use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::error::RetryHint;
 use crate::time::{drop_bad_event_times, event_times};
 use crate::vector::VectorIndex;
 use crate::view::{ViewOp, features_json};
@@ -186,7 +186,8 @@ impl SourceRt {
             .map(|r| (r.backoff * 2).min(MAX_RETRY_BACKOFF))
             .unwrap_or(MIN_RETRY_BACKOFF);
         tracing::warn!(source = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed; retrying");
-        metrics::counter!("sluice_source_retries_total", "source" => self.name.clone()).increment(1);
+        metrics::counter!("sluice_source_retries_total", "source" => self.name.clone())
+            .increment(1);
         self.retry = Some(Retry {
             reason: e.to_string(),
             at: Instant::now() + backoff,

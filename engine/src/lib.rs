@@ -21,4 +21,6 @@ pub mod view;
 pub use error::{EngineError, ErrorDomain, Result, RetryHint};
 pub use exec::Rows;
 pub use job::{Job, JobOptions, Live, RunStats};
-pub use source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch};
+pub use source::{
+    DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch,
+};

@@ -194,12 +194,18 @@ mod tests {
         let described: std::collections::BTreeSet<String> =
             METRICS.iter().map(|m| m.0.to_string()).collect();
         let missing: Vec<&String> = used.difference(&described).collect();
-        assert!(missing.is_empty(), "reported but not in METRICS: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "reported but not in METRICS: {missing:?}"
+        );
         let docs = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
         let undocumented: Vec<&String> = described
             .iter()
             .filter(|m| !docs.contains(&format!("`{m}`")))
             .collect();
-        assert!(undocumented.is_empty(), "not in docs/operations.md: {undocumented:?}");
+        assert!(
+            undocumented.is_empty(),
+            "not in docs/operations.md: {undocumented:?}"
+        );
     }
 }

@@ -20,7 +20,7 @@ use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
 use crate::view::features_json;
 
 /// The earliest event time accepted: 1677-09-21T00:12:43.146Z.
-pub const MIN_EVENT_TIME_MS: i64 = i64::MIN / 1_000_000 + 1;
+pub const MIN_EVENT_TIME_MS: i64 = i64::MIN / 1_000_000;
 /// The latest event time accepted: 2262-04-11T23:47:16.854Z.
 pub const MAX_EVENT_TIME_MS: i64 = i64::MAX / 1_000_000;
 
@@ -98,7 +98,11 @@ pub fn drop_bad_event_times(
             )),
             Some(t) => {
                 if let Some(why) = event_time_problem(t) {
-                    bad.push((r, DeadLetterKind::WrongType, format!("field `{field}`: {why}")));
+                    bad.push((
+                        r,
+                        DeadLetterKind::WrongType,
+                        format!("field `{field}`: {why}"),
+                    ));
                 }
             }
         }
@@ -214,8 +218,10 @@ mod tests {
         assert_eq!(kept.batch.num_rows(), 1);
         assert_eq!(kept.row_positions, vec![10]);
         assert_eq!(kept.partitions, vec![0]);
-        let got: Vec<(String, DeadLetterKind)> =
-            letters.iter().map(|d| (d.position.clone(), d.kind)).collect();
+        let got: Vec<(String, DeadLetterKind)> = letters
+            .iter()
+            .map(|d| (d.position.clone(), d.kind))
+            .collect();
         assert_eq!(
             got,
             vec![

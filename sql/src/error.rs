@@ -72,7 +72,9 @@ impl fmt::Display for Rendered<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let e = self.0;
         match e.pos {
-            Some(p) if p.line > 0 => write!(f, "{}:{}:{}: {}", e.file, p.line, p.column, e.message)?,
+            Some(p) if p.line > 0 => {
+                write!(f, "{}:{}:{}: {}", e.file, p.line, p.column, e.message)?
+            }
             _ => write!(f, "{}: {}", e.file, e.message)?,
         }
         if let Some(h) = &e.help {

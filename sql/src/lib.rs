@@ -10,7 +10,8 @@ pub mod vector;
 
 pub use error::{PipelineError, Pos};
 pub use plan::{
-    AggregatePlan, OptionPos, OptionReader, expand_env, MetadataColumn, MetadataKind, PipelinePlan, SourcePlan, Stage, TIMESTAMP_TYPE,
-    ViewKind, ViewPlan, WindowSpec, fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked, SourceCheck,
+    AggregatePlan, MetadataColumn, MetadataKind, OptionPos, OptionReader, PipelinePlan,
+    SourceCheck, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec, expand_env,
+    fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked,
 };
 pub use vector::{vector_dims, vector_type};

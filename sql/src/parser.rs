@@ -100,9 +100,18 @@ pub fn parse_pipeline(file: &str, text: &str) -> Result<Vec<Statement>, Pipeline
         .map_err(|e| {
             PipelineError::at(file, Some(e.location.into()), strip_location(&e.message))
         })?;
+    let end = Pos {
+        line: text.lines().count().max(1) as u64,
+        column: text
+            .lines()
+            .last()
+            .map(|l| l.chars().count() as u64 + 1)
+            .unwrap_or(1),
+    };
     let mut p = P {
         file,
         parser: Parser::new(&dialect).with_tokens_with_locations(tokens),
+        end,
     };
     let mut out = Vec::new();
     loop {
@@ -160,6 +169,18 @@ fn strip_location(msg: &str) -> String {
     }
 }
 
+/// The `at Line: L, Column: C` sqlparser puts in some messages.
+fn message_location(msg: &str) -> Option<Pos> {
+    let rest = &msg[msg.find(" at Line: ")? + " at Line: ".len()..];
+    let (line, rest) = rest.split_once(", Column: ")?;
+    let column: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let p = Pos {
+        line: line.trim().parse().ok()?,
+        column: column.parse().ok()?,
+    };
+    (p.line > 0 && p.column > 0).then_some(p)
+}
+
 /// Normalizes an identifier as DataFusion does: unquoted names are lower-cased.
 pub fn normalize(ident: &Ident) -> String {
     if ident.quote_style.is_some() {
@@ -172,11 +193,18 @@ pub fn normalize(ident: &Ident) -> String {
 struct P<'a> {
     file: &'a str,
     parser: Parser<'a>,
+    /// Just past the last character: where errors at the end of input point.
+    end: Pos,
 }
 
 impl P<'_> {
     fn err_at(&self, t: &TokenWithSpan, msg: impl Into<String>) -> PipelineError {
-        PipelineError::at(self.file, Some(t.span.start.into()), msg)
+        let pos = if t.span.start.line > 0 {
+            t.span.start.into()
+        } else {
+            self.end
+        };
+        PipelineError::at(self.file, Some(pos), msg)
     }
 
     fn pe(&self, e: ParserError) -> PipelineError {
@@ -184,8 +212,16 @@ impl P<'_> {
             ParserError::TokenizerError(m) | ParserError::ParserError(m) => m,
             ParserError::RecursionLimitExceeded => "expression nested too deeply".to_string(),
         };
-        let t = self.parser.peek_token();
-        PipelineError::at(self.file, Some(t.span.start.into()), strip_location(&msg))
+        // sqlparser's own location, else the next token's, else the end of input.
+        let pos = message_location(&msg).or_else(|| {
+            let t = self.parser.peek_token();
+            (t.span.start.line > 0).then(|| t.span.start.into())
+        });
+        PipelineError::at(
+            self.file,
+            Some(pos.unwrap_or(self.end)),
+            strip_location(&msg),
+        )
     }
 
     fn expect_word(&mut self, w: &str) -> Result<TokenWithSpan, PipelineError> {

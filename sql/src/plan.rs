@@ -441,4 +441,3 @@ mod tests {
         assert!(e.message.contains("multiple"), "{e}");
     }
 }
-

@@ -160,4 +160,3 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
-

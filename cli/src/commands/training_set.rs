@@ -67,4 +67,3 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

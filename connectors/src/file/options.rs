@@ -46,13 +46,14 @@ impl FileOptions {
 
 /// `max_record_bytes`, a whole number of bytes (default 1 MiB).
 pub(crate) fn max_record_bytes(r: &OptionReader<'_>) -> Result<usize, PipelineError> {
-    Ok(r
-        .parse("max_record_bytes", |v| {
-            v.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| format!("max_record_bytes must be a positive number of bytes, found `{v}`"))
-        })?
-        .unwrap_or(DEFAULT_MAX_RECORD_BYTES))
+    Ok(r.parse("max_record_bytes", |v| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                format!("max_record_bytes must be a positive number of bytes, found `{v}`")
+            })
+    })?
+    .unwrap_or(DEFAULT_MAX_RECORD_BYTES))
 }

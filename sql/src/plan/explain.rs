@@ -107,4 +107,3 @@ fn fmt_stage(s: &Stage) -> String {
         }
     }
 }
-

@@ -194,7 +194,11 @@ impl<'a> OptionReader<'a> {
     }
 
     /// `key`'s value, one of `allowed` (the first when not given).
-    pub fn one_of(&self, key: &str, allowed: &[&'static str]) -> Result<&'static str, PipelineError> {
+    pub fn one_of(
+        &self,
+        key: &str,
+        allowed: &[&'static str],
+    ) -> Result<&'static str, PipelineError> {
         let Some(v) = self.get(key) else {
             return Ok(allowed[0]);
         };
@@ -210,7 +214,7 @@ impl<'a> OptionReader<'a> {
                     None => String::new(),
                 };
                 self.error(key, format!("{key} must be {list}, found `{v}`"))
-                .suggest(v, allowed.iter().copied())
+                    .suggest(v, allowed.iter().copied())
             })
     }
 

@@ -51,7 +51,11 @@ pub(super) fn lower_source(
     let idle_timeout_ms = match options.get("idle_timeout") {
         None => None,
         Some(v) => Some(crate::interval::duration_ms(v).map_err(|m| {
-            PipelineError::at(file, option_positions.get("idle_timeout").map(|p| p.value), m)
+            PipelineError::at(
+                file,
+                option_positions.get("idle_timeout").map(|p| p.value),
+                m,
+            )
         })?),
     };
     Ok(SourcePlan {
@@ -198,9 +202,10 @@ fn source_options(file: &str, s: &SourceDef) -> Result<Options, PipelineError> {
     check_options(file, &s.options, None, "source")?;
     let known: Vec<&str> = SOURCE_OPTIONS.to_vec();
     if !s.options.iter().any(|o| o.key.value == "connector")
-        && let Some(o) = s.options.iter().find(|o| {
-            crate::error::nearest(&o.key.value, known.iter().copied()).is_some()
-        })
+        && let Some(o) = s
+            .options
+            .iter()
+            .find(|o| crate::error::nearest(&o.key.value, known.iter().copied()).is_some())
     {
         // `conector = 'file'`: the misspelt key is the likelier mistake
         // than a missing connector.

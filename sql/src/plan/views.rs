@@ -91,7 +91,9 @@ fn view_source<'p>(
                         .suggest(&n, plan.sources.iter().map(|s| s.name.as_str()))
                     })
                 }
-                _ => Err(at("a feature view reads one source directly: FROM <source>")),
+                _ => Err(at(
+                    "a feature view reads one source directly: FROM <source>",
+                )),
             }
         }
         SetExpr::Select(s) if s.from.is_empty() => Err(at("a feature view needs FROM <source>")),
@@ -556,4 +558,3 @@ fn stage_output(s: &Stage) -> DFSchemaRef {
         Stage::Project { output, .. } => Arc::clone(output),
     }
 }
-
