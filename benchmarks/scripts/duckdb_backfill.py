@@ -1,4 +1,4 @@
-"""DuckDB baselines for `sluice bench-backfill`, timed inside DuckDB's process.
+"""DuckDB baselines for `sluice-bench backfill`, timed inside DuckDB's process.
 
 usage:
   python duckdb_backfill.py hop EVENTS.parquet OUT.parquet WATERMARK_DELAY_MS

@@ -3,7 +3,7 @@ local mini-cluster, parallelism 1, filesystem JSON source, blackhole sink).
 
 usage: python flink_hop.py WARMUP_FILE FILE
 Prints one JSON line: {"events": N, "seconds": S, "events_per_sec": R}.
-Run by `sluice bench --flink-python PYTHON` (see README); the warm-up job runs
+Run by `sluice-bench hop --flink-python PYTHON` (see docs/benchmarks.md); the warm-up job runs
 first so JVM start-up and class loading are not timed.
 """
 import json

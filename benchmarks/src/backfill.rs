@@ -1,4 +1,4 @@
-//! `sluice bench-backfill`: backfill and training-set figures against DuckDB,
+//! `sluice-bench backfill`: backfill and training-set figures against DuckDB,
 //! measured in one run on the same files.
 //!
 //! 1. Backfill of the quickstart HOP(5 min, 1 h) view over N events in one
@@ -24,7 +24,7 @@ use crate::peak_rss_mib;
 use sluice_cli::commands::backfill::BackfillArgs;
 use sluice_cli::commands::generate::{self, BASE_TS, Rng};
 
-/// Options of `sluice bench-backfill`.
+/// Options of `sluice-bench backfill`.
 #[derive(clap::Args, Debug)]
 pub struct BenchBackfillArgs {
     /// Events in the backfill input.
@@ -103,7 +103,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     let dir = a.dir.canonicalize()?;
     let py = a.python.clone().unwrap_or_else(default_python);
     println!(
-        "sluice bench-backfill ({} build), {} cores",
+        "sluice-bench backfill ({} build), {} cores",
         if cfg!(debug_assertions) {
             "debug (use --release!)"
         } else {

@@ -1,4 +1,4 @@
-//! `sluice bench`: the figures of the quickstart HOP(5 min, 1 h) view, measured
+//! `sluice-bench hop`: the figures of the quickstart HOP(5 min, 1 h) view, measured
 //! in one run: the engine over in-memory events, the whole `sluice run` path
 //! over a JSON-lines file with both sinks, RocksDB state size, online GET
 //! latency and rate on loopback, and (with `--flink-python`) Apache Flink SQL
@@ -23,7 +23,7 @@ use sluice_cli::commands::generate::{self, Rng, event};
 
 use crate::{fresh, peak_rss_mib};
 
-/// Options of `sluice bench`.
+/// Options of `sluice-bench hop`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Number of events.
@@ -132,7 +132,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let dir = a.dir.canonicalize()?;
     let stop = AtomicBool::new(false);
     println!(
-        "sluice bench: {} events, {} keys, {} min of event time, HOP(5m, 1h); build profile: {}",
+        "sluice-bench hop: {} events, {} keys, {} min of event time, HOP(5m, 1h); build profile: {}",
         a.events,
         a.keys,
         a.minutes,

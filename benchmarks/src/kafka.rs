@@ -1,4 +1,4 @@
-//! `sluice bench-kafka`: the quickstart HOP(5 min, 1 h) view fed from a Kafka
+//! `sluice-bench kafka`: the quickstart HOP(5 min, 1 h) view fed from a Kafka
 //! topic, against the ceiling of a plain rdkafka consumer that only counts
 //! the same topic's messages, measured in the same run; plus recovery time
 //! after `kill -9` with a large keyed state.
@@ -19,7 +19,7 @@ use sluice_engine::job::{Job, JobOptions};
 use crate::fresh;
 use sluice_cli::commands::produce::{self, ProduceArgs};
 
-/// Options of `sluice bench-kafka`.
+/// Options of `sluice-bench kafka`.
 #[derive(clap::Args, Debug)]
 pub struct BenchKafkaArgs {
     /// Kafka bootstrap servers (loopback).
@@ -323,7 +323,7 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
     fresh(&a.dir)?;
     let dir = a.dir.canonicalize()?;
     println!(
-        "sluice bench-kafka: {} events ({} keys, {} min) per topic, brokers {}, HOP(5m, 1h), checkpoints every {} ms, client settings {:?}; build: {}",
+        "sluice-bench kafka: {} events ({} keys, {} min) per topic, brokers {}, HOP(5m, 1h), checkpoints every {} ms, client settings {:?}; build: {}",
         a.events,
         a.keys,
         a.minutes,

@@ -1,4 +1,4 @@
-//! `sluice bench-vectors`: the vector index's update throughput, query
+//! `sluice-bench vectors`: the vector index's update throughput, query
 //! latency and recall against an exact brute-force scan of the same
 //! vectors, in one run (run by hand with --release; see README).
 
@@ -11,7 +11,7 @@ use sluice_sql::vector::{Distance, VectorIndexPlan};
 
 use sluice_cli::commands::generate::Rng;
 
-/// Options of `sluice bench-vectors`.
+/// Options of `sluice-bench vectors`.
 #[derive(clap::Args, Debug)]
 pub struct BenchVectorsArgs {
     /// Working directory (indexes are written under it).

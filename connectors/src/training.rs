@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 
-use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, TimestampMillisecondArray};
 use arrow::compute::{CastOptions, cast_with_options, concat_batches};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -313,13 +313,17 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
         }
     };
     let mut ts = time_millis(spine.column(time_col))?;
-    // A time no event can have joins nothing: NULL features, counted.
+    // A time no event can have joins nothing: NULL features, counted, and
+    // NULL in the output's time column too (no format writes such an instant).
     let mut times_out_of_range = 0;
+    let mut out_of_range = Vec::with_capacity(ts.len());
     for t in ts.iter_mut() {
-        if t.is_some_and(|t| event_time_problem(t).is_some()) {
+        let bad = t.is_some_and(|t| event_time_problem(t).is_some());
+        if bad {
             *t = None;
             times_out_of_range += 1;
         }
+        out_of_range.push(bad);
     }
     let mut stats = TrainingSetStats {
         rows: spine.num_rows(),
@@ -332,6 +336,11 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
         .map(|f| f.as_ref().clone())
         .collect();
     let mut cols: Vec<ArrayRef> = spine.columns().to_vec();
+    if times_out_of_range > 0 {
+        cols[time_col] = arrow::compute::nullif(&cols[time_col], &BooleanArray::from(out_of_range))
+            .map_err(|e| EngineError::arrow("spine time column", e))?;
+        fields[time_col] = fields[time_col].clone().with_nullable(true);
+    }
     for fr in &req.features {
         let (f, c, s) = join_view(plan, req, fr, &spine, &ts)?;
         fields.extend(f);

@@ -29,10 +29,11 @@ pub fn event_time_problem(t: i64) -> Option<String> {
     if (MIN_EVENT_TIME_MS..=MAX_EVENT_TIME_MS).contains(&t) {
         return None;
     }
+    let text = |ms: i64| fmt_ts(ms).as_str().map(str::to_string).unwrap_or_default();
     Some(format!(
         "event time {t} ms is outside the supported range {} to {} (years 1677 to 2262)",
-        fmt_ts(MIN_EVENT_TIME_MS),
-        fmt_ts(MAX_EVENT_TIME_MS)
+        text(MIN_EVENT_TIME_MS),
+        text(MAX_EVENT_TIME_MS)
     ))
 }
 

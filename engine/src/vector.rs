@@ -37,7 +37,7 @@ const MAP_SIZE: usize = 1 << 40;
 /// Default candidates a query inspects per requested neighbour and tree:
 /// recall@10 on 100k uniformly random 64-d vectors (the hardest case: no
 /// structure to exploit) was 0.83 at 60, 0.92 at 100, 0.98 at 200, 0.996
-/// at 400 (`sluice bench-vectors --sweep`).
+/// at 400 (`sluice-bench vectors --sweep`).
 pub const DEFAULT_SEARCH_K: usize = 200;
 
 type Db<K, V> = Database<'static, K, V>;
