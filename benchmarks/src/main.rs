@@ -34,12 +34,7 @@ enum Cmd {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_cli::init_tracing("warn");
     let r = match Cli::parse().cmd {
         Cmd::Hop(a) => hop::run(&a),
         Cmd::Backfill(a) => backfill::run(&a),

@@ -31,6 +31,16 @@ pub fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
     )?)
 }
 
+/// Logs to stderr, filtered by `SLUICE_LOG` (a `tracing` filter), else `default`.
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Installs the Prometheus recorder (once per process).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let h = PrometheusBuilder::new()

@@ -39,12 +39,7 @@ enum Cmd {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    sluice_cli::init_tracing("info");
     let r = match Cli::parse().cmd {
         Cmd::Run(a) => run::run(a),
         Cmd::Backfill(a) => backfill::run(&a).map(|_| ()),

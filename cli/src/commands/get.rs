@@ -1,5 +1,6 @@
 //! `sluice get`: a key's features from a state dir's online store.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -22,7 +23,9 @@ pub fn run(a: &GetArgs) -> anyhow::Result<()> {
     let (store, meta, wm) = crate::open_view(&a.state_dir, &a.view)?;
     match read_feature(&store, &meta, &a.key, wm)? {
         Some(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let text = serde_json::to_string_pretty(&v)? + "\n";
+            // A closed pipe (`sluice get v k | head`) is not an error.
+            let _ = std::io::stdout().write_all(text.as_bytes());
             Ok(())
         }
         None => bail!("key `{}` not found in view `{}`", a.key, a.view),
