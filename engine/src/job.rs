@@ -1041,4 +1041,115 @@ mod tests {
         );
         assert_eq!(wm, Some(179_000));
     }
+
+    /// Rows `0..total` in batches of 10; positions are the row count. After
+    /// the first batch, `failures` polls fail — each after consuming a batch
+    /// it never returns — with `error`.
+    struct Flaky {
+        schema: SchemaRef,
+        next: i64,
+        total: i64,
+        failures: usize,
+        error: fn() -> EngineError,
+    }
+
+    impl Source for Flaky {
+        fn name(&self) -> &str {
+            "clicks"
+        }
+        fn schema(&self) -> SchemaRef {
+            Arc::clone(&self.schema)
+        }
+        fn seek(&mut self, pos: Option<&[u8]>) -> Result<()> {
+            self.next = pos
+                .and_then(|p| p.try_into().ok())
+                .map(i64::from_be_bytes)
+                .unwrap_or(0);
+            Ok(())
+        }
+        fn poll(&mut self, _: usize) -> Result<Poll> {
+            if self.next >= self.total {
+                return Ok(Poll::End);
+            }
+            let from = self.next;
+            self.next = (from + 10).min(self.total);
+            if from > 0 && self.failures > 0 {
+                self.failures -= 1;
+                return Err((self.error)());
+            }
+            let users = StringArray::from_iter_values((from..self.next).map(|_| "u"));
+            let ts =
+                TimestampMillisecondArray::from_iter_values((from..self.next).map(|i| i * 1000));
+            let batch = RecordBatch::try_new(
+                Arc::clone(&self.schema),
+                vec![Arc::new(users), Arc::new(ts)],
+            )
+            .map_err(|e| EngineError::arrow("test", e))?;
+            Ok(Poll::Data {
+                batch: Some(SourceBatch {
+                    batch,
+                    row_positions: (from..self.next).map(|i| i as u64).collect(),
+                    partitions: Vec::new(),
+                }),
+                rejected: Vec::new(),
+            })
+        }
+        fn position(&self) -> Vec<u8> {
+            self.next.to_be_bytes().to_vec()
+        }
+        fn describe_position(&self, p: u64) -> String {
+            p.to_string()
+        }
+    }
+
+    fn run_flaky(failures: usize, error: fn() -> EngineError) -> (Result<RunStats>, Duration) {
+        let sql = "CREATE SOURCE clicks (user_id TEXT NOT NULL, ts TIMESTAMP NOT NULL,
+               WATERMARK FOR ts AS ts) WITH (connector = 'file', path = 'x.jsonl');
+             CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, COUNT(*) AS n
+             FROM clicks GROUP BY user_id;";
+        let plan =
+            sluice_sql::plan_pipeline("t.sql", sql, std::path::Path::new(".")).expect("plan");
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = Flaky {
+            schema: Arc::clone(&plan.sources[0].schema),
+            next: 0,
+            total: 100,
+            failures,
+            error,
+        };
+        let mut job = Job::open(
+            &plan,
+            vec![Box::new(src)],
+            HashMap::new(),
+            Box::new(NoDead),
+            JobOptions::new(dir.path().join("state")),
+        )
+        .expect("open");
+        let t0 = Instant::now();
+        let r = job.run(&AtomicBool::new(false));
+        (r, t0.elapsed())
+    }
+
+    #[test]
+    fn an_external_poll_error_is_retried_with_backoff_from_the_last_good_position() {
+        let broker_away = || EngineError::Connector {
+            what: "source clicks".into(),
+            message: "broker away".into(),
+        };
+        let (r, took) = run_flaky(3, broker_away);
+        let stats = r.expect("the job survives the outage");
+        // Every row exactly once: the batches consumed by failed polls are read again.
+        assert_eq!(stats.events, 100);
+        // Backoff 100 + 200 + 400 ms.
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+    }
+
+    #[test]
+    fn an_internal_poll_error_ends_the_job() {
+        let bug = || EngineError::Internal("broken invariant".into());
+        let (r, _) = run_flaky(1, bug);
+        let e = r.expect_err("not retried");
+        assert_eq!(e.domain(), crate::error::ErrorDomain::Internal);
+        assert_eq!(e.retry(), RetryHint::Never);
+    }
 }
