@@ -370,17 +370,11 @@ fn read_source(
             metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.as_str()).increment(1);
             dead_letter(dead, d, stats)?;
         }
-        let batch = match (batch, sp.event_time) {
-            (Some(b), Some(idx)) => {
-                let describe = |p| src.describe_position(p);
-                let (b, bad) = drop_bad_event_times(&sp.name, b, idx, &describe)?;
-                for d in &bad {
-                    dead_letter(dead, d, stats)?;
-                }
-                b
-            }
-            (b, _) => b,
-        };
+        let describe = |p| src.describe_position(p);
+        let (batch, bad) = drop_bad_event_times(&sp.name, batch, sp.event_time, &describe)?;
+        for d in &bad {
+            dead_letter(dead, d, stats)?;
+        }
         let Some(sb) = batch else { continue };
         let batch = sb.batch;
         let n = batch.num_rows();

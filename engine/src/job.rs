@@ -507,18 +507,13 @@ impl Job {
                             self.dead_letter(d)?;
                             metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.as_str()).increment(1);
                         }
-                        let batch = match (batch, self.sources[si].event_time) {
-                            (Some(b), Some(idx)) => {
-                                let s = &self.sources[si];
-                                let describe = |p| s.src.describe_position(p);
-                                let (b, bad) = drop_bad_event_times(&s.name, b, idx, &describe)?;
-                                for d in &bad {
-                                    self.dead_letter(d)?;
-                                }
-                                b
-                            }
-                            (b, _) => b,
-                        };
+                        let s = &self.sources[si];
+                        let describe = |p| s.src.describe_position(p);
+                        let (batch, bad) =
+                            drop_bad_event_times(&s.name, batch, s.event_time, &describe)?;
+                        for d in &bad {
+                            self.dead_letter(d)?;
+                        }
                         if let Some(b) = batch {
                             got_rows = true;
                             self.on_batch(si, b.batch, &b.row_positions, &b.partitions)?;
@@ -900,6 +895,29 @@ mod tests {
     use super::*;
     use crate::source::SourceBatch;
 
+    /// Rows `(user_id = "u", ts)` of the tests' `clicks` source.
+    fn clicks(schema: &SchemaRef, ts: impl Iterator<Item = i64>) -> Result<RecordBatch> {
+        let ts = TimestampMillisecondArray::from_iter_values(ts);
+        let users = StringArray::from_iter_values((0..ts.len()).map(|_| "u"));
+        RecordBatch::try_new(Arc::clone(schema), vec![Arc::new(users), Arc::new(ts)])
+            .map_err(|e| EngineError::arrow("test", e))
+    }
+
+    /// A job of `plan` over `src` in a fresh state dir (kept while the
+    /// returned guard lives).
+    fn open_job(plan: &sluice_sql::PipelinePlan, src: Box<dyn Source>) -> (Job, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let job = Job::open(
+            plan,
+            vec![src],
+            HashMap::new(),
+            Box::new(NoDead),
+            JobOptions::new(dir.path().join("state")),
+        )
+        .expect("open");
+        (job, dir)
+    }
+
     /// A source with several partitions: scripted batches, then idle polls.
     struct Parts {
         schema: SchemaRef,
@@ -932,13 +950,7 @@ mod tests {
                     self.idle_until = Some(Instant::now() + Duration::from_millis(100));
                     return Ok(Poll::Idle);
                 }
-                let users = StringArray::from_iter_values(rows.iter().map(|_| "u"));
-                let ts = TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.1));
-                let batch = RecordBatch::try_new(
-                    Arc::clone(&self.schema),
-                    vec![Arc::new(users), Arc::new(ts)],
-                )
-                .map_err(|e| EngineError::arrow("test", e))?;
+                let batch = clicks(&self.schema, rows.iter().map(|r| r.1))?;
                 return Ok(Poll::Data {
                     batch: Some(SourceBatch {
                         batch,
@@ -985,21 +997,13 @@ mod tests {
         );
         let plan =
             sluice_sql::plan_pipeline("t.sql", &sql, std::path::Path::new(".")).expect("plan");
-        let dir = tempfile::tempdir().expect("tmp");
         let src = Parts {
             schema: Arc::clone(&plan.sources[0].schema),
             parts: vec![0, 1],
             steps: steps.into(),
             idle_until: None,
         };
-        let mut job = Job::open(
-            &plan,
-            vec![Box::new(src)],
-            HashMap::new(),
-            Box::new(NoDead),
-            JobOptions::new(dir.path().join("state")),
-        )
-        .expect("open");
+        let (mut job, _dir) = open_job(&plan, Box::new(src));
         job.run(&AtomicBool::new(false)).expect("run");
         job.live().watermark("v")
     }
@@ -1077,14 +1081,7 @@ mod tests {
                 self.failures -= 1;
                 return Err((self.error)());
             }
-            let users = StringArray::from_iter_values((from..self.next).map(|_| "u"));
-            let ts =
-                TimestampMillisecondArray::from_iter_values((from..self.next).map(|i| i * 1000));
-            let batch = RecordBatch::try_new(
-                Arc::clone(&self.schema),
-                vec![Arc::new(users), Arc::new(ts)],
-            )
-            .map_err(|e| EngineError::arrow("test", e))?;
+            let batch = clicks(&self.schema, (from..self.next).map(|i| i * 1000))?;
             Ok(Poll::Data {
                 batch: Some(SourceBatch {
                     batch,
@@ -1109,7 +1106,6 @@ mod tests {
              FROM clicks GROUP BY user_id;";
         let plan =
             sluice_sql::plan_pipeline("t.sql", sql, std::path::Path::new(".")).expect("plan");
-        let dir = tempfile::tempdir().expect("tmp");
         let src = Flaky {
             schema: Arc::clone(&plan.sources[0].schema),
             next: 0,
@@ -1117,14 +1113,7 @@ mod tests {
             failures,
             error,
         };
-        let mut job = Job::open(
-            &plan,
-            vec![Box::new(src)],
-            HashMap::new(),
-            Box::new(NoDead),
-            JobOptions::new(dir.path().join("state")),
-        )
-        .expect("open");
+        let (mut job, _dir) = open_job(&plan, Box::new(src));
         let t0 = Instant::now();
         let r = job.run(&AtomicBool::new(false));
         (r, t0.elapsed())

@@ -77,16 +77,21 @@ fn timestamp_column<'a>(
         })
 }
 
-/// Takes the rows whose event time (column `idx`) is NULL or outside the
-/// supported range out of `sb` and returns them as dead letters
+/// Takes the rows whose event time (column `event_time`) is NULL or outside
+/// the supported range out of `sb` and returns them as dead letters
 /// (`missing_field`, `wrong_type`), positions described by `describe`.
-/// A batch without such rows comes back unchanged.
+/// A batch without such rows, or a source without event time, comes back
+/// unchanged.
 pub fn drop_bad_event_times(
     source: &str,
-    sb: SourceBatch,
-    idx: usize,
+    sb: Option<SourceBatch>,
+    event_time: Option<usize>,
     describe: &dyn Fn(u64) -> String,
 ) -> Result<(Option<SourceBatch>, Vec<DeadLetter>)> {
+    let (sb, idx) = match (sb, event_time) {
+        (Some(sb), Some(idx)) => (sb, idx),
+        (sb, _) => return Ok((sb, Vec::new())),
+    };
     let tsa = timestamp_column(source, &sb.batch, idx)?;
     let field = sb.batch.schema().field(idx).name().clone();
     let mut bad: Vec<(usize, DeadLetterKind, String)> = Vec::new();
@@ -133,24 +138,9 @@ pub fn drop_bad_event_times(
     if batch.num_rows() == 0 {
         return Ok((None, letters));
     }
-    let pick = |v: &[u64]| -> Vec<u64> {
-        v.iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(p, _)| *p)
-            .collect()
-    };
-    let row_positions = pick(&sb.row_positions);
-    let partitions = if sb.partitions.is_empty() {
-        Vec::new()
-    } else {
-        sb.partitions
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(p, _)| *p)
-            .collect()
-    };
+    // An empty partition list (one partition) stays empty.
+    let row_positions = kept(&sb.row_positions, &keep);
+    let partitions = kept(&sb.partitions, &keep);
     let batch = RecordBatch::try_new(Arc::clone(&sb.batch.schema()), batch.columns().to_vec())
         .map_err(|e| EngineError::arrow(format!("source {source}"), e))?;
     Ok((
@@ -161,6 +151,15 @@ pub fn drop_bad_event_times(
         }),
         letters,
     ))
+}
+
+/// The items of `v` whose flag in `keep` is set.
+fn kept<T: Copy>(v: &[T], keep: &[bool]) -> Vec<T> {
+    v.iter()
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .map(|(x, _)| *x)
+        .collect()
 }
 
 #[cfg(test)]
@@ -214,7 +213,8 @@ mod tests {
             row_positions: vec![10, 11, 12, 13],
             partitions: vec![0, 1, 2, 3],
         };
-        let (kept, letters) = drop_bad_event_times("s", sb, 1, &|p| format!("f:{p}")).unwrap();
+        let (kept, letters) =
+            drop_bad_event_times("s", Some(sb), Some(1), &|p| format!("f:{p}")).unwrap();
         let kept = kept.unwrap();
         assert_eq!(kept.batch.num_rows(), 1);
         assert_eq!(kept.row_positions, vec![10]);
