@@ -120,13 +120,13 @@ fn online_read(c: &mut Criterion) {
     c.bench_function("online_read/100k_keys/valid_row", |b| {
         b.iter(|| {
             let key = format!("u{:06}", rng.below(100_000));
-            black_box(read_feature(&store, &meta, &key, Some(3_700_000)).expect("read"))
+            black_box(read_feature(&store, &meta, None, &key, Some(3_700_000), None).expect("read"))
         })
     });
     c.bench_function("online_read/100k_keys/expired_row", |b| {
         b.iter(|| {
             let key = format!("u{:06}", rng.below(100_000));
-            black_box(read_feature(&store, &meta, &key, Some(9_000_000)).expect("read"))
+            black_box(read_feature(&store, &meta, None, &key, Some(9_000_000), None).expect("read"))
         })
     });
 }

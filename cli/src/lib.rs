@@ -55,12 +55,37 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(h)
 }
 
+/// A view of a state dir opened for reading.
+pub(crate) struct OpenView {
+    pub store: Store,
+    pub meta: ViewMeta,
+    /// The committed watermark of the view's source.
+    pub wm: Option<i64>,
+    /// The reader of a tiled (windowed, online) view.
+    pub tiles: Option<sluice_engine::tiles::TileReader>,
+}
+
+impl OpenView {
+    /// The value of `key` (see [`sluice_engine::online::read_feature`]).
+    pub fn read(
+        &self,
+        key: &str,
+        mode: Option<sluice_engine::tiles::ReadMode>,
+    ) -> anyhow::Result<Option<serde_json::Value>> {
+        Ok(sluice_engine::online::read_feature(
+            &self.store,
+            &self.meta,
+            self.tiles.as_ref(),
+            key,
+            self.wm,
+            mode,
+        )?)
+    }
+}
+
 /// A state dir's online store opened for reading `view`, with the view's
-/// metadata and committed watermark.
-pub(crate) fn open_view(
-    state_dir: &Path,
-    view: &str,
-) -> anyhow::Result<(Store, ViewMeta, Option<i64>)> {
+/// metadata, committed watermark and tile reader.
+pub(crate) fn open_view(state_dir: &Path, view: &str) -> anyhow::Result<OpenView> {
     let store = Store::open_read_only(state_dir)?;
     let Some(meta) = read_view_meta(&store, view)? else {
         bail!("no feature view `{view}` in {}", state_dir.display());
@@ -68,5 +93,11 @@ pub(crate) fn open_view(
     let wm = store
         .meta_i64(&watermark_key(&meta.source))?
         .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
-    Ok((store, meta, wm))
+    let tiles = sluice_engine::online::open_reader(&store, view)?;
+    Ok(OpenView {
+        store,
+        meta,
+        wm,
+        tiles,
+    })
 }

@@ -96,7 +96,7 @@ fn backfill_dead(state: &Path) -> Vec<serde_json::Value> {
 
 fn online(state: &Path, view: &str) -> Vec<(String, Vec<u8>)> {
     let store = sluice_engine::store::Store::open_read_only(state).expect("state");
-    store.online_scan(view).expect("scan")
+    sluice_engine::online::scan_values(&store, view).expect("scan")
 }
 
 #[test]

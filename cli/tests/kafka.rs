@@ -260,13 +260,11 @@ fn kill_nine_while_producing_is_exactly_once() {
     }
     {
         // The killed runs did commit checkpoints (the kills hit a working job).
-        let store = Store::open_read_only(&crashed.join("state")).expect("state");
-        let epoch = store
-            .meta("epoch")
-            .expect("meta")
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
+        let state = crashed.join("state");
+        let store = Store::open_read_only(&state).expect("state");
+        let epoch = sluice_engine::checkpoint::Checkpoint::load(&store, &state)
+            .expect("checkpoint")
+            .map_or(0, |c| c.epoch);
         assert!(epoch > 5, "checkpoints before the last kill: {epoch}");
     }
     let pout = producer.wait_with_output().expect("producer");

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, dead_letters, sluice};
-use sluice_engine::online::{read_feature, read_view_meta, watermark_key};
+use sluice_engine::online::{read_row, read_view_meta, watermark_key};
 use sluice_engine::store::Store;
 
 const EXAMPLE: &str = concat!(
@@ -123,7 +123,7 @@ fn assert_index_matches_online(state: &Path, view: &str, col: &str) -> (usize, u
     let mut with = 0;
     let mut without = 0;
     for (key, _) in store.online_scan(view).expect("scan") {
-        let row = read_feature(&store, &meta, &key, wm)
+        let row = read_row(&store, &meta, &key, wm)
             .expect("read")
             .expect("row");
         match row["features"][col].as_array() {
@@ -449,12 +449,14 @@ fn index_equals_online_store_after_kill_9() {
     assert!(kills >= 3, "killed mid-way only {kills} times");
     // A crash exactly between the index commit and the state commit: the
     // index is one checkpoint ahead, and the next start rebuilds it.
-    let epoch = Store::open_read_only(&crashy.join("state"))
-        .expect("state")
-        .meta("epoch")
-        .expect("epoch")
-        .expect("some epoch");
-    let epoch = u64::from_be_bytes(epoch.try_into().expect("8 bytes"));
+    let epoch = {
+        let state = crashy.join("state");
+        let store = Store::open_read_only(&state).expect("state");
+        sluice_engine::checkpoint::Checkpoint::load(&store, &state)
+            .expect("checkpoint")
+            .expect("some checkpoint")
+            .epoch
+    };
     let out = Command::new(bin())
         .args(run_args(&crashy))
         .env("SLUICE_LOG", "warn")

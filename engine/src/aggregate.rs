@@ -41,8 +41,8 @@ pub struct AggKernel {
     aggs: Vec<Arc<AggregateFunctionExpr>>,
     args: Vec<Vec<Arc<dyn PhysicalExpr>>>,
     filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
-    state_widths: Vec<usize>,
-    state_conv: RowConverter,
+    pub(crate) state_widths: Vec<usize>,
+    pub(crate) state_conv: RowConverter,
     group_exprs: Vec<Arc<dyn PhysicalExpr>>,
     group_types: Vec<DataType>,
     agg_schema: SchemaRef,
@@ -141,7 +141,7 @@ impl AggKernel {
         &self.group_types
     }
 
-    fn new_accs(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+    pub(crate) fn new_accs(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
         self.aggs
             .iter()
             .map(|a| {
@@ -166,7 +166,7 @@ impl AggKernel {
             .collect()
     }
 
-    fn inputs(&self, batch: &RecordBatch) -> Result<Inputs> {
+    pub(crate) fn inputs(&self, batch: &RecordBatch) -> Result<Inputs> {
         let mut values = Vec::with_capacity(self.args.len());
         for a in &self.args {
             values.push(
@@ -186,7 +186,7 @@ impl AggKernel {
     }
 
     /// Evaluates accumulators into the view's output rows (keys + features).
-    fn finish(
+    pub(crate) fn finish(
         &self,
         key_cols: Vec<ArrayRef>,
         accs: &mut [Box<dyn GroupsAccumulator>],
@@ -308,7 +308,7 @@ impl AggKernel {
         Ok((accs, keys))
     }
 
-    fn state_of(&self, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<Vec<ArrayRef>> {
+    pub(crate) fn state_of(&self, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<Vec<ArrayRef>> {
         let mut out = Vec::new();
         for acc in accs.iter_mut() {
             out.extend(
@@ -320,9 +320,9 @@ impl AggKernel {
     }
 }
 
-struct Inputs {
-    values: Vec<Vec<ArrayRef>>,
-    filters: Vec<Option<BooleanArray>>,
+pub(crate) struct Inputs {
+    pub(crate) values: Vec<Vec<ArrayRef>>,
+    pub(crate) filters: Vec<Option<BooleanArray>>,
 }
 
 impl Inputs {
@@ -348,7 +348,7 @@ impl Inputs {
         })
     }
 
-    fn slice(&self, off: usize, len: usize) -> Inputs {
+    pub(crate) fn slice(&self, off: usize, len: usize) -> Inputs {
         Inputs {
             values: self
                 .values
@@ -513,7 +513,7 @@ pub enum StateOp {
 
 /// The windowed (or lifetime) aggregation of one view.
 pub struct WindowAgg {
-    kernel: AggKernel,
+    kernel: Arc<AggKernel>,
     window: WindowSpec,
     keys: KeyDict,
     panes: BTreeMap<i64, Pane>,
@@ -542,11 +542,18 @@ pub struct Fired {
 impl WindowAgg {
     /// Aggregation for `view`.
     pub fn new(view: &str, plan: &AggregatePlan, event_time: Option<&str>) -> Result<Self> {
-        let kernel = AggKernel::new(view, plan, event_time)?;
+        Self::with_kernel(
+            Arc::new(AggKernel::new(view, plan, event_time)?),
+            plan.window,
+        )
+    }
+
+    /// Aggregation over `window` with compiled aggregate functions.
+    pub fn with_kernel(kernel: Arc<AggKernel>, window: WindowSpec) -> Result<Self> {
         let keys = KeyDict::new(kernel.key_types())?;
         Ok(WindowAgg {
             kernel,
-            window: plan.window,
+            window,
             keys,
             panes: BTreeMap::new(),
             dropped: Vec::new(),
@@ -581,18 +588,7 @@ impl WindowAgg {
 
     /// Indices of rows that are late: all their windows already closed when they arrived.
     pub fn late_rows(&self, rows: &Rows) -> Vec<usize> {
-        let (Some(size), Some(ts), Some(wm)) =
-            (self.window.size_ms(), rows.ts.as_ref(), rows.wm.as_ref())
-        else {
-            return Vec::new();
-        };
-        let mut late = Vec::new();
-        for i in 0..rows.len() {
-            if self.pane_of(ts.value(i)).saturating_add(size) <= wm.value(i) {
-                late.push(i);
-            }
-        }
-        late
+        late_rows(self.window, rows)
     }
 
     /// Folds rows (none late) in, firing windows as the per-row watermark passes their ends.
@@ -860,6 +856,25 @@ fn take_chunk(c: &Chunk, idx: &[u32]) -> Result<Chunk> {
         keys: idx.iter().map(|i| c.keys[*i as usize]).collect(),
         states,
     })
+}
+
+/// The late rule, the one every job applies: a row is late when the
+/// watermark `W` at its arrival has closed every window holding it,
+/// `W >= floor(ts / slide) * slide + size`. Returns the indices of late rows.
+pub fn late_rows(window: WindowSpec, rows: &Rows) -> Vec<usize> {
+    let (Some(slide), Some(size), Some(ts), Some(wm)) = (
+        window.slide_ms(),
+        window.size_ms(),
+        rows.ts.as_ref(),
+        rows.wm.as_ref(),
+    ) else {
+        return Vec::new();
+    };
+    (0..rows.len())
+        .filter(|&i| {
+            (ts.value(i).div_euclid(slide) * slide).saturating_add(size) <= wm.value(i)
+        })
+        .collect()
 }
 
 /// The schema of emitted rows: `window_start`, `window_end`, then the view's columns.

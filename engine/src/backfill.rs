@@ -159,7 +159,7 @@ pub fn backfill(
             sp,
             &views,
             outputs.lake,
-            outputs.online.is_some(),
+            outputs.online,
             dead.as_mut(),
             opts,
             &mut stats,
@@ -186,6 +186,10 @@ pub fn backfill(
                 s.online_keys = rows.len() as u64;
             }
         }
+        metas.push((
+            crate::job::PIPELINE_KEY.into(),
+            plan.text.as_bytes().to_vec(),
+        ));
         let c = Commit {
             meta: metas,
             online: online_rows,
@@ -243,7 +247,7 @@ fn run_source(
     sp: &SourcePlan,
     views: &[&ViewPlan],
     lake: &LakeFactory<'_>,
-    online: bool,
+    online: Option<&Store>,
     dead: &mut dyn DeadLetterSink,
     opts: &BackfillOptions,
     stats: &mut BackfillStats,
@@ -251,13 +255,13 @@ fn run_source(
     let shards = opts.threads.max(1);
     let probes: Vec<ViewOp> = views
         .iter()
-        .map(|v| ViewOp::new(v))
+        .map(|v| ViewOp::with_tiles(v, None))
         .collect::<Result<_>>()?;
     let mut worker_views = Vec::new();
     for shard in 0..shards {
         let mut ops = Vec::new();
         for v in views {
-            let mut op = ViewOp::new(v)?;
+            let mut op = ViewOp::with_tiles(v, None)?;
             op.window_range = Some((opts.from, opts.to));
             let sink = lake(v, shard)?;
             ops.push((op, sink));
@@ -271,9 +275,29 @@ fn run_source(
             let (tx, rx) = sync_channel::<Msg>(4);
             senders.push(tx);
             let flush = opts.flush_rows.max(1);
+            let online = online.is_some();
             handles.push(scope.spawn(move || worker(rx, ops, flush, online)));
         }
-        let read = read_source(src, sp, &probes, &senders, dead, opts, stats);
+        let mut tiles = Vec::new();
+        for v in views {
+            tiles.push(match (online, crate::tiles::is_tiled(v), v.kind.clone()) {
+                (Some(_), true, sluice_sql::ViewKind::Aggregate(a)) => {
+                    let k = std::sync::Arc::new(crate::aggregate::AggKernel::new(
+                        &v.name,
+                        &a,
+                        v.event_time.as_deref(),
+                    )?);
+                    Some(crate::tiles::TileAgg::new(v, k, crate::tiles::TileMemory::default())?)
+                }
+                _ => None,
+            });
+        }
+        let mut seeds = TileSeeds { store: online, tiles };
+        let read = read_source(src, sp, &probes, &senders, dead, opts, stats, &mut seeds);
+        let read = match read {
+            Ok(r) => seeds.finish(r.watermark).map(|()| r),
+            Err(e) => Err(e),
+        };
         // Finish (or, after an error, just stop) the workers.
         if let Ok(r) = &read {
             for tx in &senders {
@@ -337,6 +361,72 @@ struct ReadOut {
     watermark: Option<i64>,
 }
 
+/// The tiles a backfill with `--online` seeds, one per tiled view (in the
+/// order of the source's views).
+struct TileSeeds<'a> {
+    store: Option<&'a Store>,
+    tiles: Vec<Option<crate::tiles::TileAgg>>,
+}
+
+impl TileSeeds<'_> {
+    fn push(&mut self, view: usize, rows: &Rows) {
+        if let Some(Some(t)) = self.tiles.get_mut(view) {
+            t.push(rows.clone());
+        }
+    }
+
+    /// Folds what the watermark passed into the store when rows pile up.
+    fn maybe_flush(&mut self, wm: i64) -> Result<()> {
+        let limit = crate::tiles::TileMemory::default().pending;
+        if self
+            .tiles
+            .iter()
+            .flatten()
+            .any(|t| t.pending_bytes() > limit)
+        {
+            self.flush(wm, false)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, wm: i64, last: bool) -> Result<()> {
+        let Some(store) = self.store else {
+            return Ok(());
+        };
+        if wm == NO_WATERMARK && !last {
+            return Ok(());
+        }
+        let mut c = Commit::default();
+        for t in self.tiles.iter_mut().flatten() {
+            let view = t.view().to_string();
+            if wm != NO_WATERMARK {
+                let mut w = crate::store::TileWrites::default();
+                t.flush(store, wm, &mut w)?;
+                c.tiles.push((view.clone(), w));
+                c.meta
+                    .push((crate::tiles::clock_key(&view), wm.to_be_bytes().to_vec()));
+            }
+            if last {
+                c.meta
+                    .push((crate::tiles::pending_key(&view), t.encode_pending()?));
+            }
+        }
+        if c.tiles.is_empty() && c.meta.is_empty() {
+            return Ok(());
+        }
+        store.commit(c)?;
+        for t in self.tiles.iter_mut().flatten() {
+            t.committed();
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, watermark: Option<i64>) -> Result<()> {
+        self.flush(watermark.unwrap_or(NO_WATERMARK), true)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_source(
     src: &mut dyn Source,
     sp: &SourcePlan,
@@ -345,6 +435,7 @@ fn read_source(
     dead: &mut dyn DeadLetterSink,
     opts: &BackfillOptions,
     stats: &mut BackfillStats,
+    seeds: &mut TileSeeds<'_>,
 ) -> Result<ReadOut> {
     let shards = senders.len();
     let gone = || EngineError::Connector {
@@ -435,10 +526,7 @@ fn read_source(
             if staged.is_empty() {
                 continue;
             }
-            let late = probe
-                .agg()
-                .map(|a| a.late_rows(&staged))
-                .unwrap_or_default();
+            let late = probe.late_rows(&staged);
             let staged = if late.is_empty() {
                 staged
             } else {
@@ -465,6 +553,7 @@ fn read_source(
             if staged.is_empty() {
                 continue;
             }
+            seeds.push(vi, &staged);
             if shards == 1 {
                 senders[0]
                     .send(Msg::Rows {
@@ -492,6 +581,7 @@ fn read_source(
                 tx.send(Msg::Advance(wm)).map_err(|_| gone())?;
             }
         }
+        seeds.maybe_flush(wm)?;
         progress.update(stats.events, max_seen);
     }
     progress.done(stats.events, max_seen);

@@ -58,7 +58,7 @@ pub enum EngineError {
         path: String,
         /// The underlying error.
         #[source]
-        source: rocksdb::Error,
+        source: crate::store::StoreError,
     },
     /// The state on disk does not fit this pipeline.
     #[error("state in {path} cannot be used: {reason}")]

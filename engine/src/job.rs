@@ -15,10 +15,12 @@ use sluice_sql::PipelinePlan;
 use crate::error::RetryHint;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::online::{ViewMeta, read_view_meta, view_meta_key, watermark_key};
+use crate::online::{ViewMeta, read_view_meta, view_meta_key};
 use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
 use crate::time::{drop_bad_event_times, event_times};
+use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
+use crate::tiles::{TileMemory, TileReader, is_tiled, pending_key};
 use crate::vector::VectorIndex;
 use crate::view::{ViewOp, features_json};
 
@@ -33,6 +35,9 @@ const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
 /// No watermark yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
+
+/// Metadata key of the pipeline's text (readers rebuild tiled views' aggregates from it).
+pub const PIPELINE_KEY: &str = "pipeline";
 
 /// The dead letter of source row `row` of `batch`, late for `view`: its
 /// event time `ts` was behind the watermark `wm` when it arrived.
@@ -73,6 +78,32 @@ pub struct JobOptions {
     pub batch_rows: usize,
     /// Pause after each batch (tests use it to make a run last).
     pub throttle: Option<Duration>,
+    /// Bytes the job's state may hold in memory (tile caches, pending rows,
+    /// RocksDB's caches and memtables); the rest of the state stays on disk.
+    pub memory_budget: u64,
+}
+
+/// The memory budget of a job that names none.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
+
+/// How a memory budget is shared: RocksDB's block cache and memtables get an
+/// eighth each; the tiled views share a quarter for cached tiles, an eighth
+/// for the accumulators of one flush step and an eighth for rows waiting for
+/// the watermark (past it, the job checkpoints early).
+pub fn split_budget(budget: u64, tiled_views: usize) -> (crate::store::StoreOptions, crate::tiles::TileMemory) {
+    let b = budget as usize;
+    let n = tiled_views.max(1);
+    (
+        crate::store::StoreOptions {
+            block_cache: (b / 8).max(8 << 20),
+            write_buffers: (b / 8).max(16 << 20),
+        },
+        crate::tiles::TileMemory {
+            cache: b / 4 / n,
+            flush: b / 8 / n,
+            pending: b / 8 / n,
+        },
+    )
 }
 
 impl JobOptions {
@@ -83,6 +114,7 @@ impl JobOptions {
             checkpoint_interval: Duration::from_secs(1),
             batch_rows: 8192,
             throttle: None,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
         }
     }
 }
@@ -102,6 +134,8 @@ pub struct Live {
     pub unready: Mutex<BTreeMap<String, String>>,
     /// Nearest-neighbour indexes by view.
     pub indexes: HashMap<String, Arc<VectorIndex>>,
+    /// Readers of the tiled (windowed, online) views.
+    pub readers: HashMap<String, Arc<TileReader>>,
 }
 
 impl Live {
@@ -235,13 +269,17 @@ impl SourceRt {
         self.last_parts_refresh = now;
     }
 
-    fn parts_json(&self) -> Vec<u8> {
-        let m: BTreeMap<String, i64> = self
-            .parts
-            .iter()
-            .filter_map(|p| p.max.map(|m| (p.id.to_string(), m)))
-            .collect();
-        serde_json::to_vec(&m).unwrap_or_default()
+    fn progress(&self) -> SourceProgress {
+        SourceProgress {
+            position: self.src.position(),
+            watermark: (self.wm != NO_WATERMARK).then_some(self.wm),
+            max_event_time: self.max_ts,
+            partitions: self
+                .parts
+                .iter()
+                .filter_map(|p| p.max.map(|m| (p.id, m)))
+                .collect(),
+        }
     }
 }
 
@@ -287,6 +325,9 @@ pub struct Job {
     opts: JobOptions,
     last_checkpoint: Instant,
     stats: RunStats,
+    /// The pipeline's text, kept with the state for readers.
+    pipeline_text: String,
+    tile_memory: TileMemory,
 }
 
 impl Job {
@@ -300,32 +341,32 @@ impl Job {
         opts: JobOptions,
     ) -> Result<Job> {
         let view_names: Vec<String> = plan.views.iter().map(|v| v.name.clone()).collect();
-        let store = Arc::new(Store::open(&opts.state_dir, &view_names)?);
-        let epoch = store
-            .meta("epoch")?
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0);
-        if epoch > 0
-            && store.meta(crate::store::STATE_FORMAT_KEY)?.as_deref()
-                != Some(crate::store::STATE_FORMAT)
-        {
-            return Err(EngineError::Incompatible {
-                path: opts.state_dir.display().to_string(),
-                reason: "this state was written by an older Sluice build (another window-state encoding); run with a new --state-dir".into(),
-            });
-        }
+        let tiled = plan.views.iter().filter(|v| is_tiled(v)).count();
+        let (store_limits, tile_memory) = split_budget(opts.memory_budget, tiled);
+        let store = Arc::new(Store::open_with(&opts.state_dir, &view_names, store_limits)?);
+        let cp = Checkpoint::load(&store, &opts.state_dir)?.unwrap_or_default();
+        let epoch = cp.epoch;
         let mut views = Vec::new();
         let mut metas = HashMap::new();
         let mut indexes = HashMap::new();
+        let mut readers = HashMap::new();
         for vp in &plan.views {
-            let mut op = ViewOp::new(vp)?;
+            let mut op = ViewOp::with_tiles(vp, Some(tile_memory))?;
+            if let (Some(k), true) = (op.kernel(), is_tiled(vp)) {
+                readers.insert(
+                    vp.name.clone(),
+                    Arc::new(TileReader::new(vp, Arc::clone(k))?),
+                );
+            }
+            if let Some(t) = op.tiles_mut()
+                && let Some(p) = store.meta(&pending_key(&vp.name))?
+            {
+                t.restore_pending(&p)?;
+            }
             if let Some(vi) = &vp.vector_index {
                 let idx = VectorIndex::open(&opts.state_dir, &vp.name, vi)?;
                 if idx.epoch()? != Some(epoch) {
-                    let wm = store
-                        .meta_i64(&watermark_key(&vp.source))?
-                        .filter(|w| *w != NO_WATERMARK);
+                    let wm = cp.sources.get(&vp.source).and_then(|s| s.watermark);
                     let st = crate::vector::rebuild_from_store(&idx, &store, epoch, wm)?;
                     tracing::info!(view = %vp.name, keys = st.upserts, "vector index rebuilt from the online store");
                 }
@@ -346,7 +387,7 @@ impl Job {
                 });
             }
             if let Some(agg) = op.agg_mut() {
-                agg.restore_emitted(store.meta_i64(&format!("emitted/{}", vp.name))?);
+                agg.restore_emitted(cp.views.get(&vp.name).and_then(|v| v.emitted_through));
                 let entries = store.state_entries(&vp.name)?;
                 let mut by_pane: BTreeMap<i64, Vec<crate::aggregate::StateEntry>> = BTreeMap::new();
                 for (p, e) in entries {
@@ -367,34 +408,19 @@ impl Job {
             }
             lake_vec.push(sinks);
         }
-        dead.recover(
-            store
-                .meta("deadletter_len")?
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0),
-        )?;
+        dead.recover(cp.dead_letter_len)?;
         let mut rts = Vec::new();
         let now = Instant::now();
         for (sp, mut src) in plan.sources.iter().zip(sources) {
-            let pos = store.meta(&format!("pos/{}", sp.name))?;
-            src.seek(pos.as_deref())?;
-            let parts: BTreeMap<String, i64> = match store.meta(&format!("parts/{}", sp.name))? {
-                Some(b) => serde_json::from_slice(&b).map_err(|e| EngineError::Incompatible {
-                    path: opts.state_dir.display().to_string(),
-                    reason: format!("unreadable partition watermarks of source {}: {e}", sp.name),
-                })?,
-                None => BTreeMap::new(),
-            };
+            let progress = cp.sources.get(&sp.name).cloned().unwrap_or_default();
+            src.seek((!progress.position.is_empty()).then_some(progress.position.as_slice()))?;
             let mut rt = SourceRt {
                 src,
                 name: sp.name.clone(),
                 event_time: sp.event_time,
                 delay: sp.watermark_delay_ms,
-                wm: store
-                    .meta_i64(&watermark_key(&sp.name))?
-                    .unwrap_or(NO_WATERMARK),
-                max_ts: store.meta_i64(&format!("maxts/{}", sp.name))?,
+                wm: progress.watermark.unwrap_or(NO_WATERMARK),
+                max_ts: progress.max_event_time,
                 done: false,
                 views: plan
                     .views
@@ -403,14 +429,13 @@ impl Job {
                     .filter(|(_, v)| v.source == sp.name)
                     .map(|(i, _)| i)
                     .collect(),
-                parts: parts
-                    .into_iter()
-                    .filter_map(|(k, m)| {
-                        k.parse().ok().map(|id| PartWm {
-                            id,
-                            max: Some(m),
-                            seen: now,
-                        })
+                parts: progress
+                    .partitions
+                    .iter()
+                    .map(|(id, m)| PartWm {
+                        id: *id,
+                        max: Some(*m),
+                        seen: now,
                     })
                     .collect(),
                 idle: sp
@@ -422,16 +447,6 @@ impl Job {
                 retry: None,
             };
             rt.last_good = rt.src.position();
-            // State written before partitions were tracked: one partition.
-            if rt.parts.is_empty()
-                && let Some(m) = rt.max_ts
-            {
-                rt.parts.push(PartWm {
-                    id: 0,
-                    max: Some(m),
-                    seen: now,
-                });
-            }
             rt.add_partitions(now);
             rts.push(rt);
         }
@@ -454,6 +469,7 @@ impl Job {
             ready: AtomicBool::new(false),
             unready: Mutex::new(BTreeMap::new()),
             indexes,
+            readers,
         });
         Ok(Job {
             sources: rts,
@@ -465,6 +481,8 @@ impl Job {
             opts,
             last_checkpoint: Instant::now(),
             stats: RunStats::default(),
+            pipeline_text: plan.text.clone(),
+            tile_memory,
         })
     }
 
@@ -530,7 +548,9 @@ impl Job {
             if all_done {
                 break;
             }
-            if self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval {
+            if self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
+                || self.tiles_over_budget()
+            {
                 self.checkpoint()?;
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
@@ -550,6 +570,15 @@ impl Job {
         self.checkpoint()?;
         self.stats.elapsed = started.elapsed();
         Ok(self.stats.clone())
+    }
+
+    /// Rows waiting for the watermark have outgrown their share of the
+    /// memory budget: time to fold what the watermark passed into tiles.
+    fn tiles_over_budget(&self) -> bool {
+        self.views.iter().any(|v| {
+            v.tiles()
+                .is_some_and(|t| t.pending_bytes() > self.tile_memory.pending)
+        })
     }
 
     fn log_progress(&self, started: Instant, last: &mut Instant, last_events: &mut u64) {
@@ -781,7 +810,30 @@ impl Job {
         }
         let dl_len = self.dead.commit()?;
         let mut c = Commit::default();
+        let mut cp = Checkpoint {
+            format: STATE_FORMAT,
+            epoch,
+            dead_letter_len: dl_len,
+            ..Checkpoint::default()
+        };
         for v in self.views.iter_mut() {
+            let wm = self
+                .sources
+                .iter()
+                .find(|s| s.name == v.plan.source)
+                .map(|s| s.wm)
+                .unwrap_or(NO_WATERMARK);
+            let name = v.name().to_string();
+            let mut progress = ViewProgress::default();
+            if let Some(t) = v.tiles_mut() {
+                if wm != NO_WATERMARK {
+                    let mut w = crate::store::TileWrites::default();
+                    t.flush(&self.live.store, wm, &mut w)?;
+                    c.tiles.push((name.clone(), w));
+                    progress.clock = Some(wm);
+                }
+                c.meta.push((pending_key(&name), t.encode_pending()?));
+            }
             let mut ops = Vec::new();
             v.checkpoint(&mut ops)?;
             c.state.push((v.name().to_string(), ops));
@@ -790,10 +842,8 @@ impl Job {
             metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string())
                 .increment(rows.len() as u64);
             c.online.push((v.name().to_string(), rows));
-            if let Some(e) = v.agg().and_then(|a| a.emitted_through()) {
-                c.meta
-                    .push((format!("emitted/{}", v.name()), e.to_be_bytes().to_vec()));
-            }
+            progress.emitted_through = v.agg().and_then(|a| a.emitted_through());
+            cp.views.insert(name, progress);
             if let Some(m) = self.live.views.get(v.name())
                 && let Ok(j) = serde_json::to_vec(m)
             {
@@ -801,22 +851,11 @@ impl Job {
             }
         }
         for s in &self.sources {
-            c.meta.push((format!("pos/{}", s.name), s.src.position()));
-            c.meta
-                .push((watermark_key(&s.name), s.wm.to_be_bytes().to_vec()));
-            if let Some(m) = s.max_ts {
-                c.meta
-                    .push((format!("maxts/{}", s.name), m.to_be_bytes().to_vec()));
-            }
-            c.meta.push((format!("parts/{}", s.name), s.parts_json()));
+            cp.sources.insert(s.name.clone(), s.progress());
         }
+        c.meta.extend(cp.entries()?);
         c.meta
-            .push(("deadletter_len".into(), dl_len.to_be_bytes().to_vec()));
-        c.meta.push(("epoch".into(), epoch.to_be_bytes().to_vec()));
-        c.meta.push((
-            crate::store::STATE_FORMAT_KEY.into(),
-            crate::store::STATE_FORMAT.to_vec(),
-        ));
+            .push((PIPELINE_KEY.into(), self.pipeline_text.as_bytes().to_vec()));
         // The indexes commit first: a crash before the state commit leaves
         // them one epoch ahead, and the next start rebuilds them.
         for v in self.views.iter_mut() {
@@ -844,6 +883,11 @@ impl Job {
         }
         self.live.store.commit(c)?;
         self.epoch = epoch;
+        for v in self.views.iter_mut() {
+            if let Some(t) = v.tiles_mut() {
+                t.committed();
+            }
+        }
         for s in self.sources.iter_mut() {
             // Only informs outside tools (consumer-group lag); the offsets
             // that count are the ones just committed with the state.

@@ -4,6 +4,7 @@
 
 pub mod aggregate;
 pub mod backfill;
+pub mod checkpoint;
 mod error;
 mod exec;
 pub mod job;
@@ -13,6 +14,7 @@ pub mod online;
 pub mod server;
 mod source;
 pub mod store;
+pub mod tiles;
 pub mod time;
 pub mod training;
 pub mod vector;

@@ -53,6 +53,31 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Time to take a checkpoint",
     ),
     (
+        "sluice_tiles_written_total",
+        "counter",
+        "Tiles written at checkpoints (label: view)",
+    ),
+    (
+        "sluice_tiles_expired_total",
+        "counter",
+        "Tiles deleted because the watermark passed every window holding them (label: view)",
+    ),
+    (
+        "sluice_tile_store_reads_total",
+        "counter",
+        "Tiles a checkpoint read back from RocksDB because they were not cached (label: view)",
+    ),
+    (
+        "sluice_tile_cache_evictions_total",
+        "counter",
+        "Clean tiles evicted from the tile cache to stay within the memory budget (label: view)",
+    ),
+    (
+        "sluice_tile_cache_bytes",
+        "gauge",
+        "Bytes of tile states cached in memory after a checkpoint (label: view)",
+    ),
+    (
         "sluice_state_keys",
         "gauge",
         "Distinct keys in a view's window operator, set at each checkpoint; the key dictionary does not shrink in this build (label: view)",

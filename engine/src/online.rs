@@ -5,8 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::store::Store;
+use crate::tiles::{ReadMode, TileReader};
 
 /// What a reader needs to know about a view.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,10 +33,7 @@ pub fn view_meta_key(view: &str) -> String {
     format!("view/{view}")
 }
 
-/// Metadata key of a source's watermark.
-pub fn watermark_key(source: &str) -> String {
-    format!("wm/{source}")
-}
+pub use crate::checkpoint::watermark_key;
 
 /// Reads a view's metadata.
 pub fn read_view_meta(store: &Store, view: &str) -> Result<Option<ViewMeta>> {
@@ -60,10 +58,70 @@ fn chrono_like(ms: i64) -> Option<String> {
     Some(f.value(0).to_string())
 }
 
-/// The feature value of `key` as of watermark `wm`: the stored row while it
-/// is valid, the empty-set aggregate once its window has passed, `None` for a
-/// key never seen.
+/// The reader of a tiled view of a state dir, rebuilt from the pipeline
+/// text the job keeps with the state (`None` for views without tiles).
+pub fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
+    let Some(text) = store.meta(crate::job::PIPELINE_KEY)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(text).map_err(|e| EngineError::Incompatible {
+        path: "state dir".into(),
+        reason: format!("unreadable pipeline text: {e}"),
+    })?;
+    let plan = sluice_sql::plan_pipeline("pipeline.sql", &text, std::path::Path::new("."))
+        .map_err(|e| EngineError::Incompatible {
+            path: "state dir".into(),
+            reason: format!("the pipeline kept with the state no longer plans: {e}"),
+        })?;
+    TileReader::for_view(&plan, view)
+}
+
+/// The feature value of `key`. A tiled view (windowed, online) answers
+/// from its tiles at its committed clock, in `mode` (its default when
+/// `None`); other views answer their stored row: the row while it is valid
+/// at watermark `wm`, the empty-set aggregate once its window has passed.
+/// `None` for a key not found.
 pub fn read_feature(
+    store: &Store,
+    meta: &ViewMeta,
+    tiles: Option<&TileReader>,
+    key: &str,
+    wm: Option<i64>,
+    mode: Option<ReadMode>,
+) -> Result<Option<Value>> {
+    if let Some(t) = tiles {
+        let mode = mode.unwrap_or(t.layout().default_mode());
+        if !t.layout().offers(mode) {
+            let offered: Vec<&str> = [ReadMode::Fresh, ReadMode::Closed, ReadMode::Current]
+                .into_iter()
+                .filter(|m| t.layout().offers(*m))
+                .map(ReadMode::as_str)
+                .collect();
+            return Err(EngineError::BadRequest(format!(
+                "view `{}` ({}) answers window={}, not window={}",
+                meta.name,
+                meta.window,
+                offered.join(" or window="),
+                mode.as_str()
+            )));
+        }
+        return t.read(store, key, mode);
+    }
+    if let Some(m) = mode {
+        return Err(EngineError::BadRequest(format!(
+            "view `{}` ({}) has one value per key: no window={}",
+            meta.name,
+            meta.window,
+            m.as_str()
+        )));
+    }
+    read_row(store, meta, key, wm)
+}
+
+/// The stored online row of `key`: the row while it is valid at watermark
+/// `wm`, the empty-set aggregate once its window has passed, `None` for a
+/// key without a row. (Tiled views keep rows here only for their vector index.)
+pub fn read_row(
     store: &Store,
     meta: &ViewMeta,
     key: &str,
@@ -95,4 +153,30 @@ pub fn read_feature(
         "valid_until": valid_until.map(fmt_ts).unwrap_or(Value::Null),
         "features": row.get("features").cloned().unwrap_or(Value::Null),
     })))
+}
+
+/// Every key's current value in `view`, as its online reads answer it
+/// (tiled views: each key with tiles, read in the view's default mode;
+/// other views: the stored rows), sorted by key. For tests and exports.
+pub fn scan_values(store: &Store, view: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let Some(reader) = open_reader(store, view)? else {
+        return store.online_scan(view);
+    };
+    let mut keys: Vec<String> = store
+        .tile_scan(view)?
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mode = reader.layout().default_mode();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        if let Some(v) = reader.read(store, &k, mode)? {
+            let bytes =
+                serde_json::to_vec(&v).map_err(|e| EngineError::Internal(format!("JSON: {e}")))?;
+            out.push((k, bytes));
+        }
+    }
+    Ok(out)
 }

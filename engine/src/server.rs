@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::job::Live;
 use crate::online::read_feature;
+use crate::tiles::ReadMode;
 
 /// What the server needs.
 #[derive(Clone)]
@@ -73,7 +74,12 @@ fn observe(route: &'static str, status: StatusCode, t0: Instant) {
         .record(t0.elapsed().as_secs_f64());
 }
 
-fn lookup(s: &ServeState, view: &str, key: &str) -> Result<Option<Value>, (StatusCode, Value)> {
+fn lookup(
+    s: &ServeState,
+    view: &str,
+    key: &str,
+    mode: Option<ReadMode>,
+) -> Result<Option<Value>, (StatusCode, Value)> {
     let Some(meta) = s.live.views.get(view) else {
         let known: Vec<&String> = s.live.views.keys().collect();
         return Err((
@@ -81,20 +87,41 @@ fn lookup(s: &ServeState, view: &str, key: &str) -> Result<Option<Value>, (Statu
             json!({"error": format!("no feature view `{view}`"), "views": known}),
         ));
     };
-    read_feature(&s.live.store, meta, key, s.live.watermark(view)).map_err(|e| {
-        (
+    let tiles = s.live.readers.get(view).map(|r| r.as_ref());
+    read_feature(&s.live.store, meta, tiles, key, s.live.watermark(view), mode).map_err(|e| match e {
+        crate::error::EngineError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
+        e => (
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"error": e.to_string()}),
-        )
+        ),
     })
+}
+
+/// The `window` query parameter: which value of a windowed view to read.
+#[derive(Deserialize, Default)]
+struct ReadQuery {
+    window: Option<String>,
+}
+
+fn read_mode(q: &ReadQuery) -> Result<Option<ReadMode>, (StatusCode, Value)> {
+    match &q.window {
+        None => Ok(None),
+        Some(w) => ReadMode::parse(w).map(Some).ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("window must be fresh, closed or current, not `{w}`")}),
+            )
+        }),
+    }
 }
 
 async fn get_feature(
     State(s): State<ServeState>,
     Path((view, key)): Path<(String, String)>,
+    Query(q): Query<ReadQuery>,
 ) -> Response {
     let t0 = Instant::now();
-    let (status, body) = match lookup(&s, &view, &key) {
+    let (status, body) = match read_mode(&q).and_then(|m| lookup(&s, &view, &key, m)) {
         Ok(Some(v)) => (StatusCode::OK, v),
         Ok(None) => (
             StatusCode::NOT_FOUND,
@@ -114,9 +141,17 @@ struct Keys {
 async fn post_features(
     State(s): State<ServeState>,
     Path(view): Path<String>,
+    Query(q): Query<ReadQuery>,
     body: axum::body::Bytes,
 ) -> Response {
     let t0 = Instant::now();
+    let mode = match read_mode(&q) {
+        Ok(m) => m,
+        Err((status, body)) => {
+            observe("batch", status, t0);
+            return (status, Json(body)).into_response();
+        }
+    };
     // Any content type: `curl -d` sends form encoding by default.
     let Ok(req) = serde_json::from_slice::<Keys>(&body) else {
         observe("batch", StatusCode::BAD_REQUEST, t0);
@@ -141,7 +176,7 @@ async fn post_features(
                 .join("|"),
             other => other.to_string(),
         };
-        match lookup(&s, &view, &key) {
+        match lookup(&s, &view, &key, mode) {
             Ok(Some(mut v)) => {
                 if let Some(o) = v.as_object_mut() {
                     o.insert("found".into(), Value::Bool(true));
@@ -266,7 +301,7 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
     for n in found {
         let mut o = json!({"key": n.key, "distance": n.distance});
         if req.features {
-            let f = match lookup(s, view, &n.key) {
+            let f = match lookup(s, view, &n.key, None) {
                 Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
                 Ok(None) => Value::Null,
                 Err((status, body)) => return (status, body),

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
 };
 
 use crate::aggregate::StateOp;
@@ -20,6 +21,107 @@ pub fn online_cf(view: &str) -> String {
     format!("online.{view}")
 }
 
+/// The column family holding view `view`'s tiles.
+fn tiles_cf(view: &str) -> String {
+    format!("tiles.{view}")
+}
+
+/// The column family indexing view `view`'s tiles by the watermark at which
+/// they leave every window.
+fn expiry_cf(view: &str) -> String {
+    format!("expiry.{view}")
+}
+
+/// An error of the state store, with RocksDB's message (RocksDB's own types
+/// stay inside this module).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(String);
+
+fn store_error(path: &Path, e: rocksdb::Error) -> EngineError {
+    EngineError::Store {
+        path: path.display().to_string(),
+        source: StoreError(e.into_string()),
+    }
+}
+
+/// The store key of a tile: the entity key (length-prefixed, so no key is a
+/// prefix of another), the tile level, the tile start. A key's tiles of one
+/// level are contiguous and in time order.
+pub fn tile_key(key: &[u8], level: u8, start: i64) -> Vec<u8> {
+    let mut k = tile_prefix(key);
+    k.push(level);
+    k.extend_from_slice(&pane_bytes(start));
+    k
+}
+
+/// The common prefix of every tile of `key`.
+pub fn tile_prefix(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 13);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// (entity key, level, start) of a tile's store key.
+pub fn parse_tile_key(k: &[u8]) -> Option<(&[u8], u8, i64)> {
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    let key = k.get(4..4 + len)?;
+    let level = *k.get(4 + len)?;
+    let start = k.get(5 + len..13 + len)?;
+    let start = (u64::from_be_bytes(start.try_into().ok()?) ^ (1u64 << 63)) as i64;
+    Some((key, level, start))
+}
+
+/// The expiry-index entry of a tile that leaves every window at watermark `at`.
+pub fn expiry_key(at: i64, tile: &[u8]) -> Vec<u8> {
+    let mut k = pane_bytes(at).to_vec();
+    k.extend_from_slice(tile);
+    k
+}
+
+/// Tile changes of one view in a checkpoint.
+#[derive(Debug, Default)]
+pub struct TileWrites {
+    /// Tile states to write: (tile key, state row).
+    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Expiry-index entries of tiles written for the first time.
+    pub expiry: Vec<Vec<u8>>,
+    /// Expired tiles to delete.
+    pub deletes: Vec<Vec<u8>>,
+    /// Delete every expiry entry of tiles expiring at or before this watermark.
+    pub expired_through: Option<i64>,
+}
+
+/// What a read of one key's tiles found, in one consistent snapshot.
+#[derive(Debug, Default)]
+pub struct TileRead {
+    /// The view's committed clock (watermark) in the snapshot.
+    pub clock: Option<i64>,
+    /// The key has at least one tile.
+    pub exists: bool,
+    /// State rows of the tiles in the requested ranges.
+    pub states: Vec<Vec<u8>>,
+}
+
+/// Memory limits of the store.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Bytes of RocksDB's block cache (shared by all column families).
+    pub block_cache: usize,
+    /// Bytes of memtables over all column families.
+    pub write_buffers: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            block_cache: 64 << 20,
+            write_buffers: 128 << 20,
+        }
+    }
+}
+
 fn pane_bytes(p: i64) -> [u8; 8] {
     ((p as u64) ^ (1u64 << 63)).to_be_bytes()
 }
@@ -29,12 +131,6 @@ fn state_prefix(view: &str) -> Vec<u8> {
     k.push(0);
     k
 }
-
-/// Version of the encoding of window-state values; a state dir written by a
-/// build with another version is refused.
-pub const STATE_FORMAT: &[u8] = b"2";
-/// Meta key holding [`STATE_FORMAT`].
-pub const STATE_FORMAT_KEY: &str = "state_format";
 
 /// State values from this size on are stored LZ4-compressed: accumulator
 /// states such as HyperLogLog registers (16 KiB, mostly zeros) shrink a
@@ -90,20 +186,24 @@ pub struct Commit {
     pub state: Vec<(String, Vec<StateOp>)>,
     /// Online rows per view.
     pub online: Vec<(String, Vec<OnlineRow>)>,
+    /// Tile changes per view.
+    pub tiles: Vec<(String, TileWrites)>,
     /// Metadata entries (epoch, positions, watermarks …).
     pub meta: Vec<(String, Vec<u8>)>,
 }
 
 impl Store {
     fn err(&self, source: rocksdb::Error) -> EngineError {
-        EngineError::Store {
-            path: self.path.display().to_string(),
-            source,
-        }
+        store_error(&self.path, source)
     }
 
     /// Opens (or creates) the database with a column family per view.
     pub fn open(dir: &Path, views: &[String]) -> Result<Self> {
+        Self::open_with(dir, views, StoreOptions::default())
+    }
+
+    /// [`Store::open`] within memory limits.
+    pub fn open_with(dir: &Path, views: &[String], limits: StoreOptions) -> Result<Self> {
         let path = dir.join("db");
         std::fs::create_dir_all(&path).map_err(|e| EngineError::Io {
             path: path.display().to_string(),
@@ -113,8 +213,18 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_db_write_buffer_size(limits.write_buffers);
+        let cache = Cache::new_lru_cache(limits.block_cache);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        // Most tile lookups of a checkpoint are for tiles that do not exist yet.
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
         let mut names: Vec<String> = vec![META.into(), STATE.into()];
-        names.extend(views.iter().map(|v| online_cf(v)));
+        for v in views {
+            names.extend([online_cf(v), tiles_cf(v), expiry_cf(v)]);
+        }
         if let Ok(existing) = DB::list_cf(&opts, &path) {
             for n in existing {
                 if !names.contains(&n) {
@@ -125,12 +235,10 @@ impl Store {
         let cfs = names.iter().map(|n| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_block_based_table_factory(&table);
             ColumnFamilyDescriptor::new(n, o)
         });
-        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| EngineError::Store {
-            path: path.display().to_string(),
-            source: e,
-        })?;
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| store_error(&path, e))?;
         Ok(Store { db, path })
     }
 
@@ -144,15 +252,9 @@ impl Store {
             });
         }
         let opts = Options::default();
-        let names = DB::list_cf(&opts, &path).map_err(|e| EngineError::Store {
-            path: path.display().to_string(),
-            source: e,
-        })?;
+        let names = DB::list_cf(&opts, &path).map_err(|e| store_error(&path, e))?;
         let db = DB::open_cf_for_read_only(&opts, &path, names, false).map_err(|e| {
-            EngineError::Store {
-                path: path.display().to_string(),
-                source: e,
-            }
+            store_error(&path, e)
         })?;
         Ok(Store { db, path })
     }
@@ -272,6 +374,24 @@ impl Store {
                 b.put_cf(cf, k, v);
             }
         }
+        for (view, w) in &c.tiles {
+            let cf = self.cf(&tiles_cf(view))?;
+            let mut v = Vec::new();
+            for (k, state) in &w.puts {
+                encode_state(state, &mut v);
+                b.put_cf(cf, k, &v);
+            }
+            for k in &w.deletes {
+                b.delete_cf(cf, k);
+            }
+            let ex = self.cf(&expiry_cf(view))?;
+            for k in &w.expiry {
+                b.put_cf(ex, k, []);
+            }
+            if let Some(t) = w.expired_through {
+                b.delete_range_cf(ex, pane_bytes(i64::MIN), pane_bytes(t.saturating_add(1)));
+            }
+        }
         let meta = self.cf(META)?;
         for (k, v) in &c.meta {
             b.put_cf(meta, k, v);
@@ -279,6 +399,110 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(b, &wo).map_err(|e| self.err(e))
+    }
+
+    /// The committed states of these tiles of `view` (`None`: no such tile).
+    pub fn get_tiles(&self, view: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let cf = self.cf(&tiles_cf(view))?;
+        self.db
+            .batched_multi_get_cf(cf, keys.iter(), false)
+            .into_iter()
+            .map(|r| match r.map_err(|e| self.err(e))? {
+                Some(v) => decode_state(&v, &self.path).map(Some),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    /// Tiles of `view` that leave every window at or before watermark `wm`.
+    pub fn expired_tiles(&self, view: &str, wm: i64) -> Result<Vec<Vec<u8>>> {
+        let cf = self.cf(&expiry_cf(view))?;
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(pane_bytes(wm.saturating_add(1)).to_vec());
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            out.push(k[8..].to_vec());
+        }
+        Ok(out)
+    }
+
+    /// One key's tiles in `ranges` (level, from, to: starts in `[from, to)`),
+    /// computed by `ranges` from the view's committed clock, all read from one
+    /// snapshot so the clock and the tiles belong to the same checkpoint.
+    pub fn read_tiles(
+        &self,
+        view: &str,
+        key: &str,
+        clock_key: &str,
+        ranges: impl Fn(i64) -> Vec<(u8, i64, i64)>,
+    ) -> Result<TileRead> {
+        let cf = self
+            .db
+            .cf_handle(&tiles_cf(view))
+            .ok_or_else(|| EngineError::Incompatible {
+                path: self.path.display().to_string(),
+                reason: format!("no tiles for view `{view}`"),
+            })?;
+        let snap = self.db.snapshot();
+        let clock = snap
+            .get_cf_opt(self.cf(META)?, clock_key, ReadOptions::default())
+            .map_err(|e| self.err(e))?
+            .and_then(|v| v.try_into().ok())
+            .map(i64::from_be_bytes);
+        let mut out = TileRead {
+            clock,
+            ..TileRead::default()
+        };
+        let Some(clock) = clock else {
+            return Ok(out);
+        };
+        let prefix = tile_prefix(key.as_bytes());
+        let mut ro = ReadOptions::default();
+        let mut upper = prefix.clone();
+        upper.push(u8::MAX);
+        ro.set_iterate_upper_bound(upper);
+        out.exists = snap
+            .iterator_cf_opt(
+                cf,
+                ro,
+                IteratorMode::From(&prefix, Direction::Forward),
+            )
+            .next()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .is_some();
+        if !out.exists {
+            return Ok(out);
+        }
+        for (level, from, to) in ranges(clock) {
+            if from >= to {
+                continue;
+            }
+            let lo = tile_key(key.as_bytes(), level, from);
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(tile_key(key.as_bytes(), level, to));
+            for item in snap.iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward)) {
+                let (_, v) = item.map_err(|e| self.err(e))?;
+                out.states.push(decode_state(&v, &self.path)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every tile of `view`: (entity key, level, start) (for tests and tools).
+    pub fn tile_scan(&self, view: &str) -> Result<Vec<(String, u8, i64)>> {
+        let cf = self.cf(&tiles_cf(view))?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            let (key, level, start) = parse_tile_key(&k).ok_or_else(|| EngineError::Incompatible {
+                path: self.path.display().to_string(),
+                reason: "unreadable tile key".into(),
+            })?;
+            out.push((String::from_utf8_lossy(key).into_owned(), level, start));
+        }
+        Ok(out)
     }
 
     /// Bytes used by the database's files (SST + WAL + manifest).

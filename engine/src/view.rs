@@ -9,7 +9,8 @@ use arrow::json::WriterBuilder;
 use arrow::json::writer::LineDelimited;
 use sluice_sql::{ViewKind, ViewPlan, WindowSpec};
 
-use crate::aggregate::{Fired, StateOp, WindowAgg, emitted_schema};
+use crate::aggregate::{AggKernel, Fired, StateOp, WindowAgg, emitted_schema, late_rows};
+use crate::tiles::{TileAgg, TileMemory, is_tiled};
 use crate::error::{EngineError, Result};
 use crate::exec::{PhysStage, Rows, compile_stages, run_stages};
 use crate::keys::key_strings;
@@ -22,7 +23,12 @@ pub struct ViewOp {
     /// The plan it runs.
     pub plan: ViewPlan,
     stages: Vec<PhysStage>,
+    /// The aggregate functions, shared by the window operator, the tiles and their readers.
+    kernel: Option<Arc<AggKernel>>,
+    /// Closed-window rows (lake, Kafka, vector index) and lifetime values.
     agg: Option<WindowAgg>,
+    /// The online state of a windowed view.
+    tiles: Option<TileAgg>,
     /// Schema of emitted rows (`window_start`, `window_end`, keys, features).
     pub schema: SchemaRef,
     key_idx: Vec<usize>,
@@ -43,21 +49,47 @@ pub struct ViewOp {
 }
 
 impl ViewOp {
-    /// Compiles a view.
+    /// Compiles a view, with tiles when it is windowed and served online.
     pub fn new(plan: &ViewPlan) -> Result<Self> {
+        Self::with_tiles(plan, Some(TileMemory::default()))
+    }
+
+    /// Compiles a view; `tiles: None` leaves out the online tiles (a backfill
+    /// worker, which only emits closed-window rows).
+    pub fn with_tiles(plan: &ViewPlan, tiles: Option<TileMemory>) -> Result<Self> {
         let stages = compile_stages(&plan.name, &plan.stages)?;
-        let agg = match &plan.kind {
-            ViewKind::Aggregate(a) => {
-                Some(WindowAgg::new(&plan.name, a, plan.event_time.as_deref())?)
-            }
+        let kernel = match &plan.kind {
+            ViewKind::Aggregate(a) => Some(Arc::new(AggKernel::new(
+                &plan.name,
+                a,
+                plan.event_time.as_deref(),
+            )?)),
             ViewKind::PerEvent => None,
+        };
+        let tiled = is_tiled(plan);
+        // The pane operator runs where closed-window rows are wanted, and for lifetime views.
+        let panes = !tiled
+            || plan.offline.is_some()
+            || plan.kafka_topic.is_some()
+            || plan.vector_index.is_some();
+        let agg = match (&plan.kind, &kernel) {
+            (ViewKind::Aggregate(a), Some(k)) if panes => {
+                Some(WindowAgg::with_kernel(Arc::clone(k), a.window)?)
+            }
+            _ => None,
+        };
+        let tiles = match (&kernel, tiles) {
+            (Some(k), Some(mem)) if tiled => Some(TileAgg::new(plan, Arc::clone(k), mem)?),
+            _ => None,
         };
         let schema = emitted_schema(&plan.output_schema);
         let (key_idx, feature_idx) = key_and_feature_columns(plan);
         Ok(ViewOp {
             plan: plan.clone(),
             stages,
+            kernel,
             agg,
+            tiles,
             schema,
             key_idx,
             feature_idx,
@@ -95,6 +127,29 @@ impl ViewOp {
         self.agg.as_mut()
     }
 
+    /// The compiled aggregate functions, for aggregate views.
+    pub fn kernel(&self) -> Option<&Arc<AggKernel>> {
+        self.kernel.as_ref()
+    }
+
+    /// The online tiles, for windowed views served online.
+    pub fn tiles(&self) -> Option<&TileAgg> {
+        self.tiles.as_ref()
+    }
+
+    /// Mutable tiles (flush, restore).
+    pub fn tiles_mut(&mut self) -> Option<&mut TileAgg> {
+        self.tiles.as_mut()
+    }
+
+    /// Indices of staged rows that are late for this view (see [`late_rows`]).
+    pub fn late_rows(&self, rows: &Rows) -> Vec<usize> {
+        match self.plan.window() {
+            Some(w) => late_rows(w, rows),
+            None => Vec::new(),
+        }
+    }
+
     /// Runs source rows through the view. Returns the source-batch row indices
     /// of late events (not folded in).
     pub fn process(&mut self, rows: Rows) -> Result<Vec<u32>> {
@@ -116,8 +171,8 @@ impl ViewOp {
             out.resize(n, 0);
             return Ok(());
         }
-        let keys = match self.agg.as_ref() {
-            Some(agg) => agg.kernel().key_columns(&rows.batch)?,
+        let keys = match self.kernel.as_ref() {
+            Some(k) => k.key_columns(&rows.batch)?,
             // Per-event views: the key columns of the projected rows.
             None => {
                 self.plan
@@ -147,7 +202,7 @@ impl ViewOp {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let Some(agg) = self.agg.as_mut() else {
+        if self.kernel.is_none() {
             let ts = rows.ts.as_ref().map(|t| {
                 Arc::new(TimestampMillisecondArray::from(t.values().to_vec()).with_timezone("UTC"))
                     as ArrayRef
@@ -158,7 +213,7 @@ impl ViewOp {
             self.emit_rows(&rows.batch, Arc::clone(&ts), ts, None)?;
             return Ok(Vec::new());
         };
-        let late = agg.late_rows(&rows);
+        let late = self.late_rows(&rows);
         let late_ids: Vec<u32> = late.iter().map(|i| rows.rowid.value(*i)).collect();
         let rows = if late.is_empty() {
             rows
@@ -169,11 +224,16 @@ impl ViewOp {
             }
             rows.filter(&arrow::array::BooleanArray::from(keep))?
         };
-        let mut fired = std::mem::take(&mut self.fired);
-        let r = agg.process(&rows, &mut fired);
-        self.emit_fired(&mut fired)?;
-        self.fired = fired;
-        r?;
+        if let Some(t) = self.tiles.as_mut() {
+            t.push(rows.clone());
+        }
+        if let Some(agg) = self.agg.as_mut() {
+            let mut fired = std::mem::take(&mut self.fired);
+            let r = agg.process(&rows, &mut fired);
+            self.emit_fired(&mut fired)?;
+            self.fired = fired;
+            r?;
+        }
         Ok(late_ids)
     }
 
@@ -248,7 +308,9 @@ impl ViewOp {
         }
         metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone())
             .increment(out.num_rows() as u64);
-        if self.plan.online {
+        // Tiled views are read from their tiles; their closed-window rows
+        // go to the online store only to rebuild a vector index from.
+        if self.plan.online && (!is_tiled(&self.plan) || self.plan.vector_index.is_some()) {
             let keys: Vec<ArrayRef> = self
                 .key_idx
                 .iter()
@@ -300,20 +362,13 @@ impl ViewOp {
 
     /// The JSON features a key reads as when its window is empty.
     pub fn empty_features(&self) -> Result<Option<serde_json::Value>> {
-        let Some(agg) = self.agg.as_ref() else {
+        let Some(kernel) = self.kernel.as_ref() else {
             return Ok(None);
         };
-        let Some(b) = agg.kernel().empty_row()? else {
+        let Some(b) = kernel.empty_row()? else {
             return Ok(None);
         };
-        let n = b.num_rows();
-        let mut cols: Vec<ArrayRef> =
-            vec![arrow::array::new_null_array(self.schema.field(0).data_type(), n); 2];
-        cols.extend(b.columns().iter().cloned());
-        let out = RecordBatch::try_new(Arc::clone(&self.schema), cols)
-            .map_err(|e| EngineError::arrow("empty row", e))?;
-        let f = features_json(&out, &self.feature_idx)?;
-        Ok(f.first().and_then(|j| serde_json::from_slice(j).ok()))
+        emitted_features(&self.schema, &self.feature_idx, &b)
     }
 
     /// What a reader of the online store needs to know about the view.
@@ -369,6 +424,27 @@ fn in_range(out: &RecordBatch, from: Option<i64>, to: Option<i64>) -> Result<Rec
         .collect();
     arrow::compute::filter_record_batch(out, &keep)
         .map_err(|e| EngineError::arrow("window range", e))
+}
+
+/// The features of the first row of `batch` (a view's keys and features),
+/// as JSON, with `schema` the view's emitted schema.
+pub fn emitted_features(
+    schema: &SchemaRef,
+    feature_idx: &[usize],
+    batch: &RecordBatch,
+) -> Result<Option<serde_json::Value>> {
+    let n = batch.num_rows();
+    let mut cols: Vec<ArrayRef> =
+        vec![arrow::array::new_null_array(schema.field(0).data_type(), n); 2];
+    cols.extend(batch.columns().iter().cloned());
+    let out = RecordBatch::try_new(Arc::clone(schema), cols)
+        .map_err(|e| EngineError::arrow("feature row", e))?;
+    let f = features_json(&out, feature_idx)?;
+    f.first()
+        .map(|j| {
+            serde_json::from_slice(j).map_err(|e| EngineError::Internal(format!("feature JSON: {e}")))
+        })
+        .transpose()
 }
 
 /// Indexes, in a view's emitted rows (`window_start`, `window_end`, then

@@ -270,6 +270,8 @@ impl ViewPlan {
 pub struct PipelinePlan {
     /// The file it came from.
     pub file: String,
+    /// The pipeline file's text (kept with the state so readers can rebuild a view's aggregates).
+    pub text: String,
     /// Sources by declaration order.
     pub sources: Vec<SourcePlan>,
     /// Views by declaration order.
@@ -329,6 +331,7 @@ pub fn plan_pipeline_checked(
     let statements = parse_pipeline(file, text)?;
     let mut plan = PipelinePlan {
         file: file.to_string(),
+        text: text.to_string(),
         sources: Vec::new(),
         views: Vec::new(),
     };

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use sluice_engine::online::read_feature;
 use sluice_engine::vector::{Query, VectorIndex};
 
 /// Arguments of `sluice nearest`.
@@ -96,10 +95,11 @@ pub fn run(a: &NearestArgs) -> anyhow::Result<()> {
     };
     for n in found {
         let mut o = json!({"key": n.key, "distance": n.distance});
-        if let Some((store, meta, wm)) = &store
+        if let Some(view) = &store
             && let Some(m) = o.as_object_mut()
         {
-            let f = read_feature(store, meta, &n.key, *wm)?
+            let f = view
+                .read(&n.key, None)?
                 .and_then(|r| r.get("features").cloned())
                 .unwrap_or(serde_json::Value::Null);
             m.insert("features".into(), f);

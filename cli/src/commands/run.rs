@@ -36,6 +36,11 @@ pub struct RunArgs {
     /// (a catch-up run); without it a Kafka source runs until interrupted.
     #[arg(long)]
     pub stop_at_end: bool,
+    /// Memory the job's state may use (`512MiB`, `2GiB`, `1.5GB`, bytes):
+    /// cached tiles, rows waiting for the watermark, RocksDB's caches and
+    /// memtables. Keys beyond it live only in RocksDB.
+    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    pub memory_budget: u64,
     /// Sleep after every batch (for tests that need a long-running job).
     #[arg(long, hide = true)]
     pub throttle_ms: Option<u64>,
@@ -59,7 +64,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         checkpoint_interval: Duration::from_millis(a.checkpoint_interval_ms),
         batch_rows: a.batch_rows.max(1),
         throttle: a.throttle_ms.map(Duration::from_millis),
+        memory_budget: a.memory_budget,
     };
+    tracing::info!(
+        memory_budget = %format_size(a.memory_budget),
+        "state memory budget (--memory-budget)"
+    );
     let sources = sluice_connectors::build_sources_with(&p, a.stop_at_end)?;
     run_job(&p, sources, opts, a.serve, token, Some(handle))
 }
@@ -158,5 +168,59 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// Parses a byte size: a number with an optional unit (`B`, `KB`, `MB`,
+/// `GB` in powers of 1000; `KiB`, `MiB`, `GiB` in powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 512MiB or 2GiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(format!("unknown size unit `{u}` (use B, KB, MB, GB, KiB, MiB or GiB)")),
+    };
+    let bytes = n * mult;
+    if !(bytes >= (16u64 << 20) as f64) {
+        return Err(format!("`{s}` is below the smallest budget, 16MiB"));
+    }
+    Ok(bytes as u64)
+}
+
+/// A byte size for people: `512MiB`, `1.5GiB`.
+pub fn format_size(b: u64) -> String {
+    let mib = b as f64 / (1024.0 * 1024.0);
+    if mib >= 1024.0 {
+        format!("{:.1}GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0}MiB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_both_unit_systems() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("100000000"), Ok(100_000_000));
+        assert!(parse_size("1MiB").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(format_size(512 << 20), "512MiB");
     }
 }

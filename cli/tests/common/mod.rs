@@ -178,7 +178,7 @@ pub fn outcome(dir: &Path, lake_views: &[&str], online_views: &[&str]) -> Outcom
             .collect(),
         online: online_views
             .iter()
-            .map(|v| (v.to_string(), store.online_scan(v).expect("scan")))
+            .map(|v| (v.to_string(), sluice_engine::online::scan_values(&store, v).expect("scan")))
             .collect(),
         dead: dead_letters(&state),
     }
