@@ -34,6 +34,7 @@ use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
 use crate::time::{drop_bad_event_times, event_times};
 use crate::view::{OnlineRow, ViewOp};
+use crate::watermark::WatermarkTracker;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,8 +443,8 @@ fn read_source(
         what: format!("backfill of source {}", sp.name),
         message: "a worker stopped early".into(),
     };
-    let mut wm = NO_WATERMARK;
-    let mut max_seen: Option<i64> = None;
+    // One ordered stream: one partition, never idle.
+    let mut tracker = WatermarkTracker::new(sp.watermark_delay_ms, None);
     let mut max_in: Option<i64> = None;
     let mut shard_of = Vec::new();
     let mut progress = ProgressLine::new(&sp.name, opts.progress);
@@ -480,20 +481,13 @@ fn read_source(
         let (ts, wms) = match sp.event_time {
             Some(idx) => {
                 let ts = event_times(&sp.name, &batch, idx)?;
-                let mut w = Vec::with_capacity(n);
-                let mut max = max_seen.unwrap_or(i64::MIN);
-                for t in ts.values().iter() {
-                    w.push(wm);
-                    if max_seen.is_none() || *t > max {
-                        max = max.max(*t);
-                        max_seen = Some(max);
-                        wm = wm.max(max.saturating_sub(sp.watermark_delay_ms));
-                    }
-                }
+                let w = tracker.observe(ts.values(), &[], Instant::now());
                 (Some(ts), Some(w))
             }
             None => (None, None),
         };
+        let wm = tracker.watermark();
+        let max_seen = tracker.max_event_time();
         let mut rows = Rows {
             batch: batch.clone(),
             ts: ts.clone(),
@@ -584,8 +578,8 @@ fn read_source(
         seeds.maybe_flush(wm)?;
         progress.update(stats.events, max_seen);
     }
-    progress.done(stats.events, max_seen);
-    let watermark = (wm != NO_WATERMARK).then_some(wm);
+    progress.done(stats.events, tracker.max_event_time());
+    let watermark = tracker.get();
     let fire = match (opts.to, opts.include_late) {
         (Some(t), _) => Some(t),
         (None, true) => watermark,

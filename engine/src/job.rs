@@ -22,6 +22,7 @@ use crate::time::{drop_bad_event_times, event_times};
 use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
 use crate::tiles::{TileMemory, TileReader, is_tiled, pending_key};
 use crate::vector::VectorIndex;
+use crate::watermark::WatermarkTracker;
 use crate::view::{ViewOp, features_json};
 
 /// How often a running job logs its progress.
@@ -33,8 +34,7 @@ const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
 /// How often a source is asked for its partitions (new partitions appear).
 const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
-/// No watermark yet.
-pub const NO_WATERMARK: i64 = i64::MIN;
+pub use crate::watermark::NO_WATERMARK;
 
 /// Metadata key of the pipeline's text (readers rebuild tiled views' aggregates from it).
 pub const PIPELINE_KEY: &str = "pipeline";
@@ -165,28 +165,13 @@ impl Live {
     }
 }
 
-/// The watermark input of one partition of a source.
-#[derive(Debug, Clone)]
-struct PartWm {
-    id: u32,
-    /// Largest event time seen in the partition.
-    max: Option<i64>,
-    /// When it last gave a row (or was first assigned).
-    seen: Instant,
-}
-
 struct SourceRt {
     src: Box<dyn Source>,
     name: String,
     event_time: Option<usize>,
-    delay: i64,
-    wm: i64,
-    /// Largest event time over all partitions.
-    max_ts: Option<i64>,
+    watermark: WatermarkTracker,
     done: bool,
     views: Vec<usize>,
-    parts: Vec<PartWm>,
-    idle: Option<Duration>,
     last_parts_refresh: Instant,
     down: Option<String>,
     /// The position after the last rows a poll returned: where a poll that
@@ -230,41 +215,9 @@ impl SourceRt {
         Ok(())
     }
 
-    fn part_index(&mut self, id: u32, now: Instant) -> usize {
-        match self.parts.iter().position(|p| p.id == id) {
-            Some(i) => i,
-            None => {
-                self.parts.push(PartWm {
-                    id,
-                    max: None,
-                    seen: now,
-                });
-                self.parts.len() - 1
-            }
-        }
-    }
-
-    /// The watermark the partitions allow: the minimum over partitions that
-    /// are not idle of their largest event time, less the delay. `None` while
-    /// a live partition has no data yet, or when every partition is idle.
-    fn candidate(&self, now: Instant) -> Option<i64> {
-        let mut min: Option<i64> = None;
-        for p in &self.parts {
-            if self
-                .idle
-                .is_some_and(|d| now.saturating_duration_since(p.seen) >= d)
-            {
-                continue;
-            }
-            let m = p.max?;
-            min = Some(min.map_or(m, |x| x.min(m)));
-        }
-        min.map(|m| m.saturating_sub(self.delay))
-    }
-
     fn add_partitions(&mut self, now: Instant) {
         for id in self.src.partitions() {
-            self.part_index(id, now);
+            self.watermark.add_partition(id, now);
         }
         self.last_parts_refresh = now;
     }
@@ -272,13 +225,9 @@ impl SourceRt {
     fn progress(&self) -> SourceProgress {
         SourceProgress {
             position: self.src.position(),
-            watermark: (self.wm != NO_WATERMARK).then_some(self.wm),
-            max_event_time: self.max_ts,
-            partitions: self
-                .parts
-                .iter()
-                .filter_map(|p| p.max.map(|m| (p.id, m)))
-                .collect(),
+            watermark: self.watermark.get(),
+            max_event_time: self.watermark.max_event_time(),
+            partitions: self.watermark.partitions(),
         }
     }
 }
@@ -414,13 +363,22 @@ impl Job {
         for (sp, mut src) in plan.sources.iter().zip(sources) {
             let progress = cp.sources.get(&sp.name).cloned().unwrap_or_default();
             src.seek((!progress.position.is_empty()).then_some(progress.position.as_slice()))?;
+            let mut watermark = WatermarkTracker::new(
+                sp.watermark_delay_ms,
+                sp.idle_timeout_ms
+                    .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+            );
+            watermark.restore(
+                progress.watermark,
+                progress.max_event_time,
+                &progress.partitions,
+                now,
+            );
             let mut rt = SourceRt {
                 src,
                 name: sp.name.clone(),
                 event_time: sp.event_time,
-                delay: sp.watermark_delay_ms,
-                wm: progress.watermark.unwrap_or(NO_WATERMARK),
-                max_ts: progress.max_event_time,
+                watermark,
                 done: false,
                 views: plan
                     .views
@@ -429,18 +387,6 @@ impl Job {
                     .filter(|(_, v)| v.source == sp.name)
                     .map(|(i, _)| i)
                     .collect(),
-                parts: progress
-                    .partitions
-                    .iter()
-                    .map(|(id, m)| PartWm {
-                        id: *id,
-                        max: Some(*m),
-                        seen: now,
-                    })
-                    .collect(),
-                idle: sp
-                    .idle_timeout_ms
-                    .map(|ms| Duration::from_millis(ms.max(0) as u64)),
                 last_parts_refresh: now,
                 down: None,
                 last_good: Vec::new(),
@@ -457,7 +403,7 @@ impl Job {
                 let wm = rts
                     .iter()
                     .find(|s| s.name == v.source)
-                    .map(|s| s.wm)
+                    .map(|s| s.watermark.watermark())
                     .unwrap_or(NO_WATERMARK);
                 (v.name.clone(), AtomicI64::new(wm))
             })
@@ -591,7 +537,8 @@ impl Job {
                 format!(
                     "{}={}",
                     s.name,
-                    s.max_ts
+                    s.watermark
+                        .max_event_time()
                         .map(|t| crate::online::fmt_ts(t).to_string())
                         .unwrap_or_else(|| "-".into())
                 )
@@ -685,16 +632,9 @@ impl Job {
         if now.saturating_duration_since(s.last_parts_refresh) >= PARTITION_REFRESH {
             s.add_partitions(now);
         }
-        if s.idle.is_none() {
-            return Ok(());
-        }
-        let Some(c) = s.candidate(now) else {
+        let Some(c) = s.watermark.refresh(now) else {
             return Ok(());
         };
-        if c <= s.wm {
-            return Ok(());
-        }
-        s.wm = c;
         metrics::gauge!("sluice_watermark_ms", "source" => s.name.clone()).set(c as f64);
         for vi in s.views.clone() {
             self.views[vi].advance(c)?;
@@ -719,30 +659,7 @@ impl Job {
         let (ts, wm) = match s.event_time {
             Some(idx) => {
                 let ts = event_times(&s.name, &batch, idx)?;
-                let mut wm = Vec::with_capacity(n);
-                let mut cur = s.wm;
-                let mut max = s.max_ts.unwrap_or(i64::MIN);
-                let now = Instant::now();
-                let mut pid = u32::MAX;
-                let mut pi = 0usize;
-                for (r, t) in ts.values().iter().enumerate() {
-                    let id = partitions.get(r).copied().unwrap_or(0);
-                    if id != pid {
-                        pid = id;
-                        pi = s.part_index(id, now);
-                        s.parts[pi].seen = now;
-                    }
-                    wm.push(cur);
-                    max = max.max(*t);
-                    if s.parts[pi].max.is_none_or(|m| *t > m) {
-                        s.parts[pi].max = Some(*t);
-                        if let Some(c) = s.candidate(now) {
-                            cur = cur.max(c);
-                        }
-                    }
-                }
-                s.max_ts = Some(max);
-                s.wm = cur;
+                let wm = s.watermark.observe(ts.values(), partitions, Instant::now());
                 (Some(ts), Some(Int64Array::from(wm)))
             }
             None => (None, None),
@@ -753,7 +670,7 @@ impl Job {
             wm,
             rowid: UInt32Array::from_iter_values(0..n as u32),
         };
-        let new_wm = self.sources[si].wm;
+        let new_wm = self.sources[si].watermark.watermark();
         let view_ids = self.sources[si].views.clone();
         for vi in view_ids {
             let late = self.views[vi].process(rows.clone())?;
@@ -796,7 +713,7 @@ impl Job {
                 .sources
                 .iter()
                 .find(|s| s.name == v.plan.source)
-                .and_then(|s| s.max_ts);
+                .and_then(|s| s.watermark.max_event_time());
             v.before_checkpoint(end)?;
         }
         for (v, lake) in self.views.iter_mut().zip(self.lakes.iter_mut()) {
@@ -821,7 +738,7 @@ impl Job {
                 .sources
                 .iter()
                 .find(|s| s.name == v.plan.source)
-                .map(|s| s.wm)
+                .map(|s| s.watermark.watermark())
                 .unwrap_or(NO_WATERMARK);
             let name = v.name().to_string();
             let mut progress = ViewProgress::default();
@@ -867,8 +784,7 @@ impl Job {
                 .sources
                 .iter()
                 .find(|s| s.name == v.plan.source)
-                .map(|s| s.wm)
-                .filter(|w| *w != NO_WATERMARK);
+                .and_then(|s| s.watermark.get());
             let t = Instant::now();
             let st = idx.apply(epoch, &updates, wm, false)?;
             metrics::counter!("sluice_index_updates_total", "view" => v.name().to_string())
@@ -900,7 +816,7 @@ impl Job {
                 self.live.watermarks.get(v.name()),
                 self.sources.iter().find(|s| s.name == v.plan.source),
             ) {
-                w.store(s.wm, Ordering::Release);
+                w.store(s.watermark.watermark(), Ordering::Release);
             }
         }
         self.stats.checkpoints += 1;

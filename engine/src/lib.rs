@@ -19,6 +19,7 @@ pub mod time;
 pub mod training;
 pub mod vector;
 pub mod view;
+pub mod watermark;
 
 pub use error::{EngineError, ErrorDomain, Result, RetryHint};
 pub use exec::Rows;
