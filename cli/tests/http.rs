@@ -166,13 +166,11 @@ fn serving_api_over_loopback() {
     assert_eq!(st, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["key"], "u00042");
-    assert!(
-        v["window_end"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("2024-01-01T")),
-        "{v}"
-    );
-    assert!(v["valid_until"].is_string(), "{v}");
+    // A HOP view answers its fresh value at the committed watermark.
+    let as_of = v["as_of"].as_str().expect("as_of").to_string();
+    assert!(as_of.starts_with("2024-01-01T"), "{v}");
+    assert!(v["window_start"].is_string(), "{v}");
+    assert!(v.get("window_end").is_none(), "{v}");
     let f = &v["features"];
     assert!(f["clicks_1h"].as_i64().is_some_and(|n| n > 0), "{v}");
     for k in ["spend_1h", "avg_price_1h", "distinct_items_1h"] {
@@ -191,6 +189,35 @@ fn serving_api_over_loopback() {
     )
     .expect("get json");
     assert_eq!(cli, v);
+
+    // The closed window on request: bounds one slide apart, at the same clock.
+    let (st, body) = http(
+        a,
+        "GET",
+        "/v1/features/user_activity/u00042?window=closed",
+        None,
+        &[],
+    );
+    assert_eq!(st, 200, "{body}");
+    let c: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(c["as_of"], as_of.as_str());
+    assert_eq!(c["window_start"], v["window_start"]);
+    assert!(c["window_end"].as_str().is_some_and(|e| e <= as_of.as_str()), "{c}");
+    assert!(c["valid_until"].as_str().is_some_and(|e| e > as_of.as_str()), "{c}");
+    assert!(
+        c["features"]["clicks_1h"].as_i64() <= f["clicks_1h"].as_i64(),
+        "the closed window holds no more than the fresh one: {c} {v}"
+    );
+    for bad in ["current", "yesterday"] {
+        let (st, body) = http(
+            a,
+            "GET",
+            &format!("/v1/features/user_activity/u00042?window={bad}"),
+            None,
+            &[],
+        );
+        assert_eq!(st, 400, "window={bad}: {body}");
+    }
 
     let (st, body) = http(a, "GET", "/v1/features/user_activity/nobody", None, &[]);
     assert_eq!(st, 404);

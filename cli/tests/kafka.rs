@@ -157,7 +157,17 @@ CREATE FEATURE VIEW meta KEY user_id WITH (online = false, offline = 'lake') AS
     .expect("pipeline");
     catch_up(&fdir, &[]);
 
-    assert_same(&outcome(&kdir), &outcome(&fdir), "kafka vs file");
+    // Four partitions end at another watermark than one file (in the same
+    // slide): compare the closed windows, which do not depend on it.
+    let closed = |d: &Path| {
+        common::outcome_in(
+            d,
+            &["activity", "last_click"],
+            &["activity", "last_click"],
+            Some(sluice_engine::tiles::ReadMode::Closed),
+        )
+    };
+    assert_same(&closed(&kdir), &closed(&fdir), "kafka vs file");
 
     // Metadata: key = user_id, 4 partitions, (partition, offset) unique.
     let (h, rows) = lake_rows(&kdir.join("lake"), "meta");

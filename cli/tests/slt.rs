@@ -314,9 +314,15 @@ fn execute(s: &mut Scratch, r: &Record, mode: Mode) -> Result<Option<Actual>, St
             lines.extend(rows);
             Some(Actual::Rows(lines))
         }
-        ["query", "online", view, key] => {
+        ["query", "online", view, key, rest @ ..] => {
             let st = state.display().to_string();
-            let (ok, out, _) = s.sluice(&["get", view, key, "--state-dir", &st])?;
+            let mut args = vec!["get", view, key, "--state-dir", &st];
+            match rest {
+                [] => {}
+                [w] if w.starts_with("window=") => args.extend(["--window", &w[7..]]),
+                _ => return Err(format!("unknown record `{}`", r.head)),
+            }
+            let (ok, out, _) = s.sluice(&args)?;
             let v = if ok {
                 Some(serde_json::from_str(&out).map_err(|e| format!("sluice get: {e}: {out}"))?)
             } else {

@@ -159,6 +159,15 @@ pub fn read_row(
 /// (tiled views: each key with tiles, read in the view's default mode;
 /// other views: the stored rows), sorted by key. For tests and exports.
 pub fn scan_values(store: &Store, view: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    scan_values_in(store, view, None)
+}
+
+/// [`scan_values`], tiled views read in `mode` (their default when `None`).
+pub fn scan_values_in(
+    store: &Store,
+    view: &str,
+    mode: Option<ReadMode>,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let Some(reader) = open_reader(store, view)? else {
         return store.online_scan(view);
     };
@@ -169,7 +178,7 @@ pub fn scan_values(store: &Store, view: &str) -> Result<Vec<(String, Vec<u8>)>> 
         .collect();
     keys.sort();
     keys.dedup();
-    let mode = reader.layout().default_mode();
+    let mode = mode.unwrap_or(reader.layout().default_mode());
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {
         if let Some(v) = reader.read(store, &k, mode)? {

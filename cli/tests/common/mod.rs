@@ -169,6 +169,17 @@ pub struct Outcome {
 
 /// Reads the outcome of the pipeline run in `dir` (`dir/state`, `dir/lake`).
 pub fn outcome(dir: &Path, lake_views: &[&str], online_views: &[&str]) -> Outcome {
+    outcome_in(dir, lake_views, online_views, None)
+}
+
+/// [`outcome`] with windowed views read in `mode`; a given mode also drops
+/// `as_of`, for runs that end at different watermarks within one slide.
+pub fn outcome_in(
+    dir: &Path,
+    lake_views: &[&str],
+    online_views: &[&str],
+    mode: Option<sluice_engine::tiles::ReadMode>,
+) -> Outcome {
     let state = dir.join("state");
     let store = sluice_engine::store::Store::open_read_only(&state).expect("state");
     Outcome {
@@ -178,7 +189,24 @@ pub fn outcome(dir: &Path, lake_views: &[&str], online_views: &[&str]) -> Outcom
             .collect(),
         online: online_views
             .iter()
-            .map(|v| (v.to_string(), sluice_engine::online::scan_values(&store, v).expect("scan")))
+            .map(|v| {
+                let rows = sluice_engine::online::scan_values_in(&store, v, mode).expect("scan");
+                let rows = match mode {
+                    None => rows,
+                    Some(_) => rows
+                        .into_iter()
+                        .map(|(k, b)| {
+                            let mut j: serde_json::Value =
+                                serde_json::from_slice(&b).expect("json");
+                            if let Some(o) = j.as_object_mut() {
+                                o.remove("as_of");
+                            }
+                            (k, serde_json::to_vec(&j).expect("json"))
+                        })
+                        .collect(),
+                };
+                (v.to_string(), rows)
+            })
             .collect(),
         dead: dead_letters(&state),
     }
