@@ -7,6 +7,7 @@ mod backfill;
 mod hop;
 mod kafka;
 mod scripts;
+mod tiles;
 mod vectors;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ enum Cmd {
     Vectors(vectors::BenchVectorsArgs),
     /// The quickstart view fed from Kafka against a count-only consumer; restart time.
     Kafka(kafka::BenchKafkaArgs),
+    /// Tiled views: sparse daily and dense hourly runs, a memory budget, GET latency, freshness.
+    Tiles(tiles::BenchTilesArgs),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Cmd::Backfill(a) => backfill::run(&a),
         Cmd::Vectors(a) => vectors::run(&a),
         Cmd::Kafka(a) => kafka::run(&a),
+        Cmd::Tiles(a) => tiles::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
