@@ -45,7 +45,11 @@ pub struct BenchTilesArgs {
     #[arg(long, default_value = "sluice-bench-tiles")]
     dir: PathBuf,
     /// Which parts to run: sparse, dense, budget, serve, fresh.
-    #[arg(long, value_delimiter = ',', default_value = "sparse,dense,budget,serve,fresh")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sparse,dense,budget,serve,fresh"
+    )]
     parts: Vec<String>,
     /// Users of the `budget` part (events: twice as many).
     #[arg(long, default_value_t = 10_000_000)]
@@ -133,7 +137,10 @@ fn uniform(path: &Path, users: u64, events: u64, span: i64) -> anyhow::Result<u6
     let mut m = 0;
     write_events(path, |rng, buf| {
         for _ in 0..per {
-            buf.push((rng.below(users), T0 + m * MIN + rng.below(MIN as u64) as i64));
+            buf.push((
+                rng.below(users),
+                T0 + m * MIN + rng.below(MIN as u64) as i64,
+            ));
         }
         m += 1;
         m < minutes
@@ -192,7 +199,13 @@ struct RunFigures {
 }
 
 /// `sluice run` of `sql` to the end of its file, in a child process.
-fn run_child(dir: &Path, name: &str, sql: &str, extra: &[&str], events: u64) -> anyhow::Result<RunFigures> {
+fn run_child(
+    dir: &Path,
+    name: &str,
+    sql: &str,
+    extra: &[&str],
+    events: u64,
+) -> anyhow::Result<RunFigures> {
     let p = dir.join(format!("{name}.sql"));
     std::fs::write(&p, sql)?;
     let state = dir.join(format!("{name}-state"));
@@ -235,7 +248,10 @@ fn sparse(dir: &Path) -> anyhow::Result<()> {
     let day = run_child(
         dir,
         "sparse-1d",
-        &pipeline(&events, &view("v", "COUNT(*) AS n, SUM(price) AS s", HOP_1D)),
+        &pipeline(
+            &events,
+            &view("v", "COUNT(*) AS n, SUM(price) AS s", HOP_1D),
+        ),
         &[],
         n,
     )?;
@@ -243,7 +259,10 @@ fn sparse(dir: &Path) -> anyhow::Result<()> {
     let hour = run_child(
         dir,
         "sparse-1h",
-        &pipeline(&events, &view("v", "COUNT(*) AS n, SUM(price) AS s", HOP_1H)),
+        &pipeline(
+            &events,
+            &view("v", "COUNT(*) AS n, SUM(price) AS s", HOP_1H),
+        ),
         &[],
         n,
     )?;
@@ -265,7 +284,11 @@ fn dense(dir: &Path) -> anyhow::Result<()> {
         "dense",
         &pipeline(
             &events,
-            &view("v", "COUNT(*) AS n, SUM(price) AS s, AVG(price) AS a", HOP_1H),
+            &view(
+                "v",
+                "COUNT(*) AS n, SUM(price) AS s, AVG(price) AS a",
+                HOP_1H,
+            ),
         ),
         &[],
         n,
@@ -287,7 +310,11 @@ fn budget(dir: &Path, users: u64) -> anyhow::Result<()> {
     let n = uniform(&events, users, 2 * users, 2 * HOUR)?;
     let sql = pipeline(
         &events,
-        &view("v", "COUNT(*) AS n, SUM(price) AS s, AVG(price) AS a", HOP_1H),
+        &view(
+            "v",
+            "COUNT(*) AS n, SUM(price) AS s, AVG(price) AS a",
+            HOP_1H,
+        ),
     );
     let small = run_child(dir, "budget-512", &sql, &["--memory-budget", "512MiB"], n)?;
     let r1 = report("--memory-budget 512MiB", &small);
@@ -303,7 +330,9 @@ fn serving(dir: &Path, name: &str, sql: &str, events: u64) -> anyhow::Result<(Ch
     std::fs::write(&p, sql)?;
     let state = dir.join(format!("{name}-state"));
     let _ = std::fs::remove_dir_all(&state);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(sluice_exe()?)
         .arg("run")
@@ -323,7 +352,10 @@ fn serving(dir: &Path, name: &str, sql: &str, events: u64) -> anyhow::Result<(Ch
             std::thread::sleep(Duration::from_secs(3));
             break;
         }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(1800), "server did not settle");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(1800),
+            "server did not settle"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok((child, addr))
@@ -332,7 +364,11 @@ fn serving(dir: &Path, name: &str, sql: &str, events: u64) -> anyhow::Result<(Ch
 /// A metric's value from `/metrics` (the first series of that name).
 fn metric(addr: &str, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect(addr).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     body.lines()
@@ -344,7 +380,14 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
 /// Paced keep-alive GETs of random users: `rate` per second over `clients`
 /// connections for `secs`. Latency is from a request's scheduled send time,
 /// so a slow answer also delays (and counts against) the ones behind it.
-fn paced_load(addr: &str, view: &str, users: u64, rate: u64, secs: u64, clients: u64) -> anyhow::Result<(Vec<Duration>, u64)> {
+fn paced_load(
+    addr: &str,
+    view: &str,
+    users: u64,
+    rate: u64,
+    secs: u64,
+    clients: u64,
+) -> anyhow::Result<(Vec<Duration>, u64)> {
     let per = rate / clients;
     let handles: Vec<_> = (0..clients)
         .map(|c| {
@@ -369,7 +412,10 @@ fn paced_load(addr: &str, view: &str, users: u64, rate: u64, secs: u64, clients:
                         std::thread::sleep(at - now);
                     }
                     let key = rng.below(users);
-                    write!(w, "GET /v1/features/{view}/u{key:08} HTTP/1.1\r\nHost: b\r\n\r\n")?;
+                    write!(
+                        w,
+                        "GET /v1/features/{view}/u{key:08} HTTP/1.1\r\nHost: b\r\n\r\n"
+                    )?;
                     let mut len = 0usize;
                     let mut first = true;
                     loop {
@@ -399,7 +445,9 @@ fn paced_load(addr: &str, view: &str, users: u64, rate: u64, secs: u64, clients:
     let mut all = Vec::new();
     let mut found = 0;
     for h in handles {
-        let (l, f) = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        let (l, f) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
         all.extend(l);
         found += f;
     }
@@ -434,7 +482,10 @@ fn serve(dir: &Path, rate: u64, secs: u64) -> anyhow::Result<()> {
     ] {
         let t = Instant::now();
         let (mut child, addr) = serving(dir, name, &pipeline(file, &view("v", &aggs, window)), n)?;
-        println!("  {name}: {n} events loaded in {:.1}s", t.elapsed().as_secs_f64());
+        println!(
+            "  {name}: {n} events loaded in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
         let _ = paced_load(&addr, "v", users, rate / 4, 1, 2)?; // warm-up
         let r = paced_load(&addr, "v", users, rate, secs, 2);
         let _ = child.kill();
@@ -502,14 +553,17 @@ fn now_ms() -> i64 {
 }
 
 fn fresh_part(dir: &Path) -> anyhow::Result<()> {
-    println!("fresh: events stamped with the wall clock, watermark delay 1 s, checkpoints every 1 s");
+    println!(
+        "fresh: events stamped with the wall clock, watermark delay 1 s, checkpoints every 1 s"
+    );
     let state = dir.join("fresh-state");
     let _ = std::fs::remove_dir_all(&state);
     let sql = "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
            WATERMARK FOR ts AS ts - INTERVAL '1' SECOND) WITH (connector = 'file', path = 'x.jsonl');"
         .to_string()
         + &view("v", "COUNT(*) AS n", HOP_1H);
-    let plan = sluice_sql::plan_pipeline("fresh.sql", &sql, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan =
+        sluice_sql::plan_pipeline("fresh.sql", &sql, dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let schema = Arc::clone(&plan.sources[0].schema);
     let (tx, rx) = mpsc::sync_channel(64);
     let src = Feed {
@@ -560,7 +614,9 @@ fn fresh_part(dir: &Path) -> anyhow::Result<()> {
     let bg = std::thread::spawn(move || {
         let mut i = 0u64;
         while !bs.load(Ordering::Relaxed) {
-            let users: Vec<String> = (0..100).map(|j| format!("bg{}", (i * 100 + j) % 10_000)).collect();
+            let users: Vec<String> = (0..100)
+                .map(|j| format!("bg{}", (i * 100 + j) % 10_000))
+                .collect();
             let ts = vec![now_ms(); 100];
             let n = users.len();
             let cols: Vec<ArrayRef> = vec![
@@ -587,14 +643,20 @@ fn fresh_part(dir: &Path) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("job stopped"))?;
         loop {
             let mut s = TcpStream::connect(&addr)?;
-            write!(s, "GET /v1/features/v/{key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET /v1/features/v/{key} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
             let mut body = String::new();
             s.read_to_string(&mut body)?;
             if body.starts_with("HTTP/1.1 200") {
                 waits.push(sent.elapsed());
                 break;
             }
-            anyhow::ensure!(sent.elapsed() < Duration::from_secs(30), "probe never showed");
+            anyhow::ensure!(
+                sent.elapsed() < Duration::from_secs(30),
+                "probe never showed"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         std::thread::sleep(Duration::from_millis(137));
@@ -622,7 +684,11 @@ pub fn run(a: &BenchTilesArgs) -> anyhow::Result<()> {
     let dir = a.dir.canonicalize()?;
     println!(
         "sluice-bench tiles; build profile: {}",
-        if cfg!(debug_assertions) { "debug (use --release!)" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug (use --release!)"
+        } else {
+            "release"
+        }
     );
     for p in &a.parts {
         match p.as_str() {

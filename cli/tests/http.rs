@@ -202,8 +202,18 @@ fn serving_api_over_loopback() {
     let c: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(c["as_of"], as_of.as_str());
     assert_eq!(c["window_start"], v["window_start"]);
-    assert!(c["window_end"].as_str().is_some_and(|e| e <= as_of.as_str()), "{c}");
-    assert!(c["valid_until"].as_str().is_some_and(|e| e > as_of.as_str()), "{c}");
+    assert!(
+        c["window_end"]
+            .as_str()
+            .is_some_and(|e| e <= as_of.as_str()),
+        "{c}"
+    );
+    assert!(
+        c["valid_until"]
+            .as_str()
+            .is_some_and(|e| e > as_of.as_str()),
+        "{c}"
+    );
     assert!(
         c["features"]["clicks_1h"].as_i64() <= f["clicks_1h"].as_i64(),
         "the closed window holds no more than the fresh one: {c} {v}"

@@ -84,8 +84,7 @@ fn a_small_budget_gives_the_same_reads_within_bounded_memory() {
             .or_else(|_| std::fs::copy(&events, dir.join("events.jsonl")).map(|_| ()))
             .expect("events");
         let rss = run(&dir, budget);
-        let store =
-            sluice_engine::store::Store::open_read_only(&dir.join("state")).expect("state");
+        let store = sluice_engine::store::Store::open_read_only(&dir.join("state")).expect("state");
         let values = sluice_engine::online::scan_values(&store, "recent").expect("scan");
         results.push((name, rss, values));
     }
@@ -97,8 +96,16 @@ fn a_small_budget_gives_the_same_reads_within_bounded_memory() {
         small.2.len(),
         large.2.len()
     );
-    eprintln!("peak RSS: 48MiB budget {:.0} MiB, 4GiB budget {:.0} MiB", small.1, large.1);
+    eprintln!(
+        "peak RSS: 48MiB budget {:.0} MiB, 4GiB budget {:.0} MiB",
+        small.1, large.1
+    );
     // The budget plus a fixed overhead (binary, DataFusion, allocator slack).
     assert!(small.1 < 48.0 + 200.0, "peak RSS {:.0} MiB", small.1);
-    assert!(small.1 < large.1, "the budget bounds memory: {:.0} vs {:.0} MiB", small.1, large.1);
+    assert!(
+        small.1 < large.1,
+        "the budget bounds memory: {:.0} vs {:.0} MiB",
+        small.1,
+        large.1
+    );
 }

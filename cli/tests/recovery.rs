@@ -137,7 +137,11 @@ fn kill_9_and_restart_matches_uninterrupted_run() {
                 } else {
                     let err = String::from_utf8_lossy(&out.stderr);
                     assert!(
-                        err.contains("not found") || err.contains("no feature view") || err.contains("no state") || err.contains("LOCK") || err.contains("state store"),
+                        err.contains("not found")
+                            || err.contains("no feature view")
+                            || err.contains("no state")
+                            || err.contains("LOCK")
+                            || err.contains("state store"),
                         "a failed read says why: {err}"
                     );
                 }

@@ -308,7 +308,10 @@ impl AggKernel {
         Ok((accs, keys))
     }
 
-    pub(crate) fn state_of(&self, accs: &mut [Box<dyn GroupsAccumulator>]) -> Result<Vec<ArrayRef>> {
+    pub(crate) fn state_of(
+        &self,
+        accs: &mut [Box<dyn GroupsAccumulator>],
+    ) -> Result<Vec<ArrayRef>> {
         let mut out = Vec::new();
         for acc in accs.iter_mut() {
             out.extend(
@@ -871,9 +874,7 @@ pub fn late_rows(window: WindowSpec, rows: &Rows) -> Vec<usize> {
         return Vec::new();
     };
     (0..rows.len())
-        .filter(|&i| {
-            (ts.value(i).div_euclid(slide) * slide).saturating_add(size) <= wm.value(i)
-        })
+        .filter(|&i| (ts.value(i).div_euclid(slide) * slide).saturating_add(size) <= wm.value(i))
         .collect()
 }
 

@@ -288,12 +288,19 @@ fn run_source(
                         &a,
                         v.event_time.as_deref(),
                     )?);
-                    Some(crate::tiles::TileAgg::new(v, k, crate::tiles::TileMemory::default())?)
+                    Some(crate::tiles::TileAgg::new(
+                        v,
+                        k,
+                        crate::tiles::TileMemory::default(),
+                    )?)
                 }
                 _ => None,
             });
         }
-        let mut seeds = TileSeeds { store: online, tiles };
+        let mut seeds = TileSeeds {
+            store: online,
+            tiles,
+        };
         let read = read_source(src, sp, &probes, &senders, dead, opts, stats, &mut seeds);
         let read = match read {
             Ok(r) => seeds.finish(r.watermark).map(|()| r),

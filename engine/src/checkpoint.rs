@@ -125,10 +125,13 @@ pub fn read_clock(store: &Store, key: &str) -> Result<Option<i64>> {
     match store.meta(key)? {
         None => Ok(None),
         Some(b) => {
-            let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| EngineError::Incompatible {
-                path: format!("metadata `{key}`"),
-                reason: format!("{} bytes, not an 8-byte clock", b.len()),
-            })?;
+            let arr: [u8; 8] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| EngineError::Incompatible {
+                    path: format!("metadata `{key}`"),
+                    reason: format!("{} bytes, not an 8-byte clock", b.len()),
+                })?;
             Ok(Some(i64::from_be_bytes(arr)))
         }
     }
@@ -197,7 +200,10 @@ mod tests {
         };
         store.commit(commit).expect("commit");
         assert_eq!(Checkpoint::load(&store, dir.path()).expect("load"), Some(c));
-        assert_eq!(read_clock(&store, &clock_key("v")).expect("clock"), Some(-5));
+        assert_eq!(
+            read_clock(&store, &clock_key("v")).expect("clock"),
+            Some(-5)
+        );
         let garbage = crate::store::Commit {
             meta: vec![(CHECKPOINT_KEY.into(), b"{not json".to_vec())],
             ..Default::default()

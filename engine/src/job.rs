@@ -12,18 +12,18 @@ use std::time::{Duration, Instant};
 use arrow::array::{Int64Array, RecordBatch, UInt32Array};
 use sluice_sql::PipelinePlan;
 
+use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
 use crate::error::RetryHint;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::online::{ViewMeta, read_view_meta, view_meta_key};
 use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::time::{drop_bad_event_times, event_times};
-use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
 use crate::tiles::{TileMemory, TileReader, is_tiled, pending_key};
+use crate::time::{drop_bad_event_times, event_times};
 use crate::vector::VectorIndex;
-use crate::watermark::WatermarkTracker;
 use crate::view::{ViewOp, features_json};
+use crate::watermark::WatermarkTracker;
 
 /// How often a running job logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -90,7 +90,10 @@ pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
 /// eighth each; the tiled views share a quarter for cached tiles, an eighth
 /// for the accumulators of one flush step and an eighth for rows waiting for
 /// the watermark (past it, the job checkpoints early).
-pub fn split_budget(budget: u64, tiled_views: usize) -> (crate::store::StoreOptions, crate::tiles::TileMemory) {
+pub fn split_budget(
+    budget: u64,
+    tiled_views: usize,
+) -> (crate::store::StoreOptions, crate::tiles::TileMemory) {
     let b = budget as usize;
     let n = tiled_views.max(1);
     (
@@ -292,7 +295,11 @@ impl Job {
         let view_names: Vec<String> = plan.views.iter().map(|v| v.name.clone()).collect();
         let tiled = plan.views.iter().filter(|v| is_tiled(v)).count();
         let (store_limits, tile_memory) = split_budget(opts.memory_budget, tiled);
-        let store = Arc::new(Store::open_with(&opts.state_dir, &view_names, store_limits)?);
+        let store = Arc::new(Store::open_with(
+            &opts.state_dir,
+            &view_names,
+            store_limits,
+        )?);
         let cp = Checkpoint::load(&store, &opts.state_dir)?.unwrap_or_default();
         let epoch = cp.epoch;
         let mut views = Vec::new();
@@ -745,7 +752,7 @@ impl Job {
             if let Some(t) = v.tiles_mut() {
                 if wm != NO_WATERMARK {
                     let mut w = crate::store::TileWrites::default();
-                    t.flush(&self.live.store, wm, &mut w)?;
+                    t.flush(self.live.store.as_ref(), wm, &mut w)?;
                     c.tiles.push((name.clone(), w));
                     progress.clock = Some(wm);
                 }

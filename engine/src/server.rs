@@ -88,7 +88,15 @@ fn lookup(
         ));
     };
     let tiles = s.live.readers.get(view).map(|r| r.as_ref());
-    read_feature(&s.live.store, meta, tiles, key, s.live.watermark(view), mode).map_err(|e| match e {
+    read_feature(
+        &s.live.store,
+        meta,
+        tiles,
+        key,
+        s.live.watermark(view),
+        mode,
+    )
+    .map_err(|e| match e {
         crate::error::EngineError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
         e => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -167,6 +167,57 @@ fn decode_state(v: &[u8], path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// What the engine needs of its state database. [`Store`] (RocksDB) is the
+/// implementation; nothing of RocksDB's, its errors included, shows through.
+pub trait StateStore: Send + Sync {
+    /// A metadata value.
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// The stored online row of `key` in `view`.
+    fn online_get(&self, view: &str, key: &str) -> Result<Option<Vec<u8>>>;
+    /// The committed states of these tiles of `view` (`None`: no such tile).
+    fn get_tiles(&self, view: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>>;
+    /// Tiles of `view` that leave every window at or before watermark `wm`.
+    fn expired_tiles(&self, view: &str, wm: i64) -> Result<Vec<Vec<u8>>>;
+    /// One key's tiles in the ranges `ranges` computes from the committed
+    /// clock under `clock_key`, clock and tiles from one snapshot.
+    fn read_tiles(
+        &self,
+        view: &str,
+        key: &str,
+        clock_key: &str,
+        ranges: &dyn Fn(i64) -> Vec<(u8, i64, i64)>,
+    ) -> Result<TileRead>;
+    /// Commits a checkpoint atomically and durably.
+    fn commit(&self, c: Commit) -> Result<()>;
+}
+
+impl StateStore for Store {
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Store::meta(self, key)
+    }
+    fn online_get(&self, view: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Store::online_get(self, view, key)
+    }
+    fn get_tiles(&self, view: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        Store::get_tiles(self, view, keys)
+    }
+    fn expired_tiles(&self, view: &str, wm: i64) -> Result<Vec<Vec<u8>>> {
+        Store::expired_tiles(self, view, wm)
+    }
+    fn read_tiles(
+        &self,
+        view: &str,
+        key: &str,
+        clock_key: &str,
+        ranges: &dyn Fn(i64) -> Vec<(u8, i64, i64)>,
+    ) -> Result<TileRead> {
+        Store::read_tiles(self, view, key, clock_key, ranges)
+    }
+    fn commit(&self, c: Commit) -> Result<()> {
+        Store::commit(self, c)
+    }
+}
+
 /// The state database.
 pub struct Store {
     db: DB,
@@ -253,9 +304,8 @@ impl Store {
         }
         let opts = Options::default();
         let names = DB::list_cf(&opts, &path).map_err(|e| store_error(&path, e))?;
-        let db = DB::open_cf_for_read_only(&opts, &path, names, false).map_err(|e| {
-            store_error(&path, e)
-        })?;
+        let db = DB::open_cf_for_read_only(&opts, &path, names, false)
+            .map_err(|e| store_error(&path, e))?;
         Ok(Store { db, path })
     }
 
@@ -463,11 +513,7 @@ impl Store {
         upper.push(u8::MAX);
         ro.set_iterate_upper_bound(upper);
         out.exists = snap
-            .iterator_cf_opt(
-                cf,
-                ro,
-                IteratorMode::From(&prefix, Direction::Forward),
-            )
+            .iterator_cf_opt(cf, ro, IteratorMode::From(&prefix, Direction::Forward))
             .next()
             .transpose()
             .map_err(|e| self.err(e))?
@@ -496,10 +542,11 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let (key, level, start) = parse_tile_key(&k).ok_or_else(|| EngineError::Incompatible {
-                path: self.path.display().to_string(),
-                reason: "unreadable tile key".into(),
-            })?;
+            let (key, level, start) =
+                parse_tile_key(&k).ok_or_else(|| EngineError::Incompatible {
+                    path: self.path.display().to_string(),
+                    reason: "unreadable tile key".into(),
+                })?;
             out.push((String::from_utf8_lossy(key).into_owned(), level, start));
         }
         Ok(out)

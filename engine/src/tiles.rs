@@ -33,7 +33,7 @@ use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::keys::{KeyDict, key_strings};
 use crate::online::fmt_ts;
-use crate::store::{Store, TileWrites, expiry_key, tile_key};
+use crate::store::{StateStore, TileWrites, expiry_key, tile_key};
 use crate::view::{emitted_features, key_and_feature_columns};
 
 const HOUR: i64 = 3_600_000;
@@ -189,7 +189,10 @@ impl TileLayout {
             return;
         }
         let l = self.levels[level];
-        let a = from.div_euclid(l).saturating_add(i64::from(from.rem_euclid(l) != 0)) * l;
+        let a = from
+            .div_euclid(l)
+            .saturating_add(i64::from(from.rem_euclid(l) != 0))
+            * l;
         let b = to.div_euclid(l) * l;
         if a < b {
             out.push((level as u8, a, b));
@@ -402,7 +405,12 @@ impl TileAgg {
     /// Folds the pending rows before `wm` into their tiles and deletes the
     /// tiles `wm` expires; the changes go into `out` for the checkpoint.
     /// Call [`TileAgg::committed`] once that checkpoint is durable.
-    pub fn flush(&mut self, store: &Store, wm: i64, out: &mut TileWrites) -> Result<FlushStats> {
+    pub fn flush(
+        &mut self,
+        store: &dyn StateStore,
+        wm: i64,
+        out: &mut TileWrites,
+    ) -> Result<FlushStats> {
         let mut stats = FlushStats::default();
         let mut ready = Vec::new();
         let mut keep = Vec::new();
@@ -456,7 +464,7 @@ impl TileAgg {
     fn write_step(
         &mut self,
         mut step: FlushStep,
-        store: &Store,
+        store: &dyn StateStore,
         wm: i64,
         out: &mut TileWrites,
         stats: &mut FlushStats,
@@ -497,9 +505,21 @@ impl TileAgg {
             let states = self
                 .kernel
                 .state_conv
-                .convert_rows(groups.iter().filter_map(|g| old[*g].as_deref()).map(|b| parser.parse(b)))
+                .convert_rows(
+                    groups
+                        .iter()
+                        .filter_map(|g| old[*g].as_deref())
+                        .map(|b| parser.parse(b)),
+                )
                 .map_err(|e| EngineError::arrow("decoding tile states", e))?;
-            merge_into(&self.kernel, &self.view, &mut step.accs, &states, &groups, total)?;
+            merge_into(
+                &self.kernel,
+                &self.view,
+                &mut step.accs,
+                &states,
+                &groups,
+                total,
+            )?;
         }
         let states = self.kernel.state_of(&mut step.accs)?;
         let rows = self
@@ -600,8 +620,9 @@ fn with_time_column(schema: &SchemaRef) -> SchemaRef {
 }
 
 fn times<'a>(view: &str, r: &'a Rows) -> Result<&'a Int64Array> {
-    r.ts.as_ref()
-        .ok_or_else(|| EngineError::Internal(format!("rows of windowed view `{view}` have no event time")))
+    r.ts.as_ref().ok_or_else(|| {
+        EngineError::Internal(format!("rows of windowed view `{view}` have no event time"))
+    })
 }
 
 fn merge_into(
@@ -648,7 +669,13 @@ impl FlushStep {
         self.accs.iter().map(|a| a.size()).sum()
     }
 
-    fn update(&mut self, kernel: &AggKernel, layout: &TileLayout, view: &str, r: &Rows) -> Result<()> {
+    fn update(
+        &mut self,
+        kernel: &AggKernel,
+        layout: &TileLayout,
+        view: &str,
+        r: &Rows,
+    ) -> Result<()> {
         let ts = times(view, r)?;
         let key_cols = kernel.key_columns(&r.batch)?;
         self.keys.intern(&key_cols, &mut self.ids)?;
@@ -739,9 +766,9 @@ impl TileReader {
 
     /// The value of `key` at the view's committed clock: `None` for a key
     /// without tiles (never seen, or all expired) or one `HAVING` drops.
-    pub fn read(&self, store: &Store, key: &str, mode: ReadMode) -> Result<Option<Value>> {
+    pub fn read(&self, store: &dyn StateStore, key: &str, mode: ReadMode) -> Result<Option<Value>> {
         let layout = &self.layout;
-        let r = store.read_tiles(&self.view, key, &clock_key(&self.view), |t| {
+        let r = store.read_tiles(&self.view, key, &clock_key(&self.view), &|t| {
             let (from, to) = layout.bounds(mode, t);
             layout.cover(from, to)
         })?;
@@ -764,7 +791,10 @@ impl TileReader {
         if let Some(o) = out.as_object_mut() {
             if mode == ReadMode::Closed {
                 o.insert("window_end".into(), fmt_ts(to));
-                o.insert("valid_until".into(), fmt_ts(to.saturating_add(layout.slide)));
+                o.insert(
+                    "valid_until".into(),
+                    fmt_ts(to.saturating_add(layout.slide)),
+                );
             }
             o.insert("features".into(), features);
         }

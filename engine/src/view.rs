@@ -10,10 +10,10 @@ use arrow::json::writer::LineDelimited;
 use sluice_sql::{ViewKind, ViewPlan, WindowSpec};
 
 use crate::aggregate::{AggKernel, Fired, StateOp, WindowAgg, emitted_schema, late_rows};
-use crate::tiles::{TileAgg, TileMemory, is_tiled};
 use crate::error::{EngineError, Result};
 use crate::exec::{PhysStage, Rows, compile_stages, run_stages};
 use crate::keys::key_strings;
+use crate::tiles::{TileAgg, TileMemory, is_tiled};
 
 /// An online-store write: the key and its encoded value.
 pub type OnlineRow = (String, Vec<u8>);
@@ -442,7 +442,8 @@ pub fn emitted_features(
     let f = features_json(&out, feature_idx)?;
     f.first()
         .map(|j| {
-            serde_json::from_slice(j).map_err(|e| EngineError::Internal(format!("feature JSON: {e}")))
+            serde_json::from_slice(j)
+                .map_err(|e| EngineError::Internal(format!("feature JSON: {e}")))
         })
         .transpose()
 }

@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMillisecondArray, UInt32Array,
+    Array, AsArray, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    UInt32Array,
 };
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, UInt64Type};
 use datafusion::datasource::MemTable;
@@ -63,9 +63,15 @@ fn rows(events: &[Event], wms: &[i64]) -> Rows {
     let batch = RecordBatch::try_new(
         source_schema(),
         vec![
-            Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key.clone()))),
-            Arc::new(Float64Array::from(events.iter().map(|e| e.x).collect::<Vec<_>>())),
-            Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.item.clone()))),
+            Arc::new(StringArray::from_iter_values(
+                events.iter().map(|e| e.key.clone()),
+            )),
+            Arc::new(Float64Array::from(
+                events.iter().map(|e| e.x).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                events.iter().map(|e| e.item.clone()),
+            )),
             Arc::new(TimestampMillisecondArray::from(ts.clone())),
         ],
     )
@@ -129,16 +135,26 @@ impl Naive {
         let batch = RecordBatch::try_new(
             Arc::clone(&schema),
             vec![
-                Arc::new(StringArray::from_iter_values(accepted.iter().map(|e| e.key.clone()))),
-                Arc::new(Float64Array::from(accepted.iter().map(|e| e.x).collect::<Vec<_>>())),
-                Arc::new(StringArray::from_iter_values(accepted.iter().map(|e| e.item.clone()))),
-                Arc::new(Int64Array::from(accepted.iter().map(|e| e.ts).collect::<Vec<_>>())),
+                Arc::new(StringArray::from_iter_values(
+                    accepted.iter().map(|e| e.key.clone()),
+                )),
+                Arc::new(Float64Array::from(
+                    accepted.iter().map(|e| e.x).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    accepted.iter().map(|e| e.item.clone()),
+                )),
+                Arc::new(Int64Array::from(
+                    accepted.iter().map(|e| e.ts).collect::<Vec<_>>(),
+                )),
             ],
         )
         .expect("batch");
         let table = MemTable::try_new(schema, vec![vec![batch]]).expect("table");
         let _ = self.ctx.deregister_table("ev");
-        self.ctx.register_table("ev", Arc::new(table)).expect("register");
+        self.ctx
+            .register_table("ev", Arc::new(table))
+            .expect("register");
         let sql = format!("{NAIVE} WHERE ts >= {from} AND ts < {to} GROUP BY k");
         let batches = self
             .rt
@@ -189,8 +205,12 @@ fn same(got: &Value, want: &Value) -> bool {
 
 /// Runs the differential check of one window; returns (reads compared, late events).
 fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (usize, usize) {
-    let plan = sluice_sql::plan_pipeline("t.sql", &pipeline(window, delay / 1000), std::path::Path::new("."))
-        .expect("plan");
+    let plan = sluice_sql::plan_pipeline(
+        "t.sql",
+        &pipeline(window, delay / 1000),
+        std::path::Path::new("."),
+    )
+    .expect("plan");
     let vp = &plan.views[0];
     let layout = TileLayout::new(vp.window().expect("window")).expect("layout");
     let dir = tempfile::tempdir().expect("tmp");
@@ -212,11 +232,20 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
             max = max.max(e.ts);
             wm = wm.max(max - delay);
         }
-        let late: HashSet<u32> = op.process(rows(chunk, &wms)).expect("process").into_iter().collect();
+        let late: HashSet<u32> = op
+            .process(rows(chunk, &wms))
+            .expect("process")
+            .into_iter()
+            .collect();
         for (j, e) in chunk.iter().enumerate() {
             let rule = wms[j] != i64::MIN
                 && (e.ts.div_euclid(layout.slide) * layout.slide) + layout.size <= wms[j];
-            assert_eq!(late.contains(&(j as u32)), rule, "late rule for {e:?} at {}", wms[j]);
+            assert_eq!(
+                late.contains(&(j as u32)),
+                rule,
+                "late rule for {e:?} at {}",
+                wms[j]
+            );
             if !rule {
                 accepted.push(e.clone());
             }
@@ -228,7 +257,10 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
         }
         // A checkpoint at the current watermark, then reads at its clock.
         let mut w = TileWrites::default();
-        op.tiles_mut().expect("tiles").flush(&store, wm, &mut w).expect("flush");
+        op.tiles_mut()
+            .expect("tiles")
+            .flush(&store, wm, &mut w)
+            .expect("flush");
         store
             .commit(Commit {
                 tiles: vec![("v".into(), w)],
@@ -242,7 +274,10 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
             // cache and the pending rows restored from their encoding.
             let pending = op.tiles().expect("tiles").encode_pending().expect("encode");
             op = ViewOp::new(vp).expect("view");
-            op.tiles_mut().expect("tiles").restore_pending(&pending).expect("restore");
+            op.tiles_mut()
+                .expect("tiles")
+                .restore_pending(&pending)
+                .expect("restore");
             restarts += 1;
         }
         for mode in [ReadMode::Fresh, ReadMode::Closed, ReadMode::Current] {
@@ -252,7 +287,10 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
             let (from, to) = layout.bounds(mode, wm);
             // Events before the clock only: the head slide ends at the watermark.
             let want = naive.query(&accepted, from, to.min(wm));
-            for k in (0..KEYS).map(|k| format!("k{k}")).chain(["never".to_string()]) {
+            for k in (0..KEYS)
+                .map(|k| format!("k{k}"))
+                .chain(["never".to_string()])
+            {
                 let got = reader.read(&store, &k, mode).expect("read");
                 // The key still has tiles: some accepted event before the clock in a tile not yet expired.
                 let live = accepted.iter().any(|e| {
@@ -287,7 +325,13 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
 
 #[test]
 fn hop_reads_equal_a_naive_recomputation() {
-    let (n, late) = differential("HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)", 2_000, 30_000, 3000, 1);
+    let (n, late) = differential(
+        "HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)",
+        2_000,
+        30_000,
+        3000,
+        1,
+    );
     assert!(n > 200 && late > 0, "{n} reads, {late} late");
 }
 
@@ -345,7 +389,11 @@ fn expired_tiles_leave_the_store() {
         op.process(rows(batch, &vec![i64::MIN; batch.len()]))
             .expect("process");
         let mut w = TileWrites::default();
-        let st = op.tiles_mut().expect("tiles").flush(&store, wm, &mut w).expect("flush");
+        let st = op
+            .tiles_mut()
+            .expect("tiles")
+            .flush(&store, wm, &mut w)
+            .expect("flush");
         store
             .commit(Commit {
                 tiles: vec![("v".into(), w)],
@@ -371,8 +419,14 @@ fn expired_tiles_leave_the_store() {
     let st = checkpoint(&mut op, &[ev("late-comer", 60 * MIN)], 60 * MIN + 1);
     assert_eq!(st.expired, 500);
     assert_eq!(store.tile_scan("v").expect("scan").len(), 1);
-    let reader = TileReader::new(&plan.views[0], Arc::clone(op.kernel().expect("kernel"))).expect("reader");
-    assert!(reader.read(&store, "k1", ReadMode::Fresh).expect("read").is_none());
+    let reader =
+        TileReader::new(&plan.views[0], Arc::clone(op.kernel().expect("kernel"))).expect("reader");
+    assert!(
+        reader
+            .read(&store, "k1", ReadMode::Fresh)
+            .expect("read")
+            .is_none()
+    );
     let got = reader
         .read(&store, "late-comer", ReadMode::Fresh)
         .expect("read")

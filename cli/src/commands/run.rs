@@ -190,10 +190,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(format!("unknown size unit `{u}` (use B, KB, MB, GB, KiB, MiB or GiB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit `{u}` (use B, KB, MB, GB, KiB, MiB or GiB)"
+            ));
+        }
     };
     let bytes = n * mult;
-    if !(bytes >= (16u64 << 20) as f64) {
+    if bytes.is_nan() || bytes < (16u64 << 20) as f64 {
         return Err(format!("`{s}` is below the smallest budget, 16MiB"));
     }
     Ok(bytes as u64)
