@@ -31,6 +31,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Sleep of an idle loop, doubling up to `MAX_IDLE_SLEEP` while idle.
 const MIN_IDLE_SLEEP: Duration = Duration::from_millis(2);
 const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
+/// The shortest time between checkpoints taken early for the memory budget.
+const MIN_EARLY_CHECKPOINT: Duration = Duration::from_millis(100);
 /// How often a source is asked for its partitions (new partitions appear).
 const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
@@ -501,8 +503,12 @@ impl Job {
             if all_done {
                 break;
             }
-            if self.last_checkpoint.elapsed() >= self.opts.checkpoint_interval
-                || self.tiles_over_budget()
+            // Early checkpoints (pending rows over budget) at most every
+            // 100 ms: rows the watermark has not passed cannot be folded,
+            // and a stuck watermark must not turn into a checkpoint storm.
+            let since = self.last_checkpoint.elapsed();
+            if since >= self.opts.checkpoint_interval
+                || (since >= MIN_EARLY_CHECKPOINT && self.tiles_over_budget())
             {
                 self.checkpoint()?;
             }
