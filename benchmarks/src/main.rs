@@ -53,16 +53,18 @@ fn main() {
 
 /// Peak resident set size of this process (VmHWM), MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    vm_hwm_mib("/proc/self/status").unwrap_or(0.0)
+}
+
+/// The `VmHWM` (peak RSS, MiB) of a `/proc/<pid>/status` file.
+pub(crate) fn vm_hwm_mib(status: &str) -> Option<f64> {
+    std::fs::read_to_string(status).ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    })
 }
 
 /// Empties (or creates) a working directory.

@@ -161,17 +161,10 @@ impl Watch {
         let (p, d) = (Arc::clone(&peak), Arc::clone(&done));
         let thread = std::thread::spawn(move || {
             while !d.load(Ordering::Relaxed) {
-                if let Some(kb) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines()
-                            .find(|l| l.starts_with("VmHWM:"))
-                            .and_then(|l| l.split_whitespace().nth(1))
-                            .and_then(|v| v.parse::<f64>().ok())
-                    })
+                if let Some(mib) = crate::vm_hwm_mib(&format!("/proc/{pid}/status"))
                     && let Ok(mut m) = p.lock()
                 {
-                    *m = (*m).max(kb / 1024.0);
+                    *m = (*m).max(mib);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -19,7 +19,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use sluice_engine::Rows;
 use sluice_engine::store::{Commit, Store, TileWrites};
-use sluice_engine::tiles::{ReadMode, TileLayout, TileReader, clock_key};
+use sluice_engine::tiles::{FlushStats, ReadMode, TileLayout, TileReader, clock_key};
 use sluice_engine::view::ViewOp;
 
 const MIN: i64 = 60_000;
@@ -107,6 +107,26 @@ fn events(rng: &mut StdRng, n: usize, step: i64, delay: i64, size: i64) -> Vec<E
         });
     }
     out
+}
+
+/// A checkpoint at watermark `wm`: pending rows before it fold into tiles,
+/// committed with the view's clock.
+fn checkpoint(op: &mut ViewOp, store: &Store, wm: i64) -> FlushStats {
+    let mut w = TileWrites::default();
+    let st = op
+        .tiles_mut()
+        .expect("tiles")
+        .flush(store, wm, &mut w)
+        .expect("flush");
+    store
+        .commit(Commit {
+            tiles: vec![("v".into(), w)],
+            meta: vec![(clock_key("v"), wm.to_be_bytes().to_vec())],
+            ..Commit::default()
+        })
+        .expect("commit");
+    op.tiles_mut().expect("tiles").committed();
+    st
 }
 
 struct Naive {
@@ -256,19 +276,7 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
             continue;
         }
         // A checkpoint at the current watermark, then reads at its clock.
-        let mut w = TileWrites::default();
-        op.tiles_mut()
-            .expect("tiles")
-            .flush(&store, wm, &mut w)
-            .expect("flush");
-        store
-            .commit(Commit {
-                tiles: vec![("v".into(), w)],
-                meta: vec![(clock_key("v"), wm.to_be_bytes().to_vec())],
-                ..Commit::default()
-            })
-            .expect("commit");
-        op.tiles_mut().expect("tiles").committed();
+        checkpoint(&mut op, &store, wm);
         if rng.random_range(0..100) < 30 {
             // A restart from this checkpoint: a new operator with an empty
             // cache and the pending rows restored from their encoding.
@@ -384,39 +392,25 @@ fn expired_tiles_leave_the_store() {
         item: "i".into(),
         ts,
     };
-    let checkpoint = |op: &mut ViewOp, batch: &[Event], wm: i64| {
+    let step = |op: &mut ViewOp, batch: &[Event], wm: i64| {
         // No watermark yet when they arrive: none is late.
         op.process(rows(batch, &vec![i64::MIN; batch.len()]))
             .expect("process");
-        let mut w = TileWrites::default();
-        let st = op
-            .tiles_mut()
-            .expect("tiles")
-            .flush(&store, wm, &mut w)
-            .expect("flush");
-        store
-            .commit(Commit {
-                tiles: vec![("v".into(), w)],
-                meta: vec![(clock_key("v"), wm.to_be_bytes().to_vec())],
-                ..Commit::default()
-            })
-            .expect("commit");
-        op.tiles_mut().expect("tiles").committed();
-        st
+        checkpoint(op, &store, wm)
     };
     // 100 keys with an event in each of 10 minutes: 1,000 tiles.
     let batch: Vec<Event> = (0..10)
         .flat_map(|m| (0..100).map(move |k| (k, m)))
         .map(|(k, m)| ev(&format!("k{k}"), m * MIN + 1))
         .collect();
-    checkpoint(&mut op, &batch, 10 * MIN + 1);
+    step(&mut op, &batch, 10 * MIN + 1);
     let tiles = store.tile_scan("v").expect("scan");
     // A tile [m, m+1) is in no window from m + 1 + 5 on: those of minutes
     // 0-4 are out of every window at 10:00.001 and were never written.
     assert_eq!(tiles.len(), 100 * 5, "tiles of minutes 5-9 remain");
     assert!(tiles.iter().all(|(_, _, start)| *start >= 5 * MIN));
     // The watermark moves past everything: one new key's event at minute 60.
-    let st = checkpoint(&mut op, &[ev("late-comer", 60 * MIN)], 60 * MIN + 1);
+    let st = step(&mut op, &[ev("late-comer", 60 * MIN)], 60 * MIN + 1);
     assert_eq!(st.expired, 500);
     assert_eq!(store.tile_scan("v").expect("scan").len(), 1);
     let reader =
