@@ -188,6 +188,58 @@ fn pipeline_sql(brokers: &str, topic: &str, settings: &[(String, String)]) -> St
         )
 }
 
+/// One pipeline run over the topic in a fresh `pdir`; prints its figures
+/// and returns its rate (events/s).
+fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyhow::Result<f64> {
+    fresh(pdir)?;
+    std::fs::write(pdir.join("pipeline.sql"), sql)?;
+    let plan = sluice_cli::plan(&pdir.join("pipeline.sql"))?;
+    let state = pdir.join("state");
+    let mut opts = JobOptions::new(state.clone());
+    opts.checkpoint_interval = Duration::from_millis(a.checkpoint_interval_ms);
+    let cpu0 = cpu_secs("self");
+    let mut job = Job::open(
+        &plan,
+        sluice_connectors::build_sources_with(&plan, true)?,
+        sluice_connectors::build_lakes(&plan)?,
+        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
+        opts,
+    )
+    .context("opening the pipeline")?;
+    for sp in &plan.sources {
+        if let Some(w) = sluice_connectors::archive::archive_writer(sp)? {
+            job.set_archive(&sp.name, Box::new(w))?;
+        }
+    }
+    let s = job.run(&AtomicBool::new(false))?;
+    let cpu = cpu_secs("self") - cpu0;
+    let rate = s.events as f64 / s.elapsed.as_secs_f64();
+    let live = job.live();
+    live.store.flush()?;
+    let db = live.store.disk_bytes();
+    let lake = sluice_engine::store::dir_size(&pdir.join("lake"));
+    let archive = sluice_engine::store::dir_size(&pdir.join("archive"));
+    drop(job);
+    println!(
+        "  sluice pipeline{what} (Kafka -> HOP view -> RocksDB state + online store + Parquet lake): {} events in {:.2}s = {rate:.0} events/s; {:.2} CPU-s per M events; {} rows emitted; {} dead letters",
+        s.events,
+        s.elapsed.as_secs_f64(),
+        cpu / (s.events as f64 / 1e6),
+        s.rows_emitted,
+        s.dead_letters
+    );
+    println!(
+        "  checkpoints: {} taken, mean {:.1} ms, max {:.1} ms; RocksDB {:.0} MiB, lake {:.1} MiB, archive {:.1} MiB",
+        s.checkpoints,
+        s.checkpoint_time.as_secs_f64() * 1000.0 / s.checkpoints.max(1) as f64,
+        s.checkpoint_max.as_secs_f64() * 1000.0,
+        db as f64 / 1048576.0,
+        lake as f64 / 1048576.0,
+        archive as f64 / 1048576.0
+    );
+    Ok(rate)
+}
+
 fn http_status(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -355,51 +407,22 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
         );
 
         let pdir = dir.join(format!("p{parts}"));
-        fresh(&pdir)?;
-        std::fs::write(
-            pdir.join("pipeline.sql"),
-            pipeline_sql(&a.brokers, &topic, &settings(a)?),
-        )?;
-        let plan = sluice_cli::plan(&pdir.join("pipeline.sql"))?;
-        let state = pdir.join("state");
-        let mut opts = JobOptions::new(state.clone());
-        opts.checkpoint_interval = Duration::from_millis(a.checkpoint_interval_ms);
-        let cpu0 = cpu_secs("self");
-        let mut job = Job::open(
-            &plan,
-            sluice_connectors::build_sources_with(&plan, true)?,
-            sluice_connectors::build_lakes(&plan)?,
-            Box::new(sluice_connectors::dead_letters(&state, &plan)?),
-            opts,
-        )
-        .context("opening the pipeline")?;
-        let s = job.run(&AtomicBool::new(false))?;
-        let cpu = cpu_secs("self") - cpu0;
-        let rate = s.events as f64 / s.elapsed.as_secs_f64();
-        let live = job.live();
-        live.store.flush()?;
-        let db = live.store.disk_bytes();
-        let lake = sluice_engine::store::dir_size(&pdir.join("lake"));
-        drop(job);
-        println!(
-            "  sluice pipeline (Kafka -> HOP view -> RocksDB state + online store + Parquet lake): {} events in {:.2}s = {rate:.0} events/s; {:.2} CPU-s per M events; {} rows emitted; {} dead letters",
-            s.events,
-            s.elapsed.as_secs_f64(),
-            cpu / (s.events as f64 / 1e6),
-            s.rows_emitted,
-            s.dead_letters
-        );
-        println!(
-            "  checkpoints: {} taken, mean {:.1} ms, max {:.1} ms; RocksDB {:.0} MiB, lake {:.1} MiB",
-            s.checkpoints,
-            s.checkpoint_time.as_secs_f64() * 1000.0 / s.checkpoints.max(1) as f64,
-            s.checkpoint_max.as_secs_f64() * 1000.0,
-            db as f64 / 1048576.0,
-            lake as f64 / 1048576.0
-        );
+        let sql = pipeline_sql(&a.brokers, &topic, &settings(a)?);
+        let plain = pipeline_run(a, &pdir, &sql, "")?;
         println!(
             "  => pipeline / count-only consumer = {:.1}% (goal >= 50%)",
-            rate / base_rate * 100.0
+            plain / base_rate * 100.0
+        );
+        // The same run keeping an event archive of the source.
+        let archived = pipeline_run(
+            a,
+            &dir.join(format!("p{parts}-archive")),
+            &sql.replace("format = 'json'", "format = 'json', archive = 'archive'"),
+            " with archive = 'archive'",
+        )?;
+        println!(
+            "  => archive cost: {:.1}% of the throughput without it (aim < 10%)",
+            (1.0 - archived / plain) * 100.0
         );
     }
     if a.recovery_keys > 0 {

@@ -625,3 +625,174 @@ fn stop_at_end_ends_while_a_producer_writes() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// A Kafka source with an event archive, `kill -9` five times while a
+/// producer writes and a reader logs served values: the archive holds every
+/// accepted event exactly once (by partition and offset), and a training
+/// set replayed from it equals every logged read.
+#[test]
+fn archive_under_kill_nine_replays_what_was_served() {
+    let broker = Broker::start();
+    let root = tempfile::tempdir().expect("tmp");
+    let d = root.path();
+    let addr = broker.addr();
+    let mut producer = Some(common::spawn_produce(
+        &addr,
+        "clicks",
+        &[
+            "--partitions",
+            "3",
+            "--events",
+            "30000",
+            "--keys",
+            "50",
+            "--minutes",
+            "60",
+            "--rate",
+            "4000",
+            "--bad-every",
+            "997",
+        ],
+    ));
+    let sql = format!(
+        "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
+            WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)
+          WITH (connector = 'kafka', topic = 'clicks', brokers = '{addr}', format = 'json', archive = 'archive');
+        CREATE FEATURE VIEW hop KEY user_id AS
+            SELECT user_id, COUNT(*) AS n, SUM(price) AS spend FROM clicks
+            GROUP BY user_id, HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE);
+        CREATE FEATURE VIEW tum KEY user_id AS
+            SELECT user_id, COUNT(*) AS n, MAX(price) AS hi FROM clicks
+            GROUP BY user_id, TUMBLE(ts, INTERVAL '2' MINUTE);"
+    );
+    std::fs::write(d.join("p.sql"), sql).expect("sql");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut served = Vec::new();
+    let mut seed = 0x7a11_u64;
+    for kill in 0..6 {
+        let mut cmd = run_cmd(
+            d,
+            &["--checkpoint-interval-ms", "50", "--batch-rows", "300"],
+        );
+        cmd.args(["--serve", "127.0.0.1:0"]);
+        if kill == 5 {
+            cmd.arg("--stop-at-end");
+        }
+        let mut run = common::spawn_serving(cmd);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let until = Instant::now() + Duration::from_millis(800 + (seed >> 33) % 1200);
+        let done = &run.done;
+        served.extend(common::log_reads(
+            &run.addr,
+            &["hop", "tum"],
+            "u",
+            50,
+            seed | 1,
+            || {
+                if kill == 5 {
+                    done.try_recv().is_ok()
+                } else {
+                    Instant::now() >= until
+                }
+            },
+        ));
+        // The last run ends at the end of the topic; the others are killed.
+        run.child.kill().expect("kill -9");
+        run.child.wait().expect("wait");
+        if kill == 4
+            && let Some(p) = producer.take()
+        {
+            let pout = p.wait_with_output().expect("producer");
+            assert!(
+                pout.status.success(),
+                "{}",
+                String::from_utf8_lossy(&pout.stderr)
+            );
+        }
+    }
+    // Every accepted event once: 30,000 records less the malformed ones.
+    let mut seen = std::collections::HashSet::new();
+    let mut rows = 0usize;
+    for f in common::parquet_files(&d.join("archive")) {
+        for b in common::read_parquet(&f) {
+            let p = b.column_by_name("_sluice_partition").expect("partition");
+            let o = b.column_by_name("_sluice_offset").expect("offset");
+            let p = arrow::compute::cast(p, &arrow::datatypes::DataType::Int64).expect("p");
+            let p = p
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("p");
+            let o = o
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("o");
+            for i in 0..b.num_rows() {
+                assert!(
+                    seen.insert((p.value(i), o.value(i))),
+                    "partition {} offset {} archived twice",
+                    p.value(i),
+                    o.value(i)
+                );
+                rows += 1;
+            }
+        }
+    }
+    assert_eq!(rows, 30000 - 30000 / 997, "accepted events in the archive");
+    assert!(served.len() > 200, "{} reads logged", served.len());
+    let mut spine = String::from("uid,ts\n");
+    for s in &served {
+        spine.push_str(&format!("{},{}\n", s.key, s.as_of));
+    }
+    std::fs::write(d.join("spine.csv"), spine).expect("spine");
+    let out = d.join("train.parquet");
+    let o = sluice(&[
+        "training-set",
+        &d.join("p.sql").display().to_string(),
+        "--spine",
+        &d.join("spine.csv").display().to_string(),
+        "--features",
+        "hop",
+        "--features",
+        "tum",
+        "--key",
+        "user_id=uid",
+        "--time-column",
+        "ts",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("event archive"), "{log}");
+    let b = common::read_parquet(&out);
+    let b = arrow::compute::concat_batches(&b[0].schema(), &b).expect("concat");
+    let mut diffs = 0;
+    for (view, features) in [("hop", ["n", "spend"]), ("tum", ["n", "hi"])] {
+        for f in features {
+            let col = b.column_by_name(&format!("{view}__{f}")).expect("column");
+            let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Float64).expect("f64");
+            let col = col
+                .as_any()
+                .downcast_ref::<arrow::array::Float64Array>()
+                .expect("f64");
+            for (r, s) in served.iter().enumerate().filter(|(_, s)| s.view == view) {
+                let want = s.features[f].as_f64();
+                let got = arrow::array::Array::is_valid(col, r).then(|| col.value(r));
+                let same = match (want, got) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if !same {
+                    diffs += 1;
+                    eprintln!(
+                        "row {r} {view}__{f} at {}: served {want:?}, trained {got:?}",
+                        s.as_of
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(diffs, 0, "of {} served reads\n{log}", served.len());
+}

@@ -2,7 +2,9 @@
 //! (Chronon-style): for random spine rows (random keys, unknown and NULL
 //! keys, duplicates, times before, inside and after the data, in several
 //! UTC offsets), every feature equals the aggregate of the key's events in
-//! the window valid at the row's time, computed directly from the events.
+//! the window valid at the row's time, computed directly from the events
+//! (`--closed-windows`: the lake's rows; the default replay of the history
+//! is checked in `served_trained.rs`).
 
 mod common;
 
@@ -198,6 +200,7 @@ fn training_set_matches_naive_recomputation() {
             "item_id=item",
             "--time-column",
             "ts",
+            "--closed-windows",
             "--out",
             &out.display().to_string(),
         ])
@@ -358,6 +361,18 @@ fn training_set_errors_name_the_fix() {
     };
     assert!(run(&["--features", "nope", "--time-column", "ts"]).contains("no feature view `nope`"));
     assert!(run(&["--features", "online_only", "--time-column", "ts"]).contains("has no lake"));
+    // The default replays the source's file, which does not exist here.
+    assert!(
+        run(&[
+            "--features",
+            "v",
+            "--key",
+            "user_id=uid",
+            "--time-column",
+            "ts"
+        ])
+        .contains("e.jsonl")
+    );
     assert!(run(&["--features", "v:zz", "--time-column", "ts"]).contains("has no feature `zz`"));
     assert!(run(&["--features", "v", "--time-column", "ts"]).contains("--key user_id=SPINECOL"));
     std::fs::write(
@@ -415,22 +430,49 @@ fn training_example_runs() {
     ]);
     assert!(log.contains("backfill done: 60000 events"), "{log}");
     let out = d.join("train.csv");
-    run(&[
-        "training-set",
-        &p,
-        "--spine",
-        &ex.join("spine.csv").display().to_string(),
-        "--features",
-        "user_activity",
-        "--features",
-        "item_popularity:clicks_30m",
-        "--key",
-        "user_id=uid",
-        "--time-column",
-        "ts",
-        "--out",
-        &out.display().to_string(),
-    ]);
+    let history = format!("clicks={}", d.join("history").display());
+    let spine = ex.join("spine.csv").display().to_string();
+    let training_set = |extra: &[&str]| {
+        let mut a = vec![
+            "training-set",
+            &p,
+            "--spine",
+            &spine,
+            "--features",
+            "user_activity",
+            "--features",
+            "item_popularity:clicks_30m",
+            "--key",
+            "user_id=uid",
+            "--time-column",
+            "ts",
+            "--out",
+            out.to_str().expect("path"),
+        ];
+        a.extend(extra);
+        run(&a)
+    };
+    // The lake's closed windows: an unknown user inside the data reads as
+    // no activity (0 clicks).
+    training_set(&["--closed-windows"]);
+    let text = std::fs::read_to_string(&out).expect("output");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[8].starts_with("u99999,i8,2024-01-01T02:00:00Z,0,0,,"),
+        "{}",
+        lines[8]
+    );
+    // The default: what an online read at each time returns, from a
+    // replay of the history; the late events are dead-lettered again.
+    let log = training_set(&["--source", &history]);
+    assert!(log.contains("late (dead-lettered"), "{log}");
+    assert!(
+        std::fs::read_to_string(d.join("train.csv.dead_letters.jsonl"))
+            .expect("dead letters")
+            .lines()
+            .count()
+            > 0
+    );
     let text = std::fs::read_to_string(&out).expect("output");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 11, "{text}");
@@ -456,9 +498,9 @@ fn training_example_runs() {
         "{}",
         lines[10]
     );
-    // An unknown user inside the data's time reads as no activity: 0 clicks.
+    // An unknown user has no online value: NULL, as a read of it is a 404.
     assert!(
-        lines[8].starts_with("u99999,i8,2024-01-01T02:00:00Z,0,0,,"),
+        lines[8].starts_with("u99999,i8,2024-01-01T02:00:00Z,0,,,,"),
         "{}",
         lines[8]
     );

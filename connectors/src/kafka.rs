@@ -800,6 +800,13 @@ impl Source for KafkaSource {
         describe(&self.topic, pos)
     }
 
+    fn row_origin(&self, pos: u64) -> (Option<i32>, Option<i64>) {
+        (
+            i32::try_from(pos >> OFFSET_BITS).ok(),
+            i64::try_from(pos & ((1 << OFFSET_BITS) - 1)).ok(),
+        )
+    }
+
     fn partitions(&self) -> Vec<u32> {
         self.next.keys().map(|p| *p as u32).collect()
     }

@@ -26,6 +26,11 @@ pub struct LakeWriter {
     schema: SchemaRef,
     /// File name prefix: `part` for streaming epochs.
     prefix: String,
+    /// The column whose UTC date names a row's partition folder:
+    /// `window_end` (1) for views, the event time for archives.
+    date_column: usize,
+    /// An event archive (its own metrics), not a view's lake.
+    archive: bool,
 }
 
 /// An I/O error on `p`.
@@ -59,6 +64,21 @@ impl LakeWriter {
             view: view.to_string(),
             schema,
             prefix: "part".into(),
+            date_column: 1,
+            archive: false,
+        }
+    }
+
+    /// The event archive of source `source` in `dir`
+    /// (`{dir}/date=YYYY-MM-DD/part-{epoch}-{n}.parquet`, by event date).
+    pub fn archive(dir: &Path, source: &str, schema: SchemaRef, event_time: usize) -> Self {
+        LakeWriter {
+            dir: dir.to_path_buf(),
+            view: source.to_string(),
+            schema,
+            prefix: "part".into(),
+            date_column: event_time,
+            archive: true,
         }
     }
 
@@ -105,13 +125,22 @@ impl OfflineSink for LakeWriter {
         if n == 0 {
             return Ok(0);
         }
-        metrics::counter!("sluice_lake_rows_total", "view" => self.view.clone())
-            .increment(n as u64);
-        // Partition by the UTC date of window_end (column 1).
-        let ends = all
-            .column(1)
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>();
+        if self.archive {
+            metrics::counter!("sluice_archive_rows_total", "source" => self.view.clone())
+                .increment(n as u64);
+        } else {
+            metrics::counter!("sluice_lake_rows_total", "view" => self.view.clone())
+                .increment(n as u64);
+        }
+        // Partition by the UTC date of window_end (views) or the event time (archives).
+        let ms = arrow::compute::cast(
+            all.column(self.date_column),
+            &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, None),
+        )
+        .ok();
+        let ends = ms
+            .as_ref()
+            .and_then(|a| a.as_any().downcast_ref::<TimestampMillisecondArray>());
         let day_of = |i: usize| match ends {
             Some(a) if a.is_valid(i) => Some(a.value(i).div_euclid(86_400_000)),
             _ => None,

@@ -4,6 +4,7 @@
 //! the engine's [`sluice_engine::Source`], [`sluice_engine::OfflineSink`]
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
+pub mod archive;
 mod deadletter;
 mod error;
 mod file;
@@ -34,8 +35,8 @@ pub use memory::MemorySource;
 /// line and column. Pass it to [`sluice_sql::plan_file`].
 pub fn check_source(s: &SourcePlan) -> std::result::Result<(), PipelineError> {
     match s.connector.as_str() {
-        "file" => FileOptions::parse(s).map(|_| ()),
-        "kafka" => KafkaOptions::parse(s).map(|_| ()),
+        "file" => FileOptions::parse(s).and_then(|_| archive::archive_dir(s).map(|_| ())),
+        "kafka" => KafkaOptions::parse(s).and_then(|_| archive::archive_dir(s).map(|_| ())),
         other => Err(OptionReader::new(s, "sources")
             .error(
                 "connector",

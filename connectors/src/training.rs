@@ -17,13 +17,14 @@ use parquet::arrow::arrow_reader::{ArrowPredicateFn, ParquetRecordBatchReaderBui
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::replay::{History, SpineRows, ViewValues, replay};
 use sluice_engine::time::event_time_problem;
 use sluice_engine::training::{AsOf, Found, Probe, time_millis};
 use sluice_engine::view::ViewOp;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::PipelinePlan;
 
-use crate::files::FileFormat;
+use crate::files::{FileFormat, FilesSource, InputFile, expand_paths};
 use crate::lake::{day_string, io};
 
 /// The features asked of one view: `VIEW` (all) or `VIEW:COL,COL`.
@@ -70,6 +71,13 @@ pub struct TrainingSetRequest {
     pub time_column: Option<String>,
     /// Output file (.parquet, .csv, .jsonl).
     pub out: PathBuf,
+    /// Windowed views from the closed-window rows of their lake instead of
+    /// a replay of their history.
+    pub closed_windows: bool,
+    /// A source's history for replays, given as files (`--source NAME=PATH`).
+    pub sources: HashMap<String, Vec<InputFile>>,
+    /// Where replays dead-letter undecodable and late events.
+    pub dead_letters: PathBuf,
 }
 
 /// What a training-set join did, per view.
@@ -82,6 +90,25 @@ pub struct TrainingSetStats {
     pub times_out_of_range: usize,
     /// Per view: (name, lake files read, lake rows read, rows found, empty-set rows, NULL rows).
     pub views: Vec<ViewJoinStats>,
+    /// Per replayed source: what the replay read and where its history came from.
+    pub replays: Vec<ReplayReport>,
+    /// Dead letters the replays wrote (to the request's `dead_letters`).
+    pub dead_letters: u64,
+}
+
+/// What the replay of one source's history did.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    /// The source.
+    pub source: String,
+    /// Where its events came from (files, or the event archive).
+    pub history: String,
+    /// Events read.
+    pub events: u64,
+    /// Events late for a replayed view (dead-lettered, not folded in).
+    pub late: u64,
+    /// Clocks the tiles were flushed at.
+    pub flushes: u64,
 }
 
 /// One view's part of a training set.
@@ -99,6 +126,10 @@ pub struct ViewJoinStats {
     pub empty: usize,
     /// Spine rows left NULL (no key, or a time outside the lake).
     pub null: usize,
+    /// Replayed views: spine rows whose time the history's watermark never reached (NULL).
+    pub beyond: usize,
+    /// The values come from a replay of the view's history (not the lake).
+    pub replayed: bool,
 }
 
 fn cerr(what: impl Into<String>, message: impl Into<String>) -> EngineError {
@@ -341,8 +372,9 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
             .map_err(|e| EngineError::arrow("spine time column", e))?;
         fields[time_col] = fields[time_col].clone().with_nullable(true);
     }
+    let replayed = replay_views(plan, req, &spine, &ts, &mut stats)?;
     for fr in &req.features {
-        let (f, c, s) = join_view(plan, req, fr, &spine, &ts)?;
+        let (f, c, s) = join_view(plan, req, fr, &spine, &ts, &replayed)?;
         fields.extend(f);
         cols.extend(c);
         stats.views.push(s);
@@ -363,12 +395,187 @@ fn names(s: &Schema) -> String {
 
 type Joined = (Vec<Field>, Vec<ArrayRef>, ViewJoinStats);
 
+/// Does a training set replay this view (a windowed view, unless the
+/// request asks for closed-window lake rows)?
+fn replays(req: &TrainingSetRequest, vp: &sluice_sql::ViewPlan) -> bool {
+    !req.closed_windows
+        && matches!(
+            vp.window(),
+            Some(sluice_sql::WindowSpec::Hop { .. } | sluice_sql::WindowSpec::Tumble { .. })
+        )
+}
+
+/// The spine's key columns for `vp`, cast to the view's key types.
+fn spine_keys(
+    vp: &sluice_sql::ViewPlan,
+    req: &TrainingSetRequest,
+    spine: &RecordBatch,
+    what: &str,
+) -> Result<Vec<ArrayRef>> {
+    let emitted = emitted_schema(&vp.output_schema);
+    let sschema = spine.schema();
+    let opts = CastOptions {
+        safe: true,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for k in &vp.keys {
+        let ki = emitted
+            .index_of(k)
+            .map_err(|e| EngineError::arrow("view keys", e))?;
+        let col = req.keys.get(k).cloned().unwrap_or_else(|| k.clone());
+        let idx = sschema.index_of(&col).map_err(|_| {
+            cerr(
+                what.to_string(),
+                format!(
+                    "the spine has no column `{col}` for key `{k}` of view `{}`; map it with --key {k}=SPINECOL (spine columns: {})",
+                    vp.name,
+                    names(&sschema)
+                ),
+            )
+        })?;
+        let t = emitted.field(ki).data_type();
+        out.push(
+            cast_with_options(spine.column(idx), t, &opts)
+                .map_err(|e| EngineError::arrow(format!("spine column `{col}` as {t}"), e))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Where the history of source `sp` comes from for a replay: `--source`
+/// files, else its event archive, else a file source's own file.
+fn history_of(
+    plan: &PipelinePlan,
+    req: &TrainingSetRequest,
+    sp: &sluice_sql::SourcePlan,
+    view: &str,
+) -> Result<(History, String)> {
+    if let Some(files) = req.sources.get(&sp.name) {
+        let label = format!("{} file(s) given with --source", files.len());
+        return Ok((
+            History {
+                source: Box::new(FilesSource::new(sp, files.clone())),
+                recorded: false,
+            },
+            label,
+        ));
+    }
+    let archive = crate::archive::archive_dir(sp)
+        .map_err(|e| cerr(format!("source {}", sp.name), e.to_string()))?;
+    if let Some(dir) = archive {
+        let a = crate::archive::ArchiveSource::open(sp, &dir)?;
+        let label = format!(
+            "event archive {} ({} checkpoints)",
+            dir.display(),
+            a.epochs()
+        );
+        return Ok((
+            History {
+                source: Box::new(a),
+                recorded: true,
+            },
+            label,
+        ));
+    }
+    if sp.connector == "file" {
+        let o = crate::FileOptions::parse(sp)
+            .map_err(|e| cerr(format!("source {}", sp.name), e.to_string()))?;
+        let files = expand_paths(&o.path.display().to_string())?;
+        let label = format!("{} (the source's file)", o.path.display());
+        return Ok((
+            History {
+                source: Box::new(FilesSource::new(sp, files)),
+                recorded: false,
+            },
+            label,
+        ));
+    }
+    let _ = plan;
+    Err(cerr(
+        format!("--features {view}"),
+        format!(
+            "view `{view}` reads {} source `{}`, whose history this training set cannot replay: give its events with --source {}=PATH, or declare archive = 'path' on the source so `sluice run` keeps what it accepts (--closed-windows reads the view's lake instead)",
+            sp.connector, sp.name, sp.name
+        ),
+    ))
+}
+
+/// Replays the history of every source a requested windowed view reads,
+/// once per source for all of its requested views.
+fn replay_views(
+    plan: &PipelinePlan,
+    req: &TrainingSetRequest,
+    spine: &RecordBatch,
+    ts: &[Option<i64>],
+    stats: &mut TrainingSetStats,
+) -> Result<HashMap<String, ViewValues>> {
+    let mut by_source: Vec<(String, Vec<SpineRows>)> = Vec::new();
+    for fr in &req.features {
+        let Some(vp) = plan.view(&fr.view) else {
+            continue;
+        };
+        if !replays(req, vp) {
+            continue;
+        }
+        let what = format!("--features {}", fr.view);
+        let keys = spine_keys(vp, req, spine, &what)?;
+        let strings = sluice_engine::keys::key_strings(&keys)?;
+        let keys: Vec<Option<String>> = strings
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (!keys.iter().any(|c| c.is_null(i))).then_some(k))
+            .collect();
+        let rows = SpineRows {
+            view: vp.name.clone(),
+            keys,
+            times: ts.to_vec(),
+        };
+        match by_source.iter_mut().find(|(s, _)| *s == vp.source) {
+            Some((_, v)) => {
+                if !v.iter().any(|r| r.view == rows.view) {
+                    v.push(rows);
+                }
+            }
+            None => by_source.push((vp.source.clone(), vec![rows])),
+        }
+    }
+    let mut out = HashMap::new();
+    if by_source.is_empty() {
+        return Ok(out);
+    }
+    if req.dead_letters.exists() {
+        std::fs::remove_file(&req.dead_letters).map_err(|e| io(&req.dead_letters, e))?;
+    }
+    let mut dead = crate::DeadLetterFile::at(&req.dead_letters);
+    for (source, spines) in by_source {
+        let Some(sp) = plan.source(&source) else {
+            continue;
+        };
+        let (history, label) = history_of(plan, req, sp, &spines[0].view)?;
+        let (values, rs) = replay(plan, history, &spines, &mut dead)?;
+        stats.dead_letters += rs.dead_letters;
+        stats.replays.push(ReplayReport {
+            source: source.clone(),
+            history: label,
+            events: rs.events,
+            late: rs.late,
+            flushes: rs.flushes,
+        });
+        for v in values {
+            out.insert(v.view.clone(), v);
+        }
+    }
+    Ok(out)
+}
+
 fn join_view(
     plan: &PipelinePlan,
     req: &TrainingSetRequest,
     fr: &FeatureRequest,
     spine: &RecordBatch,
     ts: &[Option<i64>],
+    replayed: &HashMap<String, ViewValues>,
 ) -> Result<Joined> {
     let what = format!("--features {}", fr.view);
     let Some(vp) = plan.view(&fr.view) else {
@@ -380,12 +587,6 @@ fn join_view(
                 fr.view,
                 known.join(", ")
             ),
-        ));
-    };
-    let Some(root) = &vp.offline else {
-        return Err(cerr(
-            what,
-            format!("view `{}` has no lake (WITH offline = '…')", vp.name),
         ));
     };
     let emitted = emitted_schema(&vp.output_schema);
@@ -425,30 +626,42 @@ fn join_view(
             })
             .collect::<Result<_>>()?
     };
-    let sschema = spine.schema();
-    let opts = CastOptions {
-        safe: true,
-        ..Default::default()
+    let out_field = |i: usize| {
+        let f = emitted.field(i);
+        Field::new(
+            format!("{}__{}", vp.name, f.name()),
+            f.data_type().clone(),
+            true,
+        )
     };
-    let mut spine_keys = Vec::new();
-    for (k, ki) in vp.keys.iter().zip(&keys) {
-        let col = req.keys.get(k).cloned().unwrap_or_else(|| k.clone());
-        let idx = sschema.index_of(&col).map_err(|_| {
-            cerr(
-                what.clone(),
-                format!(
-                    "the spine has no column `{col}` for key `{k}` of view `{}`; map it with --key {k}=SPINECOL (spine columns: {})",
-                    vp.name,
-                    names(&sschema)
-                ),
-            )
-        })?;
-        let t = emitted.field(*ki).data_type();
-        spine_keys.push(
-            cast_with_options(spine.column(idx), t, &opts)
-                .map_err(|e| EngineError::arrow(format!("spine column `{col}` as {t}"), e))?,
-        );
+    if let Some(v) = replayed.get(&vp.name) {
+        let cols = features
+            .iter()
+            .map(|i| {
+                let name = emitted.field(*i).name();
+                v.batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| cerr(what.clone(), format!("replay lacks `{name}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let js = ViewJoinStats {
+            view: vp.name.clone(),
+            found: v.found,
+            null: v.null,
+            beyond: v.beyond,
+            replayed: true,
+            ..Default::default()
+        };
+        return Ok((features.iter().map(|i| out_field(*i)).collect(), cols, js));
     }
+    let Some(root) = &vp.offline else {
+        return Err(cerr(
+            what,
+            format!("view `{}` has no lake (WITH offline = '…')", vp.name),
+        ));
+    };
+    let spine_keys = spine_keys(vp, req, spine, &what)?;
     let feat_schema = Arc::new(Schema::new(
         features
             .iter()
@@ -578,17 +791,7 @@ fn join_view(
             Found::Null => js.null += 1,
         }
     }
-    let fields = feat_schema
-        .fields()
-        .iter()
-        .map(|f| {
-            Field::new(
-                format!("{}__{}", vp.name, f.name()),
-                f.data_type().clone(),
-                true,
-            )
-        })
-        .collect();
+    let fields = features.iter().map(|i| out_field(*i)).collect();
     Ok((fields, cols, js))
 }
 

@@ -194,6 +194,35 @@ impl AggKernel {
         Ok(self.finish_with_time(key_cols, accs)?.0)
     }
 
+    /// Like `finish`, keeping which group each surviving row is (`HAVING`
+    /// may drop groups): `rowid` is the group index.
+    pub(crate) fn finish_rows(
+        &self,
+        key_cols: Vec<ArrayRef>,
+        accs: &mut [Box<dyn GroupsAccumulator>],
+    ) -> Result<Rows> {
+        let mut cols = key_cols;
+        for acc in accs.iter_mut() {
+            cols.push(
+                acc.evaluate(EmitTo::All)
+                    .map_err(|e| EngineError::df(&self.view, e))?,
+            );
+        }
+        if self.hidden_ts {
+            cols.pop();
+        }
+        let batch = RecordBatch::try_new(Arc::clone(&self.agg_schema), cols)
+            .map_err(|e| EngineError::arrow(format!("aggregate output of `{}`", self.view), e))?;
+        let n = batch.num_rows();
+        let rows = Rows {
+            batch,
+            ts: None,
+            wm: None,
+            rowid: UInt32Array::from_iter_values(0..n as u32),
+        };
+        run_stages(&self.view, &self.post, rows)
+    }
+
     /// Like `finish`, also returning the hidden last-event-time column of lifetime views.
     fn finish_with_time(
         &self,

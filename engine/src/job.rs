@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Int64Array, RecordBatch, UInt32Array};
+use arrow::datatypes::SchemaRef;
 use sluice_sql::PipelinePlan;
 
 use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
@@ -185,6 +186,19 @@ struct SourceRt {
     /// A poll failed with an error worth retrying: why, when to retry, and
     /// the backoff to double if it fails again.
     retry: Option<Retry>,
+    /// The source's event archive, and the rows accepted since the last checkpoint.
+    archive: Option<Archive>,
+}
+
+/// A source's event archive: the rows it accepted, written with each
+/// checkpoint (see [`crate::replay::archive_schema`]).
+struct Archive {
+    sink: Box<dyn OfflineSink>,
+    schema: SchemaRef,
+    /// Source rows, their origins (partition, offset) and the watermark their late rule used.
+    rows: Vec<(RecordBatch, Vec<(Option<i32>, Option<i64>)>, Int64Array)>,
+    /// The clock of the last committed checkpoint.
+    clock: Option<i64>,
 }
 
 struct Retry {
@@ -234,6 +248,45 @@ impl SourceRt {
             max_event_time: self.watermark.max_event_time(),
             partitions: self.watermark.partitions(),
         }
+    }
+}
+
+impl Archive {
+    /// Writes the rows of checkpoint `epoch`, whose clock is `clock`.
+    fn write(&mut self, epoch: u64, clock: Option<i64>) -> Result<()> {
+        let rows = std::mem::take(&mut self.rows);
+        let before = self.clock;
+        self.clock = clock;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut seq = 0u64;
+        let mut out = Vec::with_capacity(rows.len());
+        for (b, origins, wm) in rows {
+            let n = b.num_rows();
+            let mut cols = b.columns().to_vec();
+            let seqs = arrow::array::UInt64Array::from_iter_values(seq..seq + n as u64);
+            seq += n as u64;
+            cols.push(Arc::new(arrow::array::UInt64Array::from(vec![epoch; n])));
+            cols.push(Arc::new(seqs));
+            cols.push(Arc::new(arrow::array::Int32Array::from_iter(
+                origins.iter().map(|o| o.0),
+            )));
+            cols.push(Arc::new(Int64Array::from_iter(origins.iter().map(|o| o.1))));
+            cols.push(Arc::new(Int64Array::from_iter(
+                wm.values()
+                    .iter()
+                    .map(|w| (*w != NO_WATERMARK).then_some(*w)),
+            )));
+            cols.push(Arc::new(Int64Array::from(vec![before; n])));
+            cols.push(Arc::new(Int64Array::from(vec![clock; n])));
+            out.push(
+                RecordBatch::try_new(Arc::clone(&self.schema), cols)
+                    .map_err(|e| EngineError::arrow("event archive rows", e))?,
+            );
+        }
+        self.sink.write_epoch(epoch, &out)?;
+        Ok(())
     }
 }
 
@@ -400,6 +453,7 @@ impl Job {
                 down: None,
                 last_good: Vec::new(),
                 retry: None,
+                archive: None,
             };
             rt.last_good = rt.src.position();
             rt.add_partitions(now);
@@ -449,6 +503,29 @@ impl Job {
     /// The last committed epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Keeps an event archive of source `source`: every row it accepts,
+    /// written to `sink` with each checkpoint (exactly once: files of an
+    /// epoch that did not commit are removed here).
+    pub fn set_archive(&mut self, source: &str, mut sink: Box<dyn OfflineSink>) -> Result<()> {
+        let epoch = self.epoch;
+        let s = self
+            .sources
+            .iter_mut()
+            .find(|s| s.name == source)
+            .ok_or_else(|| EngineError::Connector {
+                what: format!("archive of source {source}"),
+                message: "no such source in the pipeline".into(),
+            })?;
+        sink.recover(epoch)?;
+        s.archive = Some(Archive {
+            sink,
+            schema: crate::replay::archive_schema(&s.src.schema()),
+            rows: Vec::new(),
+            clock: s.watermark.get(),
+        });
+        Ok(())
     }
 
     /// Runs until every source ends (or `stop` is set), then takes a final checkpoint.
@@ -683,6 +760,15 @@ impl Job {
             wm,
             rowid: UInt32Array::from_iter_values(0..n as u32),
         };
+        let s = &mut self.sources[si];
+        if let Some(a) = s.archive.as_mut() {
+            let origins = positions.iter().map(|p| s.src.row_origin(*p)).collect();
+            let wm = rows
+                .wm
+                .clone()
+                .unwrap_or_else(|| Int64Array::from(vec![NO_WATERMARK; n]));
+            a.rows.push((batch.clone(), origins, wm));
+        }
         let new_wm = self.sources[si].watermark.watermark();
         let view_ids = self.sources[si].views.clone();
         for vi in view_ids {
@@ -736,6 +822,12 @@ impl Job {
             }
             for l in lake.iter_mut() {
                 l.write_epoch(epoch, &batches)?;
+            }
+        }
+        for s in self.sources.iter_mut() {
+            let clock = s.watermark.get();
+            if let Some(a) = s.archive.as_mut() {
+                a.write(epoch, clock)?;
             }
         }
         let dl_len = self.dead.commit()?;

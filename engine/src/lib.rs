@@ -11,6 +11,7 @@ pub mod job;
 pub mod keys;
 pub mod metrics_names;
 pub mod online;
+pub mod replay;
 pub mod server;
 mod source;
 pub mod store;

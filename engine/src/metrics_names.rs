@@ -43,6 +43,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Rows written to the Parquet lake (label: view)",
     ),
     (
+        "sluice_archive_rows_total",
+        "counter",
+        "Accepted events written to a source's event archive (label: source)",
+    ),
+    (
         "sluice_checkpoints_total",
         "counter",
         "Checkpoints committed",

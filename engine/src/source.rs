@@ -111,6 +111,12 @@ pub trait Source: Send {
     fn position(&self) -> Vec<u8>;
     /// Describes a row position from [`SourceBatch::row_positions`] for a dead letter.
     fn describe_position(&self, pos: u64) -> String;
+    /// The partition and offset of a row position from
+    /// [`SourceBatch::row_positions`], as an event archive records them
+    /// (default: no partition, the position as the offset).
+    fn row_origin(&self, pos: u64) -> (Option<i32>, Option<i64>) {
+        (None, i64::try_from(pos).ok())
+    }
     /// The partitions this source reads; each holds the watermark back until
     /// it has data or has been idle for the source's `idle_timeout`.
     fn partitions(&self) -> Vec<u32> {

@@ -712,7 +712,8 @@ pub struct TileReader {
     layout: TileLayout,
     schema: SchemaRef,
     feature_idx: Vec<usize>,
-    empty: Option<Value>,
+    /// The output row of a key whose range holds no events.
+    empty_row: Option<RecordBatch>,
 }
 
 impl std::fmt::Debug for TileReader {
@@ -730,17 +731,14 @@ impl TileReader {
             .ok_or_else(|| EngineError::Internal(format!("view `{}` has no window", plan.name)))?;
         let schema = crate::aggregate::emitted_schema(&plan.output_schema);
         let (_, feature_idx) = key_and_feature_columns(plan);
-        let empty = match kernel.empty_row()? {
-            Some(b) => emitted_features(&schema, &feature_idx, &b)?,
-            None => None,
-        };
+        let empty_row = kernel.empty_row()?;
         Ok(TileReader {
             view: plan.name.clone(),
             kernel,
             layout,
             schema,
             feature_idx,
-            empty,
+            empty_row,
         })
     }
 
@@ -767,25 +765,16 @@ impl TileReader {
     /// The value of `key` at the view's committed clock: `None` for a key
     /// without tiles (never seen, or all expired) or one `HAVING` drops.
     pub fn read(&self, store: &dyn StateStore, key: &str, mode: ReadMode) -> Result<Option<Value>> {
-        let layout = &self.layout;
-        let r = store.read_tiles(&self.view, key, &clock_key(&self.view), &|t| {
-            let (from, to) = layout.bounds(mode, t);
-            layout.cover(from, to)
-        })?;
-        let (Some(t), true) = (r.clock, r.exists) else {
+        let v = self.read_many(store, &[key], mode)?;
+        let (Some(t), Some(Some(row))) = (v.clock, v.rows.first()) else {
             return Ok(None);
         };
-        let features = if r.states.is_empty() {
-            match &self.empty {
-                Some(v) => v.clone(),
-                None => return Ok(None),
-            }
-        } else {
-            match self.merge(key, &r.states)? {
-                Some(v) => v,
-                None => return Ok(None),
-            }
+        let Some(features) =
+            emitted_features(&self.schema, &self.feature_idx, &v.batch.slice(*row, 1))?
+        else {
+            return Ok(None);
         };
+        let layout = &self.layout;
         let (from, to) = layout.bounds(mode, t);
         let mut out = json!({"key": key, "as_of": fmt_ts(t), "window_start": fmt_ts(from)});
         if let Some(o) = out.as_object_mut() {
@@ -801,41 +790,144 @@ impl TileReader {
         Ok(Some(out))
     }
 
-    fn merge(&self, key: &str, states: &[Vec<u8>]) -> Result<Option<Value>> {
-        let parser = self.kernel.state_conv.parser();
-        let arrays = self
-            .kernel
-            .state_conv
-            .convert_rows(states.iter().map(|b| parser.parse(b)))
-            .map_err(|e| EngineError::arrow("decoding tile states", e))?;
-        let mut accs = self.kernel.new_accs()?;
-        let groups = vec![0usize; states.len()];
-        merge_into(&self.kernel, &self.view, &mut accs, &arrays, &groups, 1)?;
-        let keys = key_columns_of(key, self.kernel.key_types());
-        let b = self.kernel.finish(keys, &mut accs)?;
-        if b.num_rows() == 0 {
-            return Ok(None);
+    /// The values of several keys at the view's committed clock, merged in
+    /// one pass (the online read and training-set replays both come here).
+    /// Each key's tiles come from one snapshot of the store.
+    pub fn read_many(
+        &self,
+        store: &dyn StateStore,
+        keys: &[&str],
+        mode: ReadMode,
+    ) -> Result<KeyValues> {
+        let layout = &self.layout;
+        let mut clock = None;
+        let mut states: Vec<Vec<u8>> = Vec::new();
+        let mut groups: Vec<usize> = Vec::new();
+        // Per key: its group among merged keys, or the empty-set value.
+        let mut slot: Vec<Option<Option<usize>>> = Vec::with_capacity(keys.len());
+        let mut merged_keys: Vec<&str> = Vec::new();
+        for key in keys {
+            let r = store.read_tiles(&self.view, key, &clock_key(&self.view), &|t| {
+                let (from, to) = layout.bounds(mode, t);
+                layout.cover(from, to)
+            })?;
+            if clock.is_none() {
+                clock = r.clock;
+            }
+            if r.clock.is_none() || !r.exists {
+                slot.push(None);
+            } else if r.states.is_empty() {
+                slot.push(Some(None));
+            } else {
+                let g = merged_keys.len();
+                merged_keys.push(key);
+                groups.extend(std::iter::repeat_n(g, r.states.len()));
+                states.extend(r.states);
+                slot.push(Some(Some(g)));
+            }
         }
-        emitted_features(&self.schema, &self.feature_idx, &b)
+        let mut parts = Vec::new();
+        // Group index → row of the merged batch (HAVING may drop groups).
+        let mut row_of = vec![None; merged_keys.len()];
+        if !merged_keys.is_empty() {
+            let parser = self.kernel.state_conv.parser();
+            let arrays = self
+                .kernel
+                .state_conv
+                .convert_rows(states.iter().map(|b| parser.parse(b)))
+                .map_err(|e| EngineError::arrow("decoding tile states", e))?;
+            let mut accs = self.kernel.new_accs()?;
+            merge_into(
+                &self.kernel,
+                &self.view,
+                &mut accs,
+                &arrays,
+                &groups,
+                merged_keys.len(),
+            )?;
+            let key_cols = key_columns_of(&merged_keys, self.kernel.key_types());
+            let out = self.kernel.finish_rows(key_cols, &mut accs)?;
+            for (row, g) in out.rowid.values().iter().enumerate() {
+                row_of[*g as usize] = Some(row);
+            }
+            parts.push(out.batch);
+        }
+        let merged_rows = parts.first().map_or(0, |b| b.num_rows());
+        let wants_empty = slot.iter().any(|s| matches!(s, Some(None)));
+        if let (true, Some(e)) = (wants_empty, &self.empty_row) {
+            parts.push(e.clone());
+        }
+        let rows = slot
+            .into_iter()
+            .map(|s| match s {
+                None => None,
+                Some(Some(g)) => row_of[g],
+                Some(None) => self.empty_row.as_ref().map(|_| merged_rows),
+            })
+            .collect();
+        let batch = match parts.as_slice() {
+            [] => RecordBatch::new_empty(Arc::new(Schema::empty())),
+            [one] => one.clone(),
+            _ => {
+                // The empty-set row's columns are nullable (MIN of nothing is NULL).
+                let schema = Arc::new(Schema::new(
+                    parts[0]
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.as_ref().clone().with_nullable(true))
+                        .collect::<Vec<_>>(),
+                ));
+                let cols = (0..schema.fields().len())
+                    .map(|i| {
+                        let arrays: Vec<&dyn Array> =
+                            parts.iter().map(|p| p.column(i).as_ref()).collect();
+                        arrow::compute::concat(&arrays)
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| EngineError::arrow("feature rows", e))?;
+                RecordBatch::try_new(schema, cols)
+                    .map_err(|e| EngineError::arrow("feature rows", e))?
+            }
+        };
+        Ok(KeyValues { clock, batch, rows })
     }
 }
 
-/// Key columns (one row) from a key as the API spells it: columns joined by
-/// `|`, each cast from text to its type (NULL where it does not parse).
-fn key_columns_of(key: &str, types: &[DataType]) -> Vec<ArrayRef> {
-    let parts: Vec<&str> = if types.len() == 1 {
-        vec![key]
-    } else {
-        key.splitn(types.len(), '|').collect()
-    };
+/// What [`TileReader::read_many`] found.
+#[derive(Debug)]
+pub struct KeyValues {
+    /// The committed clock the values are read at (`None`: no checkpoint yet).
+    pub clock: Option<i64>,
+    /// The view's output rows (keys and features).
+    pub batch: RecordBatch,
+    /// Per requested key, its row in `batch`; `None` for a key without
+    /// tiles (never seen, or all expired) or one `HAVING` drops.
+    pub rows: Vec<Option<usize>>,
+}
+
+/// Key columns (one row per key) from keys as the API spells them: columns
+/// joined by `|`, each cast from text to its type (NULL where it does not parse).
+fn key_columns_of(keys: &[&str], types: &[DataType]) -> Vec<ArrayRef> {
+    let parts: Vec<Vec<&str>> = keys
+        .iter()
+        .map(|k| {
+            if types.len() == 1 {
+                vec![*k]
+            } else {
+                k.splitn(types.len(), '|').collect()
+            }
+        })
+        .collect();
     types
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let s: ArrayRef = Arc::new(arrow::array::StringArray::from(vec![
-                parts.get(i).copied().unwrap_or(""),
-            ]));
-            arrow::compute::cast(&s, t).unwrap_or_else(|_| arrow::array::new_null_array(t, 1))
+            let s: ArrayRef = Arc::new(arrow::array::StringArray::from_iter_values(
+                parts.iter().map(|p| p.get(i).copied().unwrap_or("")),
+            ));
+            arrow::compute::cast(&s, t)
+                .unwrap_or_else(|_| arrow::array::new_null_array(t, keys.len()))
         })
         .collect()
 }

@@ -18,7 +18,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 use sluice_engine::Rows;
-use sluice_engine::store::{Commit, Store, TileWrites};
+use sluice_engine::replay::MemStore;
+use sluice_engine::store::{Commit, StateStore, Store, TileWrites};
 use sluice_engine::tiles::{FlushStats, ReadMode, TileLayout, TileReader, clock_key};
 use sluice_engine::view::ViewOp;
 
@@ -111,7 +112,7 @@ fn events(rng: &mut StdRng, n: usize, step: i64, delay: i64, size: i64) -> Vec<E
 
 /// A checkpoint at watermark `wm`: pending rows before it fold into tiles,
 /// committed with the view's clock.
-fn checkpoint(op: &mut ViewOp, store: &Store, wm: i64) -> FlushStats {
+fn checkpoint(op: &mut ViewOp, store: &dyn StateStore, wm: i64) -> FlushStats {
     let mut w = TileWrites::default();
     let st = op
         .tiles_mut()
@@ -223,8 +224,23 @@ fn same(got: &Value, want: &Value) -> bool {
         })
 }
 
-/// Runs the differential check of one window; returns (reads compared, late events).
+/// Runs the differential check of one window against RocksDB; returns
+/// (reads compared, late events).
 fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (usize, usize) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(dir.path(), &["v".to_string()]).expect("store");
+    differential_in(&store, window, step, delay, n, seed)
+}
+
+/// The differential check of one window with the tiles in `store`.
+fn differential_in(
+    store: &dyn StateStore,
+    window: &str,
+    step: i64,
+    delay: i64,
+    n: usize,
+    seed: u64,
+) -> (usize, usize) {
     let plan = sluice_sql::plan_pipeline(
         "t.sql",
         &pipeline(window, delay / 1000),
@@ -233,8 +249,6 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
     .expect("plan");
     let vp = &plan.views[0];
     let layout = TileLayout::new(vp.window().expect("window")).expect("layout");
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(dir.path(), &["v".to_string()]).expect("store");
     let mut op = ViewOp::new(vp).expect("view");
     let reader = TileReader::new(vp, Arc::clone(op.kernel().expect("kernel"))).expect("reader");
     let naive = Naive::new();
@@ -276,7 +290,7 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
             continue;
         }
         // A checkpoint at the current watermark, then reads at its clock.
-        checkpoint(&mut op, &store, wm);
+        checkpoint(&mut op, store, wm);
         if rng.random_range(0..100) < 30 {
             // A restart from this checkpoint: a new operator with an empty
             // cache and the pending rows restored from their encoding.
@@ -299,7 +313,7 @@ fn differential(window: &str, step: i64, delay: i64, n: usize, seed: u64) -> (us
                 .map(|k| format!("k{k}"))
                 .chain(["never".to_string()])
             {
-                let got = reader.read(&store, &k, mode).expect("read");
+                let got = reader.read(store, &k, mode).expect("read");
                 // The key still has tiles: some accepted event before the clock in a tile not yet expired.
                 let live = accepted.iter().any(|e| {
                     e.key == k
@@ -373,6 +387,31 @@ fn thirty_day_window_reads_equal_a_naive_recomputation() {
         4,
     );
     assert!(n > 200 && late > 0, "{n} reads, {late} late");
+}
+
+/// Training-set replays keep tiles in memory (`MemStore`): the same reads.
+#[test]
+fn reads_from_tiles_in_memory_equal_a_naive_recomputation() {
+    for (i, (window, step, delay)) in [
+        (
+            "HOP(ts, INTERVAL '1' MINUTE, INTERVAL '5' MINUTE)",
+            2_000,
+            30_000,
+        ),
+        ("TUMBLE(ts, INTERVAL '2' MINUTE)", 2_000, 30_000),
+        (
+            "HOP(ts, INTERVAL '5' MINUTE, INTERVAL '1' DAY)",
+            2 * DAY / 2500,
+            10 * MIN,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let store = MemStore::default();
+        let (n, late) = differential_in(&store, window, step, delay, 2500, 10 + i as u64);
+        assert!(n > 200 && late > 0, "{window}: {n} reads, {late} late");
+    }
 }
 
 #[test]

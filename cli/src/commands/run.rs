@@ -87,6 +87,11 @@ pub fn run_job(
     let dead = Box::new(sluice_connectors::dead_letters(&opts.state_dir, p)?);
     let state_dir = opts.state_dir.clone();
     let mut job = Job::open(p, sources, lakes, dead, opts)?;
+    for sp in &p.sources {
+        if let Some(w) = sluice_connectors::archive::archive_writer(sp)? {
+            job.set_archive(&sp.name, Box::new(w))?;
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -26,6 +26,20 @@ pub struct TrainingSetArgs {
     /// The spine's time column (default: its only timestamp column).
     #[arg(long)]
     pub time_column: Option<String>,
+    /// History of a source for the replay of windowed views: `NAME=PATH`
+    /// (files, folders or globs, as `backfill` takes them). Without it a
+    /// replay reads the source's event archive, or a file source's own file.
+    #[arg(long = "source", value_name = "NAME=PATH")]
+    pub sources: Vec<String>,
+    /// Windowed views from the closed-window rows of their lake (each row
+    /// valid from its window's end to the next slide's end) instead of the
+    /// value an online read at the spine time returns.
+    #[arg(long)]
+    pub closed_windows: bool,
+    /// Where a replay's undecodable and late events go (default: the output
+    /// path with `.dead_letters.jsonl` appended).
+    #[arg(long)]
+    pub dead_letters: Option<PathBuf>,
 }
 
 /// Writes the training set and prints what each view contributed.
@@ -38,12 +52,36 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
         };
         keys.insert(v.to_string(), s.to_string());
     }
+    let mut sources: HashMap<String, Vec<sluice_connectors::files::InputFile>> = HashMap::new();
+    for s in &a.sources {
+        let Some((name, path)) = s.split_once('=') else {
+            bail!("--source `{s}`: expected NAME=PATH");
+        };
+        if p.source(name).is_none() {
+            let known: Vec<&str> = p.sources.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "--source {name}: the pipeline declares no source `{name}` (sources: {})",
+                known.join(", ")
+            );
+        }
+        let files = sluice_connectors::expand_paths(path)
+            .map_err(|e| anyhow::anyhow!("--source {s}: {e}"))?;
+        sources.entry(name.to_string()).or_default().extend(files);
+    }
+    let dead_letters = a.dead_letters.clone().unwrap_or_else(|| {
+        let mut o = a.out.clone().into_os_string();
+        o.push(".dead_letters.jsonl");
+        PathBuf::from(o)
+    });
     let req = sluice_connectors::training::TrainingSetRequest {
         spine: a.spine.clone(),
         features: a.features.clone(),
         keys,
         time_column: a.time_column.clone(),
         out: a.out.clone(),
+        closed_windows: a.closed_windows,
+        sources,
+        dead_letters: dead_letters.clone(),
     };
     let t0 = std::time::Instant::now();
     let stats = sluice_connectors::training::training_set(&p, &req)?;
@@ -59,11 +97,38 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
             stats.times_out_of_range
         );
     }
-    for v in &stats.views {
+    for r in &stats.replays {
         eprintln!(
-            "  {}: {} lake rows from {} files; {} rows found, {} empty windows, {} NULL (no key, or a time outside the lake)",
-            v.view, v.lake_rows, v.files, v.found, v.empty, v.null
+            "  replayed source {}: {} events from {}; {} late (dead-lettered, not folded in), {} clocks",
+            r.source, r.events, r.history, r.late, r.flushes
         );
+    }
+    if stats.dead_letters > 0 {
+        eprintln!(
+            "  {} dead letters in {}",
+            stats.dead_letters,
+            dead_letters.display()
+        );
+    }
+    for v in &stats.views {
+        if v.replayed {
+            eprintln!(
+                "  {}: as read online at each spine time: {} rows found, {} NULL (no accepted event the read could see{})",
+                v.view,
+                v.found,
+                v.null,
+                if v.beyond > 0 {
+                    format!("; {} after the history's last watermark", v.beyond)
+                } else {
+                    String::new()
+                }
+            );
+        } else {
+            eprintln!(
+                "  {}: {} lake rows from {} files; {} rows found, {} empty windows, {} NULL (no key, or a time outside the lake)",
+                v.view, v.lake_rows, v.files, v.found, v.empty, v.null
+            );
+        }
     }
     Ok(())
 }

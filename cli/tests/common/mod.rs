@@ -4,8 +4,10 @@
 
 #![allow(dead_code, missing_docs)]
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -348,4 +350,165 @@ pub fn produce(broker: &str, topic: &str, extra: &[&str]) {
         "produce failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A minimal HTTP/1.1 exchange: (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let (head, mut body) = text
+        .split_once("\r\n\r\n")
+        .map(|(h, b)| (h.to_string(), b.to_string()))
+        .expect("head");
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    out
+}
+
+/// A `sluice run --serve 127.0.0.1:0` in the background.
+pub struct ServingRun {
+    pub child: std::process::Child,
+    pub addr: String,
+    /// Receives `()` once the run says its input is done ("still serving").
+    pub done: std::sync::mpsc::Receiver<()>,
+}
+
+/// Starts `cmd` (a `sluice run … --serve 127.0.0.1:0`) with info logging and
+/// waits for the address it serves on.
+pub fn spawn_serving(mut cmd: Command) -> ServingRun {
+    let mut child = cmd
+        .env("SLUICE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (atx, arx) = std::sync::mpsc::channel();
+    let (dtx, drx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(a) = line.strip_prefix("serving on http://") {
+                let _ = atx.send(a.trim().to_string());
+            }
+            if line.contains("still serving") {
+                let _ = dtx.send(());
+            }
+        }
+    });
+    let addr = arx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server address");
+    ServingRun {
+        child,
+        addr,
+        done: drx,
+    }
+}
+
+/// One served read: view, key, `as_of`, features.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub view: String,
+    pub key: String,
+    pub as_of: String,
+    pub features: serde_json::Value,
+}
+
+/// Reads random keys (`{prefix}{0..keys}`) of random views from `addr`
+/// until `stop` says so; logs the found ones. A refused connection (the
+/// server was killed) ends the loop.
+pub fn log_reads(
+    addr: &str,
+    views: &[&str],
+    prefix: &str,
+    keys: u64,
+    seed: u64,
+    mut stop: impl FnMut() -> bool,
+) -> Vec<Served> {
+    let mut x = seed;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut log = Vec::new();
+    while !stop() {
+        let view = views[next(views.len() as u64) as usize];
+        let key = format!("{prefix}{}", next(keys));
+        if std::net::TcpStream::connect(addr).is_err() {
+            break;
+        }
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/features/{view}/{key}"),
+            None,
+            &[],
+        );
+        if status != 200 {
+            assert_eq!(status, 404, "{body}");
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        log.push(Served {
+            view: view.to_string(),
+            key,
+            as_of: v["as_of"].as_str().expect("as_of").to_string(),
+            features: v["features"].clone(),
+        });
+    }
+    log
 }

@@ -19,7 +19,8 @@ pub struct FileOptions {
 
 impl FileOptions {
     /// The options a file source takes.
-    pub const KEYS: &'static [&'static str] = &["connector", "path", "format", "max_record_bytes"];
+    pub const KEYS: &'static [&'static str] =
+        &["connector", "path", "format", "max_record_bytes", "archive"];
 
     /// Reads and checks `source`'s options; an error names the option's
     /// line and column in the pipeline file.

@@ -49,6 +49,7 @@ impl KafkaOptions {
         "idle_timeout",
         "dead_letter_topic",
         "max_record_bytes",
+        "archive",
     ];
 
     /// Reads and checks `source`'s options; an error names the option's
