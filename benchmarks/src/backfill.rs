@@ -294,8 +294,8 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 3. The default training set: the spine's values as online reads at each
-/// spine time, replayed from the backfill's events, against DuckDB
+/// Part 3, the default training set: the spine's values as online reads at
+/// each spine time, replayed from the backfill's events, against DuckDB
 /// computing the same sawtooth values with SQL over the same file.
 fn replayed_training_set(
     a: &BenchBackfillArgs,

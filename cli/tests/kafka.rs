@@ -687,7 +687,7 @@ fn archive_under_kill_nine_replays_what_was_served() {
         served.extend(common::log_reads(
             &run.addr,
             &["hop", "tum"],
-            "u",
+            |k| format!("u{k:05}"),
             50,
             seed | 1,
             || {

@@ -383,7 +383,14 @@ fn serve_and_log(d: &Path, keys: u64) -> Vec<Served> {
     let mut run = spawn_serving(cmd);
     let names: Vec<&str> = views().iter().map(|v| v.0).collect();
     let done = &run.done;
-    let log = log_reads(&run.addr, &names, "u", keys, 99, || done.try_recv().is_ok());
+    let log = log_reads(
+        &run.addr,
+        &names,
+        |k| format!("u{k}"),
+        keys,
+        99,
+        || done.try_recv().is_ok(),
+    );
     let _ = run.child.kill();
     let _ = run.child.wait();
     log

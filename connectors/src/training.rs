@@ -372,6 +372,10 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
             .map_err(|e| EngineError::arrow("spine time column", e))?;
         fields[time_col] = fields[time_col].clone().with_nullable(true);
     }
+    // Every request is checked before any history is replayed.
+    for fr in &req.features {
+        select(plan, fr)?;
+    }
     let replayed = replay_views(plan, req, &spine, &ts, &mut stats)?;
     for fr in &req.features {
         let (f, c, s) = join_view(plan, req, fr, &spine, &ts, &replayed)?;
@@ -569,14 +573,17 @@ fn replay_views(
     Ok(out)
 }
 
-fn join_view(
-    plan: &PipelinePlan,
-    req: &TrainingSetRequest,
-    fr: &FeatureRequest,
-    spine: &RecordBatch,
-    ts: &[Option<i64>],
-    replayed: &HashMap<String, ViewValues>,
-) -> Result<Joined> {
+/// A feature request checked against the pipeline: the view, its emitted
+/// schema, the key columns' and the requested features' indexes in it.
+struct Selected<'p> {
+    what: String,
+    vp: &'p sluice_sql::ViewPlan,
+    emitted: SchemaRef,
+    keys: Vec<usize>,
+    features: Vec<usize>,
+}
+
+fn select<'p>(plan: &'p PipelinePlan, fr: &FeatureRequest) -> Result<Selected<'p>> {
     let what = format!("--features {}", fr.view);
     let Some(vp) = plan.view(&fr.view) else {
         let known: Vec<&str> = plan.views.iter().map(|v| v.name.as_str()).collect();
@@ -626,6 +633,30 @@ fn join_view(
             })
             .collect::<Result<_>>()?
     };
+    Ok(Selected {
+        what,
+        vp,
+        emitted,
+        keys,
+        features,
+    })
+}
+
+fn join_view(
+    plan: &PipelinePlan,
+    req: &TrainingSetRequest,
+    fr: &FeatureRequest,
+    spine: &RecordBatch,
+    ts: &[Option<i64>],
+    replayed: &HashMap<String, ViewValues>,
+) -> Result<Joined> {
+    let Selected {
+        what,
+        vp,
+        emitted,
+        keys,
+        features,
+    } = select(plan, fr)?;
     let out_field = |i: usize| {
         let f = emitted.field(i);
         Field::new(

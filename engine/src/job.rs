@@ -195,8 +195,8 @@ struct SourceRt {
 struct Archive {
     sink: Box<dyn OfflineSink>,
     schema: SchemaRef,
-    /// Source rows, their origins (partition, offset) and the watermark their late rule used.
-    rows: Vec<(RecordBatch, Vec<(Option<i32>, Option<i64>)>, Int64Array)>,
+    /// Source rows since the last checkpoint.
+    rows: Vec<ArchivedRows>,
     /// The clock of the last committed checkpoint.
     clock: Option<i64>,
 }
@@ -250,6 +250,9 @@ impl SourceRt {
         }
     }
 }
+
+/// Source rows, their origins (partition, offset) and the watermark their late rule used.
+type ArchivedRows = (RecordBatch, Vec<(Option<i32>, Option<i64>)>, Int64Array);
 
 impl Archive {
     /// Writes the rows of checkpoint `epoch`, whose clock is `clock`.

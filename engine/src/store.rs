@@ -304,6 +304,13 @@ impl Store {
         }
         let opts = Options::default();
         let names = DB::list_cf(&opts, &path).map_err(|e| store_error(&path, e))?;
+        if !names.iter().any(|n| n == META) {
+            // A `sluice run` is creating the database right now.
+            return Err(EngineError::Incompatible {
+                path: dir.display().to_string(),
+                reason: "no state here yet: the database is still being created".into(),
+            });
+        }
         let db = DB::open_cf_for_read_only(&opts, &path, names, false)
             .map_err(|e| store_error(&path, e))?;
         Ok(Store { db, path })

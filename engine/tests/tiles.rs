@@ -409,7 +409,7 @@ fn reads_from_tiles_in_memory_equal_a_naive_recomputation() {
     .enumerate()
     {
         let store = MemStore::default();
-        let (n, late) = differential_in(&store, window, step, delay, 2500, 10 + i as u64);
+        let (n, late) = differential_in(&store, window, step, delay, 3000, 10 + i as u64);
         assert!(n > 200 && late > 0, "{window}: {n} reads, {late} late");
     }
 }

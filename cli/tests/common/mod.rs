@@ -466,13 +466,13 @@ pub struct Served {
     pub features: serde_json::Value,
 }
 
-/// Reads random keys (`{prefix}{0..keys}`) of random views from `addr`
-/// until `stop` says so; logs the found ones. A refused connection (the
-/// server was killed) ends the loop.
+/// Reads random keys (`key(0..keys)`) of random views from `addr` until
+/// `stop` says so; logs the found ones. A refused connection (the server
+/// was killed) ends the loop.
 pub fn log_reads(
     addr: &str,
     views: &[&str],
-    prefix: &str,
+    key: impl Fn(u64) -> String,
     keys: u64,
     seed: u64,
     mut stop: impl FnMut() -> bool,
@@ -487,7 +487,7 @@ pub fn log_reads(
     let mut log = Vec::new();
     while !stop() {
         let view = views[next(views.len() as u64) as usize];
-        let key = format!("{prefix}{}", next(keys));
+        let key = key(next(keys));
         if std::net::TcpStream::connect(addr).is_err() {
             break;
         }
