@@ -18,7 +18,7 @@ use std::process::Command;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Float64Type;
-use common::{Served, bin, log_reads, read_parquet, spawn_serving};
+use common::{Rng, Served, bin, log_reads, read_parquet, spawn_serving};
 use serde_json::Value;
 use sluice_engine::tiles::TileLayout;
 use sluice_sql::WindowSpec;
@@ -29,20 +29,6 @@ const MIN: i64 = 60 * SEC;
 const HOUR: i64 = 60 * MIN;
 const DAY: i64 = 24 * HOUR;
 const DELAY: i64 = MIN;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Ev {
@@ -405,7 +391,15 @@ fn compare(b: &RecordBatch, served: &[Served]) -> Vec<(usize, String, f64, f64)>
             let col = f64s(b, &format!("{view}__{f}"));
             for (r, s) in served.iter().enumerate().filter(|(_, s)| s.view == view) {
                 let want = s.features[*f].as_f64();
-                if col[r] != want {
+                // serde_json (without `float_roundtrip`) may parse the
+                // served text a few ulps off: equal within 4 ulps.
+                let same = match (col[r], want) {
+                    (Some(a), Some(b)) => {
+                        (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(b.abs())
+                    }
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if !same {
                     diffs.push((
                         r,
                         format!("{view}__{f}"),

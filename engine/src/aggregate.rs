@@ -201,26 +201,7 @@ impl AggKernel {
         key_cols: Vec<ArrayRef>,
         accs: &mut [Box<dyn GroupsAccumulator>],
     ) -> Result<Rows> {
-        let mut cols = key_cols;
-        for acc in accs.iter_mut() {
-            cols.push(
-                acc.evaluate(EmitTo::All)
-                    .map_err(|e| EngineError::df(&self.view, e))?,
-            );
-        }
-        if self.hidden_ts {
-            cols.pop();
-        }
-        let batch = RecordBatch::try_new(Arc::clone(&self.agg_schema), cols)
-            .map_err(|e| EngineError::arrow(format!("aggregate output of `{}`", self.view), e))?;
-        let n = batch.num_rows();
-        let rows = Rows {
-            batch,
-            ts: None,
-            wm: None,
-            rowid: UInt32Array::from_iter_values(0..n as u32),
-        };
-        run_stages(&self.view, &self.post, rows)
+        Ok(self.finish_all(key_cols, accs)?.0)
     }
 
     /// Like `finish`, also returning the hidden last-event-time column of lifetime views.
@@ -229,6 +210,17 @@ impl AggKernel {
         key_cols: Vec<ArrayRef>,
         accs: &mut [Box<dyn GroupsAccumulator>],
     ) -> Result<(RecordBatch, Option<ArrayRef>)> {
+        let (out, times) = self.finish_all(key_cols, accs)?;
+        Ok((out.batch, times))
+    }
+
+    /// The output rows (with their group as `rowid`) and, for lifetime
+    /// views, the hidden last-event-time column of the surviving rows.
+    fn finish_all(
+        &self,
+        key_cols: Vec<ArrayRef>,
+        accs: &mut [Box<dyn GroupsAccumulator>],
+    ) -> Result<(Rows, Option<ArrayRef>)> {
         let mut cols = key_cols;
         for acc in accs.iter_mut() {
             cols.push(
@@ -255,7 +247,7 @@ impl AggKernel {
             ),
             t => t,
         };
-        Ok((out.batch, times))
+        Ok((out, times))
     }
 
     /// The row a key reads as when its window holds no events: the aggregate

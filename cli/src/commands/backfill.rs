@@ -79,6 +79,29 @@ pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     )
 }
 
+/// The files of `--source NAME=PATH` arguments, per source.
+pub fn source_inputs(
+    plan: &sluice_sql::PipelinePlan,
+    specs: &[String],
+) -> anyhow::Result<BTreeMap<String, Vec<sluice_connectors::files::InputFile>>> {
+    let mut inputs: BTreeMap<String, Vec<sluice_connectors::files::InputFile>> = BTreeMap::new();
+    for s in specs {
+        let Some((name, path)) = s.split_once('=') else {
+            bail!("--source `{s}`: expected NAME=PATH");
+        };
+        if plan.source(name).is_none() {
+            let known: Vec<&str> = plan.sources.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "--source {name}: the pipeline declares no source `{name}` (sources: {})",
+                known.join(", ")
+            );
+        }
+        let files = expand_paths(path).with_context(|| format!("--source {s}"))?;
+        inputs.entry(name.to_string()).or_default().extend(files);
+    }
+    Ok(inputs)
+}
+
 /// Lake files an earlier backfill of `view` wrote under `dir`.
 fn backfill_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -108,21 +131,7 @@ pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
     {
         bail!("--from must be before --to");
     }
-    let mut inputs: BTreeMap<String, Vec<sluice_connectors::files::InputFile>> = BTreeMap::new();
-    for s in &a.sources {
-        let Some((name, path)) = s.split_once('=') else {
-            bail!("--source `{s}`: expected NAME=PATH");
-        };
-        if plan.source(name).is_none() {
-            let known: Vec<&str> = plan.sources.iter().map(|s| s.name.as_str()).collect();
-            bail!(
-                "--source {name}: the pipeline declares no source `{name}` (sources: {})",
-                known.join(", ")
-            );
-        }
-        let files = expand_paths(path).with_context(|| format!("--source {s}"))?;
-        inputs.entry(name.to_string()).or_default().extend(files);
-    }
+    let inputs = source_inputs(&plan, &a.sources)?;
     let views: Vec<_> = plan
         .views
         .iter()

@@ -52,22 +52,9 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
         };
         keys.insert(v.to_string(), s.to_string());
     }
-    let mut sources: HashMap<String, Vec<sluice_connectors::files::InputFile>> = HashMap::new();
-    for s in &a.sources {
-        let Some((name, path)) = s.split_once('=') else {
-            bail!("--source `{s}`: expected NAME=PATH");
-        };
-        if p.source(name).is_none() {
-            let known: Vec<&str> = p.sources.iter().map(|s| s.name.as_str()).collect();
-            bail!(
-                "--source {name}: the pipeline declares no source `{name}` (sources: {})",
-                known.join(", ")
-            );
-        }
-        let files = sluice_connectors::expand_paths(path)
-            .map_err(|e| anyhow::anyhow!("--source {s}: {e}"))?;
-        sources.entry(name.to_string()).or_default().extend(files);
-    }
+    let sources: HashMap<_, _> = crate::commands::backfill::source_inputs(&p, &a.sources)?
+        .into_iter()
+        .collect();
     let dead_letters = a.dead_letters.clone().unwrap_or_else(|| {
         let mut o = a.out.clone().into_os_string();
         o.push(".dead_letters.jsonl");
