@@ -18,8 +18,9 @@ use std::process::Command;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Float64Type;
-use common::{Rng, Served, bin, log_reads, read_parquet, spawn_serving};
+use common::{Served, bin, log_reads, read_parquet, spawn_serving};
 use serde_json::Value;
+use sluice_cli::commands::generate::Rng;
 use sluice_engine::tiles::TileLayout;
 use sluice_sql::WindowSpec;
 
@@ -256,7 +257,7 @@ fn late_count(evs: &[Ev], window: WindowSpec) -> usize {
 fn training_set_equals_the_sawtooth_formula() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     // 6,000 events over about 4 hours, 12 users.
     let evs = events(&mut rng, 6000, 12, 2500, true);
     write_events(&d.join("events.jsonl"), &evs);
@@ -427,7 +428,7 @@ fn spine_of(d: &Path, served: &[Served]) -> std::path::PathBuf {
 fn served_values_equal_the_training_set_row_for_row() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     // 20,000 events over about 14 hours of event time, 20 users.
     let evs = events(&mut rng, 20_000, 20, 2500, false);
     write_events(&d.join("events.jsonl"), &evs);
@@ -462,7 +463,7 @@ fn served_values_equal_the_training_set_row_for_row() {
 fn with_events_behind_the_watermark_the_archive_replays_what_was_served() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let evs = events(&mut rng, 20_000, 20, 2500, true);
     write_events(&d.join("events.jsonl"), &evs);
     pipeline(d, true);

@@ -15,7 +15,8 @@ use std::process::Command;
 
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type};
-use common::{Rng, bin, read_parquet};
+use common::{bin, read_parquet};
+use sluice_cli::commands::generate::Rng;
 
 const T0: i64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
 const MIN: i64 = 60_000;
@@ -64,7 +65,7 @@ fn close(a: Option<f64>, b: Option<f64>) -> bool {
 fn training_set_matches_naive_recomputation() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let mut rng = Rng(2024);
+    let mut rng = Rng::new(2024);
     // 6,000 events over 3 hours, distinct times, out of order within the
     // watermark delay (so none is late), 15 users, 8 items.
     let mut evs: Vec<Ev> = (0..6000i64)
