@@ -771,15 +771,10 @@ fn archive_under_kill_nine_replays_what_was_served() {
     let mut diffs = 0;
     for (view, features) in [("hop", ["n", "spend"]), ("tum", ["n", "hi"])] {
         for f in features {
-            let col = b.column_by_name(&format!("{view}__{f}")).expect("column");
-            let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Float64).expect("f64");
-            let col = col
-                .as_any()
-                .downcast_ref::<arrow::array::Float64Array>()
-                .expect("f64");
+            let col = common::f64s(&b, &format!("{view}__{f}"));
             for (r, s) in served.iter().enumerate().filter(|(_, s)| s.view == view) {
                 let want = s.features[f].as_f64();
-                let got = arrow::array::Array::is_valid(col, r).then(|| col.value(r));
+                let got = col[r];
                 let same = match (want, got) {
                     (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
                     (a, b) => a.is_none() && b.is_none(),

@@ -16,9 +16,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::Float64Type;
-use common::{Served, bin, log_reads, read_parquet, spawn_serving};
+use arrow::array::RecordBatch;
+use common::{Served, bin, f64s, log_reads, read_parquet, spawn_serving};
 use serde_json::Value;
 use sluice_cli::commands::generate::Rng;
 use sluice_engine::tiles::TileLayout;
@@ -167,14 +166,6 @@ fn training_set(dir: &Path, spine: &Path, extra: &[&str]) -> (RecordBatch, Strin
         arrow::compute::concat_batches(&b[0].schema(), &b).expect("concat"),
         log,
     )
-}
-
-fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    let c = b
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("column {name}"));
-    let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).expect("as f64");
-    c.as_primitive::<Float64Type>().iter().collect()
 }
 
 /// The value an online read of `key` at clock `t` returns, from the raw

@@ -13,9 +13,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::{Float64Type, Int64Type};
-use common::{bin, read_parquet};
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use common::{bin, f64s, read_parquet};
 use sluice_cli::commands::generate::Rng;
 
 const T0: i64 = 1_704_067_200_000; // 2024-01-01T00:00:00Z
@@ -43,14 +43,6 @@ fn in_window<'a>(evs: &'a [Ev], key: &'a str, by_item: bool, lo: i64, hi: i64) -
     evs.iter()
         .filter(|e| (if by_item { &e.item } else { &e.user }) == key && e.ts >= lo && e.ts < hi)
         .collect()
-}
-
-fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
-    let c = b
-        .column_by_name(name)
-        .unwrap_or_else(|| panic!("column {name}"));
-    let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).expect("as f64");
-    c.as_primitive::<Float64Type>().iter().collect()
 }
 
 fn close(a: Option<f64>, b: Option<f64>) -> bool {

@@ -67,6 +67,8 @@ pub struct ArchiveSource {
     /// Files per epoch.
     epochs: BTreeMap<u64, Vec<PathBuf>>,
     next: Option<u64>,
+    /// The epoch the last poll returned.
+    last: Option<u64>,
 }
 
 impl ArchiveSource {
@@ -105,6 +107,7 @@ impl ArchiveSource {
             dir: dir.to_path_buf(),
             schema: archive_schema(&source.schema),
             next: epochs.keys().next().copied(),
+            last: None,
             epochs,
         })
     }
@@ -189,7 +192,7 @@ impl Source for ArchiveSource {
     }
 
     fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
-        self.next = match position {
+        self.next = match position.filter(|p| !p.is_empty()) {
             None => self.epochs.keys().next().copied(),
             Some(p) => {
                 let after = u64::from_be_bytes(p.try_into().map_err(|_| {
@@ -208,6 +211,7 @@ impl Source for ArchiveSource {
         let files = self.epochs.get(&epoch).cloned().unwrap_or_default();
         let batch = self.read_epoch(&files)?;
         self.next = self.epochs.range(epoch + 1..).next().map(|(e, _)| *e);
+        self.last = Some(epoch);
         let part = batch
             .column_by_name(archive_columns::PARTITION)
             .and_then(|c| c.as_any().downcast_ref::<Int32Array>().cloned());
@@ -238,7 +242,9 @@ impl Source for ArchiveSource {
     }
 
     fn position(&self) -> Vec<u8> {
-        Vec::new()
+        self.last
+            .map(|e| e.to_be_bytes().to_vec())
+            .unwrap_or_default()
     }
 
     fn describe_position(&self, pos: u64) -> String {

@@ -450,7 +450,6 @@ fn spine_keys(
 /// Where the history of source `sp` comes from for a replay: `--source`
 /// files, else its event archive, else a file source's own file.
 fn history_of(
-    plan: &PipelinePlan,
     req: &TrainingSetRequest,
     sp: &sluice_sql::SourcePlan,
     view: &str,
@@ -495,7 +494,6 @@ fn history_of(
             label,
         ));
     }
-    let _ = plan;
     Err(cerr(
         format!("--features {view}"),
         format!(
@@ -556,7 +554,7 @@ fn replay_views(
         let Some(sp) = plan.source(&source) else {
             continue;
         };
-        let (history, label) = history_of(plan, req, sp, &spines[0].view)?;
+        let (history, label) = history_of(req, sp, &spines[0].view)?;
         let (values, rs) = replay(plan, history, &spines, &mut dead)?;
         stats.dead_letters += rs.dead_letters;
         stats.replays.push(ReplayReport {

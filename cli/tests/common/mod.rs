@@ -512,3 +512,15 @@ pub fn log_reads(
     }
     log
 }
+
+/// Column `name` of `b` as f64 values (panics if it is missing).
+pub fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
+    use arrow::array::AsArray;
+    let c = b
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("column {name}"));
+    let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).expect("as f64");
+    c.as_primitive::<arrow::datatypes::Float64Type>()
+        .iter()
+        .collect()
+}
