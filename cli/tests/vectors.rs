@@ -375,7 +375,78 @@ fn nearest_over_http() {
         let (st, v) = post(port, "/v1/features/item_vectors/nearest", &body);
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["neighbours"].as_array().map(|n| n.len()), Some(4));
+        // Similar items in one category: every neighbour is in it, and the
+        // answer equals an exact scan of that category.
+        let (_, me) = post(
+            port,
+            "/v1/features/item_vectors/nearest",
+            r#"{"key": "item0", "k": 1, "features": true}"#,
+        );
+        let cat = me["neighbours"][0]["features"]["category"]
+            .as_str()
+            .expect("a category")
+            .to_string();
+        let filter = format!("category = '{cat}'");
+        let body = serde_json::json!({"key": "item0", "k": 5, "filter": filter, "features": true})
+            .to_string();
+        let (st, v) = post(port, "/v1/features/item_vectors/nearest", &body);
+        assert_eq!(st, 200, "{v}");
+        let n = v["neighbours"].as_array().expect("neighbours");
+        assert_eq!(n.len(), 5, "{v}");
+        assert!(
+            n.iter().all(|x| x["features"]["category"] == cat.as_str()),
+            "{v}"
+        );
+        assert!(v["filtered"].as_u64().is_some_and(|f| f >= 6), "{v}");
+        let body = serde_json::json!({"key": "item0", "k": 5, "filter": filter, "exact": true})
+            .to_string();
+        let (_, e) = post(port, "/v1/features/item_vectors/nearest", &body);
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x["key"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(keys(&v["neighbours"]), keys(&e["neighbours"]));
+        // A batch: one answer per vector, each equal to its own query.
+        let qs: Vec<Vec<f32>> = (0..3)
+            .map(|i| (0..32).map(|j| ((i * 32 + j) % 7) as f32 - 3.0).collect())
+            .collect();
+        let body = serde_json::json!({"vectors": qs, "k": 4, "exact": true}).to_string();
+        let (st, b) = post(port, "/v1/features/item_vectors/nearest", &body);
+        assert_eq!(st, 200, "{b}");
+        let results = b["results"].as_array().expect("results");
+        assert_eq!(results.len(), 3);
+        for (q, r) in qs.iter().zip(results) {
+            let body = serde_json::json!({"vector": q, "k": 4, "exact": true}).to_string();
+            let (_, one) = post(port, "/v1/features/item_vectors/nearest", &body);
+            assert_eq!(keys(&r["neighbours"]), keys(&one["neighbours"]));
+        }
         // Client errors.
+        for bad in [
+            r#"{"key": "item0", "filter": "colour = 'red'"}"#,
+            r#"{"key": "item0", "filter": "category = 3"}"#,
+            r#"{"vectors": []}"#,
+            r#"{"vector": [1], "vectors": [[1]]}"#,
+        ] {
+            let (st, v) = post(port, "/v1/features/item_vectors/nearest", bad);
+            assert_eq!(st, 400, "{bad}: {v}");
+        }
+        let (st, v) = post(
+            port,
+            "/v1/features/user_taste/nearest",
+            r#"{"key": "user7", "filter": "clicks_1h > 3"}"#,
+        );
+        assert_eq!(st, 400, "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("index_filter_columns")),
+            "{v}"
+        );
         let (st, v) = post(
             port,
             "/v1/features/item_vectors/nearest",

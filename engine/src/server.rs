@@ -207,6 +207,8 @@ async fn post_features(
 #[serde(deny_unknown_fields)]
 struct NearestRequest {
     vector: Option<Vec<f32>>,
+    /// Several query vectors, answered in one pass against one epoch.
+    vectors: Option<Vec<Vec<f32>>>,
     key: Option<String>,
     /// The view whose index holds `key` (default: the queried view).
     key_view: Option<String>,
@@ -216,18 +218,28 @@ struct NearestRequest {
     #[serde(default)]
     exact: bool,
     search_k: Option<usize>,
+    /// A SQL condition over the index's filter columns.
+    filter: Option<String>,
 }
 
 /// Most neighbours one request may ask for.
 const MAX_K: usize = 1000;
+/// Most query vectors in one request.
+const MAX_BATCH: usize = 1000;
 
 fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Value) {
     let bad = |m: String| (StatusCode::BAD_REQUEST, json!({"error": m}));
+    let internal = |e: crate::error::EngineError| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": e.to_string()}),
+        )
+    };
     let req: NearestRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
             return bad(format!(
-                "expected {{\"vector\": [...]}} or {{\"key\": \"...\"}} with optional \"k\", \"features\", \"exact\", \"key_view\", \"search_k\": {e}"
+                "expected {{\"vector\": [...]}}, {{\"vectors\": [[...], ...]}} or {{\"key\": \"...\"}} with optional \"k\", \"filter\", \"features\", \"exact\", \"key_view\", \"search_k\": {e}"
             ));
         }
     };
@@ -247,27 +259,42 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
     if k == 0 || k > MAX_K {
         return bad(format!("k must be between 1 and {MAX_K}"));
     }
-    // The query: a vector, the key's own vector in this index, or a key's
+    let filter = match req.filter.as_deref().map(|f| idx.filter(f)) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(crate::error::EngineError::BadRequest(m))) => return bad(m),
+        Some(Err(e)) => return internal(e),
+    };
+    // The queries: vectors, the key's own vector in this index, or a key's
     // vector in another view's index (e.g. a user's taste among items).
     let own: Option<Vec<f32>>;
-    let query = match (&req.vector, &req.key, &req.key_view) {
-        (Some(v), None, None) => crate::vector::Query::Vector(v),
-        (None, Some(k), None) => crate::vector::Query::Key(k),
-        (None, Some(k), Some(other)) => {
+    let batch = req.vectors.is_some();
+    let queries: Vec<crate::vector::Query<'_>> = match (
+        &req.vector,
+        &req.vectors,
+        &req.key,
+        &req.key_view,
+    ) {
+        (Some(v), None, None, None) => vec![crate::vector::Query::Vector(v)],
+        (None, Some(vs), None, None) => {
+            if vs.is_empty() || vs.len() > MAX_BATCH {
+                return bad(format!(
+                    "\"vectors\" must hold between 1 and {MAX_BATCH} vectors"
+                ));
+            }
+            vs.iter().map(|v| crate::vector::Query::Vector(v)).collect()
+        }
+        (None, None, Some(k), None) => vec![crate::vector::Query::Key(k)],
+        (None, None, Some(k), Some(other)) => {
             let Some(oi) = s.live.indexes.get(other) else {
                 return bad(format!("key_view `{other}` has no vector index"));
             };
             own = match oi.vector(k) {
                 Ok(v) => v,
-                Err(e) => {
-                    return (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        json!({"error": e.to_string()}),
-                    );
-                }
+                Err(e) => return internal(e),
             };
             match &own {
-                Some(v) => crate::vector::Query::Vector(v),
+                Some(v) => vec![crate::vector::Query::Vector(v)],
                 None => {
                     return (
                         StatusCode::NOT_FOUND,
@@ -278,57 +305,77 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
         }
         _ => {
             return bad(
-                "give either \"vector\" or \"key\" (with \"key_view\" only alongside \"key\")"
-                    .into(),
-            );
+                    "give one of \"vector\", \"vectors\" or \"key\" (with \"key_view\" only alongside \"key\")"
+                        .into(),
+                );
         }
     };
-    let found = if req.exact {
-        idx.nearest_exact(query, k)
-    } else {
-        idx.nearest(query, k, req.search_k)
+    let search = crate::vector::Search {
+        queries,
+        k,
+        search_k: req.search_k,
+        exact: req.exact,
+        filter: filter.as_ref(),
+        threads: 0,
     };
-    let found = match found {
-        Ok(Some(f)) => f,
-        Ok(None) => {
+    let found = match idx.search(&search) {
+        Ok(f) => f,
+        Err(crate::error::EngineError::BadRequest(m)) => return bad(m),
+        Err(e) => return internal(e),
+    };
+    let mut results = Vec::with_capacity(found.results.len());
+    for r in found.results {
+        let Some(r) = r else {
             let key = req.key.unwrap_or_default();
             return (
                 StatusCode::NOT_FOUND,
                 json!({"error": format!("key `{key}` has no current vector in view `{view}`"), "key": key}),
             );
+        };
+        let mut out = Vec::with_capacity(r.len());
+        for n in r {
+            let mut o = json!({"key": n.key, "distance": n.distance});
+            if req.features {
+                let f = match lookup(s, view, &n.key, None) {
+                    Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
+                    Ok(None) => Value::Null,
+                    Err((status, body)) => return (status, body),
+                };
+                if let Some(m) = o.as_object_mut() {
+                    m.insert("features".into(), f);
+                }
+            }
+            out.push(o);
         }
-        Err(crate::error::EngineError::BadRequest(m)) => return bad(m),
-        Err(e) => {
-            return (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": e.to_string()}),
+        results.push(Value::Array(out));
+    }
+    let mut body = json!({
+        "view": view,
+        "distance": idx.plan().distance.name(),
+        "exact": found.exact,
+        "epoch": found.epoch,
+    });
+    if let Some(m) = body.as_object_mut() {
+        if let Some(n) = found.selected {
+            m.insert("filtered".into(), json!(n));
+        }
+        if batch {
+            let rs: Vec<Value> = results
+                .into_iter()
+                .map(|r| json!({"neighbours": r}))
+                .collect();
+            m.insert("results".into(), Value::Array(rs));
+        } else {
+            m.insert(
+                "neighbours".into(),
+                results
+                    .into_iter()
+                    .next()
+                    .unwrap_or(Value::Array(Vec::new())),
             );
         }
-    };
-    let mut out = Vec::with_capacity(found.len());
-    for n in found {
-        let mut o = json!({"key": n.key, "distance": n.distance});
-        if req.features {
-            let f = match lookup(s, view, &n.key, None) {
-                Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
-                Ok(None) => Value::Null,
-                Err((status, body)) => return (status, body),
-            };
-            if let Some(m) = o.as_object_mut() {
-                m.insert("features".into(), f);
-            }
-        }
-        out.push(o);
     }
-    (
-        StatusCode::OK,
-        json!({
-            "view": view,
-            "distance": idx.plan().distance.name(),
-            "exact": req.exact,
-            "neighbours": out,
-        }),
-    )
+    (StatusCode::OK, body)
 }
 
 async fn post_nearest(

@@ -41,6 +41,8 @@ pub struct ViewOp {
     /// Column of the indexed vector in emitted rows, when the view has a
     /// vector index and the job keeps it (see [`ViewOp::keep_vector_updates`]).
     vector_col: Option<usize>,
+    /// The index's filter columns: position in the output, value kind.
+    filter_cols: Vec<(usize, sluice_sql::vector::FilterKind)>,
     /// Index changes since the last checkpoint, in order (later wins).
     pub pending_vectors: Vec<crate::vector::VectorUpdate>,
     /// Emit only windows with `window_start >= .0` and `window_end <= .1`
@@ -97,6 +99,7 @@ impl ViewOp {
             pending_online: Vec::new(),
             fired: Vec::new(),
             vector_col: None,
+            filter_cols: Vec::new(),
             pending_vectors: Vec::new(),
             window_range: None,
         })
@@ -110,6 +113,13 @@ impl ViewOp {
             .vector_index
             .as_ref()
             .and_then(|vi| self.schema.index_of(&vi.column).ok());
+        self.filter_cols = self
+            .plan
+            .vector_index
+            .iter()
+            .flat_map(|vi| &vi.filter_columns)
+            .filter_map(|c| Some((self.schema.index_of(&c.name).ok()?, c.kind)))
+            .collect();
     }
 
     /// The view's name.
@@ -336,11 +346,13 @@ impl ViewOp {
             if let Some(c) = self.vector_col {
                 let vu = valid_until;
                 let vectors = vectors_of(out.column(c))?;
+                let mut attrs = crate::vector::attrs_of(&out, &self.filter_cols)?.into_iter();
                 for (k, v) in keys.iter().zip(vectors) {
                     self.pending_vectors.push(crate::vector::VectorUpdate {
                         key: k.clone(),
                         vector: v,
                         valid_until: vu,
+                        attrs: attrs.next().unwrap_or_default(),
                     });
                 }
             }

@@ -28,6 +28,7 @@ fn plan(dims: usize, distance: Distance) -> VectorIndexPlan {
         distance,
         trees: None,
         search_k: None,
+        filter_columns: Vec::new(),
     }
 }
 
@@ -36,6 +37,7 @@ fn upsert(key: String, vector: Vec<f32>, valid_until: Option<i64>) -> VectorUpda
         key,
         vector: Some(vector),
         valid_until,
+        attrs: Vec::new(),
     }
 }
 
@@ -139,6 +141,7 @@ fn updates_removals_expiry_and_reopen() {
                 key: "c".into(),
                 vector: None,
                 valid_until: None,
+                attrs: Vec::new(),
             },
             upsert("d".into(), vec![0.5, 0.5, 0.0, 0.0], Some(400)),
         ];

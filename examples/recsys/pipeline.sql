@@ -29,10 +29,12 @@ CREATE SOURCE clicks (
     format = 'json'
 );
 
--- Each item's latest embedding (by event time), searchable by cosine distance.
+-- Each item's latest embedding (by event time), searchable by cosine
+-- distance, and filterable by category ("similar items in this category").
 CREATE FEATURE VIEW item_vectors
     KEY item_id
-    WITH (online = true, vector_index = 'embedding', distance = 'cosine')
+    WITH (online = true, vector_index = 'embedding', distance = 'cosine',
+          index_filter_columns = 'category')
 AS SELECT
     item_id,
     LAST_VALUE(embedding) AS embedding,

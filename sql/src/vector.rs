@@ -397,4 +397,48 @@ pub struct VectorIndexPlan {
     pub trees: Option<usize>,
     /// `search_k`: tree nodes a query visits per result; `None`: the default.
     pub search_k: Option<usize>,
+    /// `index_filter_columns`: output columns a query can filter its
+    /// neighbours by (kept beside the vectors as bitmaps of their values).
+    #[serde(default)]
+    pub filter_columns: Vec<FilterColumn>,
+}
+
+/// A column nearest-neighbour queries can filter by.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FilterColumn {
+    /// The view's output column.
+    pub name: String,
+    /// What its values are.
+    pub kind: FilterKind,
+}
+
+/// The value kinds a filter column can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterKind {
+    /// Any integer type (compared as i64).
+    Integer,
+    /// UTF-8 text.
+    Text,
+    /// Booleans.
+    Boolean,
+}
+
+impl FilterKind {
+    /// The kind of an Arrow type, if a filter column can have it.
+    pub fn of(dt: &DataType) -> Option<FilterKind> {
+        match dt {
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32
+            | DataType::UInt64 => Some(FilterKind::Integer),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Some(FilterKind::Text),
+            DataType::Boolean => Some(FilterKind::Boolean),
+            _ => None,
+        }
+    }
 }

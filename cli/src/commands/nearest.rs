@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use sluice_engine::vector::{Query, VectorIndex};
+use sluice_engine::vector::{Query, Search, VectorIndex};
 
 /// Arguments of `sluice nearest`.
 #[derive(clap::Args)]
@@ -28,9 +28,13 @@ pub struct NearestArgs {
     /// Scan every vector instead of the trees (exact, slower).
     #[arg(long)]
     exact: bool,
-    /// Tree nodes inspected per neighbour and tree (default: the view's `search_k`).
+    /// Candidates inspected per neighbour and tree (default: the view's `search_k`).
     #[arg(long)]
     search_k: Option<usize>,
+    /// Only neighbours this SQL condition over the index's filter columns
+    /// (`index_filter_columns`) is true for, e.g. "category = 'shoes'".
+    #[arg(long)]
+    filter: Option<String>,
     /// Also print each neighbour's features from the online store.
     #[arg(long)]
     features: bool,
@@ -76,12 +80,14 @@ pub fn run(a: &NearestArgs) -> anyhow::Result<()> {
         (None, None, Some(k)) => Query::Key(k),
         (None, None, None) => bail!("give --key KEY or --vector '[…]' (or --dump)"),
     };
-    let found = if a.exact {
-        idx.nearest_exact(query, a.k)?
-    } else {
-        idx.nearest(query, a.k, a.search_k)?
+    let filter = a.filter.as_deref().map(|f| idx.filter(f)).transpose()?;
+    let search = Search {
+        search_k: a.search_k,
+        exact: a.exact,
+        filter: filter.as_ref(),
+        ..Search::one(query, a.k)
     };
-    let Some(found) = found else {
+    let Some(found) = idx.search(&search)?.results.pop().flatten() else {
         bail!(
             "key `{}` has no current vector in view `{}`",
             a.key.as_deref().unwrap_or_default(),

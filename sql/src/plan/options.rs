@@ -32,6 +32,7 @@ const VIEW_OPTIONS: &[&str] = &[
     "distance",
     "index_trees",
     "search_k",
+    "index_filter_columns",
 ];
 
 /// Refuses a key given twice and, when `known` is given, a key not in it
@@ -247,6 +248,7 @@ pub(super) struct ViewOptions<'a> {
     pub(super) distance: Option<&'a OptionDef>,
     pub(super) index_trees: Option<usize>,
     pub(super) search_k: Option<usize>,
+    pub(super) filter_columns: Option<&'a OptionDef>,
 }
 
 impl<'a> ViewOptions<'a> {
@@ -281,6 +283,7 @@ impl<'a> ViewOptions<'a> {
                 "distance" => out.distance = Some(o),
                 "index_trees" => out.index_trees = Some(count(o)?),
                 "search_k" => out.search_k = Some(count(o)?),
+                "index_filter_columns" => out.filter_columns = Some(o),
                 "online" => {
                     out.online = match o.value.to_ascii_lowercase().as_str() {
                         "true" => true,

@@ -354,9 +354,12 @@ fn vector_index(
 ) -> Result<Option<crate::vector::VectorIndexPlan>, PipelineError> {
     let Some(o) = opts.index_column else {
         let stray = opts.distance.or_else(|| {
-            v.options
-                .iter()
-                .find(|o| matches!(o.key.value.as_str(), "index_trees" | "search_k"))
+            v.options.iter().find(|o| {
+                matches!(
+                    o.key.value.as_str(),
+                    "index_trees" | "search_k" | "index_filter_columns"
+                )
+            })
         });
         if let Some(o) = stray {
             return Err(PipelineError::at(
@@ -406,12 +409,51 @@ fn vector_index(
             )
         })?,
     };
+    let mut filter_columns = Vec::new();
+    if let Some(o) = opts.filter_columns {
+        for name in o.value.split(',').map(str::trim) {
+            let Ok(f) = output.field_with_name(name) else {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!("index_filter_columns: the view has no output column `{name}`"),
+                )
+                .suggest(name, output.fields().iter().map(|f| f.name().as_str())));
+            };
+            let Some(kind) = crate::vector::FilterKind::of(f.data_type()) else {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!(
+                        "index_filter_columns: `{name}` is {}; a filter column is text, an integer or a boolean",
+                        f.data_type()
+                    ),
+                ));
+            };
+            if name == col
+                || filter_columns
+                    .iter()
+                    .any(|c: &crate::vector::FilterColumn| c.name == name)
+            {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!("index_filter_columns: `{name}` is the indexed vector or given twice"),
+                ));
+            }
+            filter_columns.push(crate::vector::FilterColumn {
+                name: name.to_string(),
+                kind,
+            });
+        }
+    }
     Ok(Some(crate::vector::VectorIndexPlan {
         column: col.to_string(),
         dims,
         distance,
         trees: opts.index_trees,
         search_k: opts.search_k,
+        filter_columns,
     }))
 }
 
