@@ -172,6 +172,16 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "histogram",
         "Time of a vector index's LMDB transaction at a checkpoint (label: view)",
     ),
+    (
+        "sluice_index_snapshot_seconds",
+        "histogram",
+        "Time to make a vector index's in-memory snapshot of the next epoch (copy on write of the touched chunks; label: view)",
+    ),
+    (
+        "sluice_index_keys",
+        "gauge",
+        "Keys in a vector index at its last committed epoch (label: view)",
+    ),
 ];
 
 /// Registers the help texts with the installed recorder.

@@ -51,10 +51,13 @@ const INDEX: u16 = 0;
 const MAP_SIZE: usize = 1 << 40;
 /// Default candidates a query inspects per requested neighbour and tree
 /// (`search_k`); see `docs/vectors.md` for the measured trade-off.
-pub const DEFAULT_SEARCH_K: usize = 200;
+pub const DEFAULT_SEARCH_K: usize = 10;
 /// How long a query waits for the snapshot of an epoch LMDB already
 /// committed (the writer publishes it right after the commit).
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+/// A tree search inspecting more than 1/SCAN_RATIO of the set it searches
+/// is answered by the exact scan instead.
+const SCAN_RATIO: u64 = 16;
 /// Readers kept open per snapshot.
 const POOL: usize = 64;
 
@@ -259,8 +262,9 @@ pub struct Found {
     pub results: Vec<Option<Vec<Neighbour>>>,
     /// The epoch answered from.
     pub epoch: Option<u64>,
-    /// Whether it was answered by an exact scan (asked for, or a filter
-    /// selecting less than half of the index).
+    /// Whether it was answered by an exact scan: asked for, a filter
+    /// selecting less than half of the index, or a tree search that would
+    /// have inspected more than a sixteenth of the set.
     pub exact: bool,
     /// Keys the filter selected (`None`: no filter).
     pub selected: Option<u64>,
@@ -691,6 +695,7 @@ impl VectorIndex {
             .map_err(|e| self.err("write", e))?;
         // The next snapshot is made before the commit, so that queries wait
         // for it as briefly as possible.
+        let t = Instant::now();
         let next = if reset {
             Snapshot::empty(
                 Some(epoch),
@@ -702,6 +707,9 @@ impl VectorIndex {
         } else {
             self.snapshot()?.next(Some(epoch), &changes)
         };
+        metrics::histogram!("sluice_index_snapshot_seconds", "view" => self.view.clone())
+            .record(t.elapsed().as_secs_f64());
+        metrics::gauge!("sluice_index_keys", "view" => self.view.clone()).set(next.len() as f64);
         wtxn.commit().map_err(|e| self.err("commit", e))?;
         match self.snapshot.write() {
             Ok(mut g) => *g = Arc::new(next),
@@ -931,9 +939,25 @@ impl VectorIndex {
         // A filter keeping less than half of the index is answered exactly:
         // arroy itself stops using its trees there and reads every
         // candidate; memory is faster, and the answer is exact.
+        let per = s
+            .search_k
+            .or(self.plan.search_k)
+            .unwrap_or(DEFAULT_SEARCH_K);
+        let trees = match &r.reader {
+            AnyReader::Cosine(r) => r.n_trees(),
+            AnyReader::Euclidean(r) => r.n_trees(),
+            AnyReader::Dot(r) => r.n_trees(),
+            AnyReader::None => 0,
+        };
+        // The tree search reads each candidate from LMDB, about 30 times
+        // the cost of a vector in the scan: when it would inspect more than
+        // a sixteenth of the set, the exact scan is both faster and exact.
+        let set_len = candidates.as_ref().map_or(snap.len(), |c| c.len());
+        let budget = (k + 1).saturating_mul(trees.max(1)).saturating_mul(per) as u64;
         let exact = s.exact
             || matches!(&candidates, Some(c) if c.len() * 2 < snap.len())
-            || matches!(r.reader, AnyReader::None);
+            || trees == 0
+            || budget.saturating_mul(SCAN_RATIO) >= set_len;
         let mut results: Vec<Option<Vec<Neighbour>>> = vec![None; prepared.len()];
         let neighbours = |found: Vec<(f32, u32)>| -> Vec<Neighbour> {
             found
