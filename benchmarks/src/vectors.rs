@@ -196,6 +196,7 @@ fn measure(
         let t0 = Instant::now();
         let found = idx.search(&s)?;
         lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        exact &= found.exact;
         let got = found
             .results
             .into_iter()
@@ -323,7 +324,8 @@ fn over_http(
         h += got.iter().filter(|g| truth[qi].contains(*g)).count();
         total += truth[qi].len();
     }
-    rt.shutdown_background();
+    // Stop the server (and drop its state) before the process exits.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     lat.sort_by(f64::total_cmp);
     Ok(Measured {
         exact: false,
