@@ -16,7 +16,6 @@ use anyhow::Context;
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use sluice_connectors::MemorySource;
 use sluice_engine::job::{Job, JobOptions};
-use sluice_engine::server::{ServeState, router};
 use sluice_engine::{OfflineSink, Source};
 
 use sluice_cli::commands::generate::{self, Rng, event};
@@ -231,20 +230,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     );
 
     // 3. Serving: GETs of random keys over loopback keep-alive connections.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?.to_string();
-    let app = router(ServeState {
-        live,
-        metrics: None,
-        token: None,
-    });
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    // The server runs as long as `_rt` lives.
+    let (_rt, addr) = crate::serve_local(live)?;
     let _ = load(addr.clone(), a.keys, 2000, 1)?; // warm-up
     let per = a.requests / a.clients.max(1);
     let t = Instant::now();

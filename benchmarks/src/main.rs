@@ -51,6 +51,29 @@ fn main() {
     }
 }
 
+/// Serves `live` with the engine's router on 127.0.0.1 (a free port) from
+/// a one-worker runtime; returns the runtime (the server stops with it)
+/// and the address.
+pub(crate) fn serve_local(
+    live: std::sync::Arc<sluice_engine::Live>,
+) -> anyhow::Result<(tokio::runtime::Runtime, String)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?.to_string();
+    let app = sluice_engine::server::router(sluice_engine::server::ServeState {
+        live,
+        metrics: None,
+        token: None,
+    });
+    rt.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((rt, addr))
+}
+
 /// Peak resident set size of this process (VmHWM), MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
     vm_hwm_mib("/proc/self/status").unwrap_or(0.0)

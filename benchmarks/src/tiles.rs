@@ -28,7 +28,6 @@ use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMi
 use arrow::datatypes::SchemaRef;
 use sluice_cli::commands::generate::Rng;
 use sluice_engine::job::{Job, JobOptions};
-use sluice_engine::server::{ServeState, router};
 use sluice_engine::{Poll, Result as EngineResult, Source, SourceBatch};
 
 use crate::{fresh, sluice_exe};
@@ -603,20 +602,8 @@ fn fresh_part(dir: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let st = Arc::clone(&stop);
     let runner = std::thread::spawn(move || job.run(&st));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?.to_string();
-    let app = router(ServeState {
-        live,
-        metrics: None,
-        token: None,
-    });
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    // The server runs as long as `_rt` lives.
+    let (_rt, addr) = crate::serve_local(live)?;
     let batch = |users: Vec<String>, ts: Vec<i64>| -> anyhow::Result<RecordBatch> {
         let n = users.len();
         let cols: Vec<ArrayRef> = vec![

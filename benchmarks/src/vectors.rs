@@ -258,7 +258,6 @@ fn over_http(
     n: usize,
 ) -> anyhow::Result<Measured> {
     use sluice_engine::job::Live;
-    use sluice_engine::server::{ServeState, router};
     let store = sluice_engine::store::Store::open(&dir.join("http-state"), &[])?;
     let live = Arc::new(Live {
         store: Arc::new(store),
@@ -269,20 +268,7 @@ fn over_http(
         indexes: [("v".to_string(), idx)].into_iter().collect(),
         readers: Default::default(),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?.to_string();
-    let app = router(ServeState {
-        live,
-        metrics: None,
-        token: None,
-    });
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let (rt, addr) = crate::serve_local(live)?;
     let s = TcpStream::connect(&addr)?;
     s.set_nodelay(true)?;
     let mut w = s.try_clone()?;

@@ -178,6 +178,18 @@ enum AnyReader {
     None,
 }
 
+impl AnyReader {
+    /// Trees of the index it reads (0 before the first build).
+    fn n_trees(&self) -> usize {
+        match self {
+            AnyReader::Cosine(r) => r.n_trees(),
+            AnyReader::Euclidean(r) => r.n_trees(),
+            AnyReader::Dot(r) => r.n_trees(),
+            AnyReader::None => 0,
+        }
+    }
+}
+
 /// The arroy distance types the index uses, and their reader slot.
 trait Pick: arroy::Distance + Sized {
     fn wrap(r: Reader<'static, Self>) -> AnyReader;
@@ -533,12 +545,7 @@ impl VectorIndex {
     /// Trees of the committed index (0 before the first build).
     pub fn trees(&self) -> Result<usize> {
         let (snap, r) = self.consistent()?;
-        let n = match &r.reader {
-            AnyReader::Cosine(r) => r.n_trees(),
-            AnyReader::Euclidean(r) => r.n_trees(),
-            AnyReader::Dot(r) => r.n_trees(),
-            AnyReader::None => 0,
-        };
+        let n = r.reader.n_trees();
         Self::give_back(&snap, r);
         Ok(n)
     }
@@ -943,12 +950,7 @@ impl VectorIndex {
             .search_k
             .or(self.plan.search_k)
             .unwrap_or(DEFAULT_SEARCH_K);
-        let trees = match &r.reader {
-            AnyReader::Cosine(r) => r.n_trees(),
-            AnyReader::Euclidean(r) => r.n_trees(),
-            AnyReader::Dot(r) => r.n_trees(),
-            AnyReader::None => 0,
-        };
+        let trees = r.reader.n_trees();
         // The tree search reads each candidate from LMDB, about 30 times
         // the cost of a vector in the scan: when it would inspect more than
         // a sixteenth of the set, the exact scan is both faster and exact.
