@@ -499,7 +499,11 @@ impl Store {
             .cf_handle(&tiles_cf(view))
             .ok_or_else(|| EngineError::Incompatible {
                 path: self.path.display().to_string(),
-                reason: format!("no tiles for view `{view}`"),
+                // A read-only open can race a `sluice run` that is still
+                // creating the view's column families.
+                reason: format!(
+                    "no tiles for view `{view}`: no state here yet (the database is still being created, or the view is new)"
+                ),
             })?;
         let snap = self.db.snapshot();
         let clock = snap
