@@ -45,6 +45,25 @@ fn store_error(path: &Path, e: rocksdb::Error) -> EngineError {
     }
 }
 
+/// How often a read-only open is tried while a running job flushes.
+const READ_ONLY_ATTEMPTS: u32 = 20;
+
+/// What a read-only open depends on: the MANIFEST named by `CURRENT`, its
+/// length, and the WAL files (`None` when a file vanished while looking).
+fn files_fingerprint(db: &Path) -> Option<(String, u64, Vec<String>)> {
+    let current = std::fs::read_to_string(db.join("CURRENT")).ok()?;
+    let manifest = current.trim().to_string();
+    let len = std::fs::metadata(db.join(&manifest)).ok()?.len();
+    let mut wals: Vec<String> = std::fs::read_dir(db)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log") && !n.starts_with("LOG"))
+        .collect();
+    wals.sort_unstable();
+    Some((manifest, len, wals))
+}
+
 /// The store key of a tile: the entity key (length-prefixed, so no key is a
 /// prefix of another), the tile level, the tile start. A key's tiles of one
 /// level are contiguous and in time order.
@@ -311,9 +330,36 @@ impl Store {
                 reason: "no state here yet: the database is still being created".into(),
             });
         }
-        let db = DB::open_cf_for_read_only(&opts, &path, names, false)
-            .map_err(|e| store_error(&path, e))?;
-        Ok(Store { db, path })
+        // A read-only open reads the MANIFEST, then the WAL files. A flush by
+        // the running job in between (new table files in the MANIFEST, the
+        // WAL they replace deleted) would leave this open without the
+        // flushed writes: an older, possibly torn, state. Every flush and
+        // compaction appends to the MANIFEST before it deletes anything, so
+        // an open during which the MANIFEST and the WAL files did not change
+        // saw one committed state; otherwise it is retried. Table files are
+        // all opened during the open (`max_open_files` -1), so later
+        // deletions cannot reach an open that passed.
+        let mut last = None;
+        for attempt in 0..READ_ONLY_ATTEMPTS {
+            let before = files_fingerprint(&path);
+            let opened = DB::open_cf_for_read_only(&opts, &path, names.clone(), false);
+            let after = files_fingerprint(&path);
+            match opened {
+                Ok(db) if before.is_some() && before == after => return Ok(Store { db, path }),
+                Ok(_) => last = None,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2 << attempt.min(5)));
+        }
+        Err(match last {
+            Some(e) => store_error(&path, e),
+            None => EngineError::Incompatible {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "the state changed under {READ_ONLY_ATTEMPTS} read-only opens in a row (a running job flushing); try again"
+                ),
+            },
+        })
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
@@ -611,5 +657,68 @@ mod tests {
         assert!(out.len() < 200, "{} bytes", out.len());
         assert_eq!(decode_state(&out, p).expect("decode"), hll);
         assert!(decode_state(&[9, 1, 2], p).is_err());
+    }
+
+    /// Read-only opens racing a writer that flushes every few commits and
+    /// reopens the database (a restart flushes what it recovers from the
+    /// WAL and deletes the WAL): each open sees one whole commit (the
+    /// metadata counter and the online row written with it agree), never
+    /// older than the one an earlier open saw.
+    #[test]
+    fn read_only_opens_racing_flushes_see_whole_commits_in_order() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let limits = StoreOptions {
+            block_cache: 1 << 20,
+            write_buffers: 256 << 10,
+        };
+        let open = || Store::open_with(dir.path(), &["v".to_string()], limits).expect("open");
+        let commit = |w: &Store, n: u64| {
+            let filler: Vec<OnlineRow> = (0..8)
+                .map(|i| {
+                    let v: Vec<u8> = (0..1024u64).map(|j| (j * 31 + n + i) as u8).collect();
+                    (format!("f{n}-{i}"), v)
+                })
+                .chain([("k".to_string(), n.to_be_bytes().to_vec())])
+                .collect();
+            let c = Commit {
+                online: vec![("v".into(), filler)],
+                meta: vec![("n".into(), n.to_be_bytes().to_vec())],
+                ..Commit::default()
+            };
+            w.commit(c).expect("commit");
+        };
+        commit(&open(), 1);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (reads, last) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let (mut reads, mut last) = (0u64, 0i64);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = Store::open_read_only(dir.path()).expect("read-only open");
+                    let n = r.meta_i64("n").expect("meta").expect("n");
+                    let k = r.online_get("v", "k").expect("online").expect("k");
+                    let k = i64::from_be_bytes(k.try_into().expect("8 bytes"));
+                    assert_eq!(n, k, "one open saw parts of two commits");
+                    assert!(
+                        n >= last,
+                        "a later open saw an older commit: {n} after {last}"
+                    );
+                    last = n;
+                    reads += 1;
+                }
+                (reads, last)
+            });
+            let mut n = 2;
+            for _restart in 0..150 {
+                let w = open();
+                for _ in 0..5 {
+                    commit(&w, n);
+                    n += 1;
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            reader.join().expect("reader")
+        });
+        assert!(reads > 20, "{reads} reads");
+        assert!(last > 1, "{last}");
     }
 }
