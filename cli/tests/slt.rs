@@ -330,7 +330,12 @@ fn execute(s: &mut Scratch, r: &Record, mode: Mode) -> Result<Option<Actual>, St
             };
             Some(Actual::Json(v))
         }
-        ["query", "dead_letters"] => {
+        ["query", "dead_letters", rest @ ..] => {
+            let reasons = match rest {
+                [] => false,
+                ["reasons"] => true,
+                _ => return Err(format!("unknown record `{}`", r.head)),
+            };
             let file = match mode {
                 Mode::Streaming => "dead_letters.jsonl",
                 Mode::Backfill => "backfill_dead_letters.jsonl",
@@ -340,11 +345,16 @@ fn execute(s: &mut Scratch, r: &Record, mode: Mode) -> Result<Option<Actual>, St
             for l in text.lines() {
                 let d: serde_json::Value =
                     serde_json::from_str(l).map_err(|e| format!("dead letter `{l}`: {e}"))?;
-                lines.push(format!(
+                let mut line = format!(
                     "{} {}",
                     d["kind"].as_str().unwrap_or("?"),
                     d["position"].as_str().unwrap_or("?")
-                ));
+                );
+                if reasons {
+                    line.push_str(": ");
+                    line.push_str(d["reason"].as_str().unwrap_or("?"));
+                }
+                lines.push(line);
             }
             Some(Actual::Exact(lines))
         }

@@ -30,9 +30,10 @@ use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::job::{NO_WATERMARK, late_letter};
 use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
+use crate::rules::SourceRules;
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::time::{drop_bad_event_times, event_times};
+use crate::time::event_times;
 use crate::view::{OnlineRow, ViewOp};
 use crate::watermark::WatermarkTracker;
 
@@ -455,6 +456,7 @@ fn read_source(
     let mut max_in: Option<i64> = None;
     let mut shard_of = Vec::new();
     let mut progress = ProgressLine::new(&sp.name, opts.progress);
+    let rules = SourceRules::new(sp)?;
     src.seek(None)?;
     loop {
         let (batch, rejected) = match src.poll(opts.batch_rows)? {
@@ -470,7 +472,7 @@ fn read_source(
             dead_letter(dead, d, stats)?;
         }
         let describe = |p| src.describe_position(p);
-        let (batch, bad) = drop_bad_event_times(&sp.name, batch, sp.event_time, &describe)?;
+        let (batch, bad) = rules.apply(batch, &describe)?;
         for d in &bad {
             dead_letter(dead, d, stats)?;
         }

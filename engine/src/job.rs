@@ -18,10 +18,11 @@ use crate::error::RetryHint;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::online::{ViewMeta, read_view_meta, view_meta_key};
+use crate::rules::SourceRules;
 use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
 use crate::tiles::{TileMemory, TileReader, is_tiled, pending_key};
-use crate::time::{drop_bad_event_times, event_times};
+use crate::time::event_times;
 use crate::vector::VectorIndex;
 use crate::view::{ViewOp, features_json};
 use crate::watermark::WatermarkTracker;
@@ -188,6 +189,8 @@ struct SourceRt {
     retry: Option<Retry>,
     /// The source's event archive, and the rows accepted since the last checkpoint.
     archive: Option<Archive>,
+    /// Event-time range and `CHECK` rules.
+    rules: SourceRules,
 }
 
 /// A source's event archive: the rows it accepted, written with each
@@ -457,6 +460,7 @@ impl Job {
                 last_good: Vec::new(),
                 retry: None,
                 archive: None,
+                rules: SourceRules::new(sp)?,
             };
             rt.last_good = rt.src.position();
             rt.add_partitions(now);
@@ -562,8 +566,7 @@ impl Job {
                         }
                         let s = &self.sources[si];
                         let describe = |p| s.src.describe_position(p);
-                        let (batch, bad) =
-                            drop_bad_event_times(&s.name, batch, s.event_time, &describe)?;
+                        let (batch, bad) = s.rules.apply(batch, &describe)?;
                         for d in &bad {
                             self.dead_letter(d)?;
                         }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod metrics_names;
 pub mod online;
 pub mod replay;
+pub mod rules;
 pub mod server;
 mod source;
 pub mod store;

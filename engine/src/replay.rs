@@ -26,10 +26,11 @@ use sluice_sql::{PipelinePlan, ViewPlan};
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::job::{NO_WATERMARK, late_letter};
+use crate::rules::SourceRules;
 use crate::source::{DeadLetter, DeadLetterSink, Poll, Source};
 use crate::store::{Commit, StateStore, TileRead, TileWrites, expiry_key, tile_key, tile_prefix};
 use crate::tiles::{ReadMode, TileMemory, TileReader, clock_key, is_tiled};
-use crate::time::{drop_bad_event_times, event_times};
+use crate::time::event_times;
 use crate::view::ViewOp;
 use crate::watermark::WatermarkTracker;
 
@@ -496,6 +497,7 @@ pub fn replay(
     let mut tracker = WatermarkTracker::new(sp.watermark_delay_ms, None);
     let mut clock = NO_WATERMARK;
     let ncols = sp.schema.fields().len();
+    let rules = SourceRules::new(sp)?;
     source.seek(None)?;
     loop {
         let (sb, rejected) = match source.poll(8192)? {
@@ -510,7 +512,7 @@ pub fn replay(
             write_dead(dead, d, &mut stats)?;
         }
         let describe = |p| source.describe_position(p);
-        let (sb, bad) = drop_bad_event_times(&sp.name, sb, sp.event_time, &describe)?;
+        let (sb, bad) = rules.apply(sb, &describe)?;
         for d in &bad {
             write_dead(dead, d, &mut stats)?;
         }

@@ -37,20 +37,23 @@ pub enum DeadLetterKind {
     Oversized,
     /// Every window holding the event had closed when it arrived.
     LateEvent,
+    /// A `CHECK` rule of the source is false for the record.
+    CheckFailed,
 }
 
 impl DeadLetterKind {
     /// Every kind, in declaration order.
-    pub const ALL: [DeadLetterKind; 5] = [
+    pub const ALL: [DeadLetterKind; 6] = [
         DeadLetterKind::MalformedJson,
         DeadLetterKind::WrongType,
         DeadLetterKind::MissingField,
         DeadLetterKind::Oversized,
         DeadLetterKind::LateEvent,
+        DeadLetterKind::CheckFailed,
     ];
 
     /// The stable name: `malformed_json`, `wrong_type`, `missing_field`,
-    /// `oversized`, `late_event`.
+    /// `oversized`, `late_event`, `check_failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::MalformedJson => "malformed_json",
@@ -58,6 +61,7 @@ impl DeadLetterKind {
             DeadLetterKind::MissingField => "missing_field",
             DeadLetterKind::Oversized => "oversized",
             DeadLetterKind::LateEvent => "late_event",
+            DeadLetterKind::CheckFailed => "check_failed",
         }
     }
 }

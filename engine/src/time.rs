@@ -113,6 +113,18 @@ pub fn drop_bad_event_times(
             }
         }
     }
+    drop_rows(source, sb, bad, describe)
+}
+
+/// Takes rows `bad` (row, kind, reason; rows in increasing order) out of
+/// `sb` and returns them as dead letters, positions described by
+/// `describe`; `None` when no row is left.
+pub fn drop_rows(
+    source: &str,
+    sb: SourceBatch,
+    bad: Vec<(usize, DeadLetterKind, String)>,
+    describe: &dyn Fn(u64) -> String,
+) -> Result<(Option<SourceBatch>, Vec<DeadLetter>)> {
     if bad.is_empty() {
         return Ok((Some(sb), Vec::new()));
     }
@@ -134,7 +146,7 @@ pub fn drop_bad_event_times(
     }
     let mask = BooleanArray::from(keep.clone());
     let batch = filter_record_batch(&sb.batch, &mask)
-        .map_err(|e| EngineError::arrow(format!("source {source}: dropping bad event times"), e))?;
+        .map_err(|e| EngineError::arrow(format!("source {source}: dropping rejected rows"), e))?;
     if batch.num_rows() == 0 {
         return Ok((None, letters));
     }

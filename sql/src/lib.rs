@@ -10,7 +10,7 @@ pub mod vector;
 
 pub use error::{PipelineError, Pos};
 pub use plan::{
-    AggregatePlan, MetadataColumn, MetadataKind, OptionPos, OptionReader, PipelinePlan,
+    AggregatePlan, CheckRule, MetadataColumn, MetadataKind, OptionPos, OptionReader, PipelinePlan,
     SourceCheck, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec, expand_env,
     fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked,
 };

@@ -55,6 +55,20 @@ pub struct OptionDef {
     pub value_pos: Pos,
 }
 
+/// A `CHECK (…)` rule of a `CREATE SOURCE`: written after a column or as an
+/// entry of its own (`[CONSTRAINT name] CHECK (…)`), over the whole row.
+#[derive(Debug, Clone)]
+pub struct CheckDef {
+    /// `CONSTRAINT name`, if given.
+    pub name: Option<Name>,
+    /// The boolean expression, as sqlparser parsed it (positions kept).
+    pub expr: Expr,
+    /// The expression as written, whitespace runs folded to one space.
+    pub text: String,
+    /// Where the expression starts.
+    pub pos: Pos,
+}
+
 /// `CREATE SOURCE`.
 #[derive(Debug, Clone)]
 pub struct SourceDef {
@@ -66,6 +80,8 @@ pub struct SourceDef {
     pub watermark: Option<WatermarkDef>,
     /// `WITH` options.
     pub options: Vec<OptionDef>,
+    /// `CHECK` rules, in the order written.
+    pub checks: Vec<CheckDef>,
 }
 
 /// `CREATE FEATURE VIEW`.
@@ -110,6 +126,7 @@ pub fn parse_pipeline(file: &str, text: &str) -> Result<Vec<Statement>, Pipeline
     };
     let mut p = P {
         file,
+        text,
         parser: Parser::new(&dialect).with_tokens_with_locations(tokens),
         end,
     };
@@ -192,6 +209,7 @@ pub fn normalize(ident: &Ident) -> String {
 
 struct P<'a> {
     file: &'a str,
+    text: &'a str,
     parser: Parser<'a>,
     /// Just past the last character: where errors at the end of input point.
     end: Pos,
@@ -241,7 +259,7 @@ impl P<'_> {
         if t.token == tok {
             Ok(t)
         } else {
-            Err(self.err_at(&t, format!("expected {tok}, found {}", t.token)))
+            Err(self.err_at(&t, format!("expected `{tok}`, found `{}`", t.token)))
         }
     }
 
@@ -263,8 +281,17 @@ impl P<'_> {
         self.expect(Token::LParen)?;
         let mut columns = Vec::new();
         let mut watermark = None;
+        let mut checks = Vec::new();
         loop {
-            if self.peek_is_word("watermark") {
+            if self.peek_is_word("check") {
+                self.parser.next_token();
+                checks.push(self.check(None)?);
+            } else if self.peek_is_word("constraint") {
+                self.parser.next_token();
+                let name = self.name()?;
+                self.expect_word("check")?;
+                checks.push(self.check(Some(name))?);
+            } else if self.peek_is_word("watermark") {
                 let t = self.parser.next_token();
                 if watermark.is_some() {
                     return Err(self.err_at(&t, "a source has at most one WATERMARK"));
@@ -312,6 +339,10 @@ impl P<'_> {
                         metadata = Some((name.value.clone(), pos));
                     }
                 }
+                while self.peek_is_word("check") {
+                    self.parser.next_token();
+                    checks.push(self.check(None)?);
+                }
                 columns.push(ColumnDef {
                     name,
                     data_type,
@@ -335,6 +366,26 @@ impl P<'_> {
             columns,
             watermark,
             options,
+            checks,
+        })
+    }
+
+    /// `(expr)` after `CHECK`.
+    fn check(&mut self, name: Option<Name>) -> Result<CheckDef, PipelineError> {
+        self.expect(Token::LParen)?;
+        let first = self.parser.peek_token();
+        let expr = self.parser.parse_expr().map_err(|e| self.pe(e))?;
+        let close = self.expect(Token::RParen)?;
+        let pos: Pos = first.span.start.into();
+        let text = slice(self.text, pos, close.span.start.into())
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(CheckDef {
+            name,
+            expr,
+            text,
+            pos,
         })
     }
 
@@ -441,6 +492,28 @@ impl P<'_> {
     }
 }
 
+/// The text between two positions (line and column count from 1, columns
+/// in characters).
+fn slice(text: &str, from: Pos, to: Pos) -> &str {
+    let offset = |p: Pos| {
+        let mut line_start = 0;
+        for (i, l) in text.split_inclusive('\n').enumerate() {
+            if i as u64 + 1 == p.line {
+                let col = l
+                    .char_indices()
+                    .nth(p.column.saturating_sub(1) as usize)
+                    .map(|(c, _)| c)
+                    .unwrap_or(l.len());
+                return line_start + col;
+            }
+            line_start += l.len();
+        }
+        text.len()
+    };
+    let (a, b) = (offset(from), offset(to));
+    text.get(a..b.max(a)).unwrap_or("")
+}
+
 fn watermark_delay(expr: &Expr, column: &str) -> Result<i64, String> {
     use datafusion::sql::sqlparser::ast::BinaryOperator;
     let is_col = |e: &Expr| matches!(e, Expr::Identifier(i) if normalize(i) == column);
@@ -498,6 +571,45 @@ mod tests {
         };
         assert_eq!(v.keys[0].value, "user_id");
         assert_eq!(v.options[0].value, "true");
+    }
+
+    #[test]
+    fn parses_check_rules_in_every_place() {
+        let sql = "CREATE SOURCE o (id TEXT NOT NULL CHECK (length(id) > 0) CHECK (id <> 'x'),\n\
+                   \tprice DOUBLE CHECK (price >= 0), ts TIMESTAMP NOT NULL,\n\
+                   CHECK (ts > TIMESTAMP '2020-01-01'),\n\
+                   CONSTRAINT small CHECK (price <  1e6\n      OR price IS NULL)) WITH (connector = 'file', path = 'o.jsonl');";
+        let st = parse_pipeline("p.sql", sql).expect("parses");
+        let Statement::Source(s) = &st[0] else {
+            panic!("a source")
+        };
+        assert_eq!(s.columns.len(), 3);
+        let rules: Vec<(Option<&str>, &str, (u64, u64))> = s
+            .checks
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_ref().map(|n| n.value.as_str()),
+                    c.text.as_str(),
+                    (c.pos.line, c.pos.column),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rules,
+            vec![
+                (None, "length(id) > 0", (1, 42)),
+                (None, "id <> 'x'", (1, 65)),
+                (None, "price >= 0", (2, 22)),
+                (None, "ts > TIMESTAMP '2020-01-01'", (3, 8)),
+                (Some("small"), "price < 1e6 OR price IS NULL", (4, 25)),
+            ]
+        );
+        let e = parse_pipeline("p.sql", "CREATE SOURCE o (a TEXT, CHECK a > 0)").expect_err("bad");
+        assert_eq!(e.to_string(), "p.sql:1:32: expected `(`, found `a`");
+        let e = parse_pipeline("p.sql", "CREATE SOURCE o (a TEXT, CONSTRAINT c a > 0)")
+            .expect_err("bad");
+        assert!(e.to_string().starts_with("p.sql:1:39:"), "{e}");
     }
 
     #[test]

@@ -136,6 +136,25 @@ pub struct SourcePlan {
     /// A partition with no new records for this long stops holding the
     /// source's watermark back (`idle_timeout`); `None`: never.
     pub idle_timeout_ms: Option<i64>,
+    /// `CHECK` rules: a row for which one is false is dead-lettered.
+    pub checks: Vec<CheckRule>,
+}
+
+/// One `CHECK` rule of a source, planned by DataFusion over the source's
+/// columns (types coerced).
+#[derive(Debug, Clone)]
+pub struct CheckRule {
+    /// The rule's name in metrics and dead letters: `CONSTRAINT name`, else
+    /// the expression as written.
+    pub label: String,
+    /// The expression as written.
+    pub text: String,
+    /// Where it is written.
+    pub pos: Pos,
+    /// The boolean expression.
+    pub predicate: Expr,
+    /// The schema `predicate` reads (the source's declared columns).
+    pub schema: DFSchemaRef,
 }
 
 /// What a metadata column holds.
@@ -349,13 +368,14 @@ pub fn plan_pipeline_checked(
                         format!("`{}` is defined twice", s.name.value),
                     ));
                 }
-                let sp = sources::lower_source(file, &s, base_dir)?;
+                let mut sp = sources::lower_source(file, &s, base_dir)?;
                 check(&sp)?;
                 ctx.register_table(
                     sp.name.as_str(),
                     Arc::new(EmptyTable::new(Arc::clone(&sp.schema))),
                 )
                 .map_err(|e| PipelineError::at(file, Some(s.name.pos), e.to_string()))?;
+                sp.checks = sources::plan_checks(file, text, &s, &sp, &ctx)?;
                 plan.sources.push(sp);
             }
             Statement::View(v) => {

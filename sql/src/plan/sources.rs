@@ -11,7 +11,13 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::sql::sqlparser::ast;
 
 use super::options::{OptionPos, SOURCE_OPTIONS, check_options, expand_env};
-use super::{MetadataColumn, MetadataKind, SourcePlan, TIMESTAMP_TYPE};
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+
+use super::{CheckRule, MetadataColumn, MetadataKind, SourcePlan, TIMESTAMP_TYPE};
 use crate::error::PipelineError;
 use crate::parser::{ColumnDef, SourceDef};
 
@@ -71,7 +77,117 @@ pub(super) fn lower_source(
         base_dir: base_dir.to_path_buf(),
         metadata,
         idle_timeout_ms,
+        checks: Vec::new(),
     })
+}
+
+/// Plans each `CHECK` of `s` with DataFusion as `SELECT rule FROM source`
+/// (so its functions, casts and type coercion are those of a view's query)
+/// and refuses rules that are not boolean.
+pub(super) fn plan_checks(
+    file: &str,
+    text: &str,
+    s: &SourceDef,
+    sp: &SourcePlan,
+    ctx: &SessionContext,
+) -> Result<Vec<CheckRule>, PipelineError> {
+    let mut out = Vec::new();
+    let mut labels = HashSet::new();
+    for c in &s.checks {
+        let dialect = GenericDialect {};
+        let mut stmt = Parser::parse_sql(&dialect, &format!("SELECT 1 FROM \"{}\"", sp.name))
+            .ok()
+            .and_then(|mut v| v.pop())
+            .ok_or_else(|| PipelineError::at(file, Some(c.pos), "cannot plan the rule"))?;
+        if let ast::Statement::Query(q) = &mut stmt
+            && let ast::SetExpr::Select(sel) = q.body.as_mut()
+        {
+            sel.projection = vec![ast::SelectItem::UnnamedExpr(c.expr.clone())];
+        }
+        let state = ctx.state();
+        let logical = futures::executor::block_on(
+            state.statement_to_plan(DFStatement::Statement(Box::new(stmt))),
+        )
+        .and_then(|p| {
+            state
+                .analyzer()
+                .execute_and_check(p, state.config_options(), |_, _| {})
+        })
+        .map_err(|e| {
+            let candidates: Vec<String> = sp
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            let functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
+            let e = super::views::df_error(file, text, c.pos, e, &candidates, &functions);
+            if e.help.is_some() {
+                e
+            } else {
+                e.with_help(format!(
+                    "a CHECK rule is a boolean expression over the columns of `{}`",
+                    sp.name
+                ))
+            }
+        })?;
+        let LogicalPlan::Projection(p) = &logical else {
+            return Err(PipelineError::at(file, Some(c.pos), "cannot plan the rule"));
+        };
+        if !matches!(p.input.as_ref(), LogicalPlan::TableScan(_)) {
+            return Err(PipelineError::at(
+                file,
+                Some(c.pos),
+                format!(
+                    "CHECK ({}) must be decided by each row alone: aggregates, window functions and subqueries cannot be rules",
+                    c.text
+                ),
+            ));
+        }
+        let (Some(predicate), Some(field)) = (p.expr.first(), p.schema.fields().first()) else {
+            return Err(PipelineError::at(file, Some(c.pos), "cannot plan the rule"));
+        };
+        if field.data_type() != &DataType::Boolean {
+            return Err(PipelineError::at(
+                file,
+                Some(c.pos),
+                format!(
+                    "CHECK ({}) is of type {}, not BOOLEAN",
+                    c.text,
+                    field.data_type()
+                ),
+            )
+            .with_help("a rule is a condition each row must meet, such as `price >= 0`"));
+        }
+        let label = c
+            .name
+            .as_ref()
+            .map(|n| n.value.clone())
+            .unwrap_or_else(|| c.text.clone());
+        if !labels.insert(label.clone()) {
+            return Err(PipelineError::at(
+                file,
+                Some(c.name.as_ref().map(|n| n.pos).unwrap_or(c.pos)),
+                format!("source `{}` has the rule `{label}` twice", sp.name),
+            ));
+        }
+        out.push(CheckRule {
+            label,
+            text: c.text.clone(),
+            pos: c.pos,
+            predicate: strip_alias(predicate.clone()),
+            schema: Arc::clone(p.input.schema()),
+        });
+    }
+    Ok(out)
+}
+
+/// The expression under any aliases.
+fn strip_alias(e: Expr) -> Expr {
+    match e {
+        Expr::Alias(a) => strip_alias(*a.expr),
+        other => other,
+    }
 }
 
 /// The declared columns as an Arrow schema (`NOT NULL` columns

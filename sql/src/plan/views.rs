@@ -502,7 +502,7 @@ fn locate_word(text: &str, from: Pos, word: &str) -> Option<Pos> {
     })
 }
 
-fn df_error(
+pub(super) fn df_error(
     file: &str,
     text: &str,
     fallback: Pos,

@@ -1,0 +1,133 @@
+//! What a source row must meet to be an event: an event time in range, and
+//! the source's `CHECK` rules. The same [`SourceRules`] run in `run`,
+//! `backfill` and `training-set`, right after decoding, so the three jobs
+//! accept the same rows.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray};
+use datafusion::physical_expr::PhysicalExpr;
+use sluice_sql::SourcePlan;
+
+use crate::error::{EngineError, Result};
+use crate::exec::{eval, physical};
+use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
+use crate::time::{drop_bad_event_times, drop_rows};
+
+/// One compiled `CHECK`.
+#[derive(Debug)]
+struct Rule {
+    label: String,
+    text: String,
+    expr: Arc<dyn PhysicalExpr>,
+}
+
+/// The row rules of one source.
+#[derive(Debug)]
+pub struct SourceRules {
+    source: String,
+    event_time: Option<usize>,
+    rules: Vec<Rule>,
+}
+
+impl SourceRules {
+    /// Compiles the rules of `sp`.
+    pub fn new(sp: &SourcePlan) -> Result<Self> {
+        let rules = sp
+            .checks
+            .iter()
+            .map(|c| {
+                Ok(Rule {
+                    label: c.label.clone(),
+                    text: c.text.clone(),
+                    expr: physical(&sp.name, &c.predicate, &c.schema)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SourceRules {
+            source: sp.name.clone(),
+            event_time: sp.event_time,
+            rules,
+        })
+    }
+
+    /// Takes the rows that break a rule out of `sb` and returns them as dead
+    /// letters: a NULL or out-of-range event time (`missing_field`,
+    /// `wrong_type`), then each `CHECK` that is false for the row
+    /// (`check_failed`, every failing rule named; as in SQL, a rule that is
+    /// NULL for a row passes). Each failure counts in
+    /// `sluice_check_failures_total{source, rule}`.
+    pub fn apply(
+        &self,
+        sb: Option<SourceBatch>,
+        describe: &dyn Fn(u64) -> String,
+    ) -> Result<(Option<SourceBatch>, Vec<DeadLetter>)> {
+        let (sb, mut letters) = drop_bad_event_times(&self.source, sb, self.event_time, describe)?;
+        let Some(sb) = sb else {
+            return Ok((None, letters));
+        };
+        if self.rules.is_empty() {
+            return Ok((Some(sb), letters));
+        }
+        let n = sb.batch.num_rows();
+        let mut failed: Vec<Vec<&Rule>> = vec![Vec::new(); n];
+        for rule in &self.rules {
+            let v = eval(&self.source, &rule.expr, &sb.batch)?;
+            let v = v.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "source {}: rule `{}` gave {}, not booleans",
+                    self.source,
+                    rule.text,
+                    v.data_type()
+                ))
+            })?;
+            // Only false fails; NULL passes.
+            let mut count = 0u64;
+            for (r, ok) in v.iter().enumerate() {
+                if ok == Some(false) {
+                    failed[r].push(rule);
+                    count += 1;
+                }
+            }
+            if count > 0 {
+                metrics::counter!(
+                    "sluice_check_failures_total",
+                    "source" => self.source.clone(),
+                    "rule" => rule.label.clone()
+                )
+                .increment(count);
+            }
+        }
+        let bad: Vec<(usize, DeadLetterKind, String)> = failed
+            .into_iter()
+            .enumerate()
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(r, f)| {
+                let names: Vec<String> = f.iter().map(|rule| rule_name(rule)).collect();
+                let reason = if names.len() == 1 {
+                    format!("fails the rule {}", names[0])
+                } else {
+                    format!("fails the rules {}", names.join(", "))
+                };
+                (r, DeadLetterKind::CheckFailed, reason)
+            })
+            .collect();
+        let (sb, more) = drop_rows(&self.source, sb, bad, describe)?;
+        letters.extend(more);
+        Ok((sb, letters))
+    }
+
+    /// Whether the source has `CHECK` rules.
+    pub fn has_checks(&self) -> bool {
+        !self.rules.is_empty()
+    }
+}
+
+/// `CHECK (text)`, with its `CONSTRAINT` name when it has one.
+fn rule_name(rule: &Rule) -> String {
+    if rule.label == rule.text {
+        format!("CHECK ({})", rule.text)
+    } else {
+        format!("`{}`: CHECK ({})", rule.label, rule.text)
+    }
+}
