@@ -6,11 +6,12 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray};
+use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
 use sluice_sql::SourcePlan;
 
 use crate::error::{EngineError, Result};
-use crate::exec::{eval, physical};
+use crate::exec::physical;
 use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
 use crate::time::{drop_bad_event_times, drop_rows};
 
@@ -70,23 +71,37 @@ impl SourceRules {
             return Ok((Some(sb), letters));
         }
         let n = sb.batch.num_rows();
-        let mut failed: Vec<Vec<&Rule>> = vec![Vec::new(); n];
+        // Per row, the rules it fails (as named in the reason).
+        let mut failed: Vec<Vec<String>> = vec![Vec::new(); n];
         for rule in &self.rules {
-            let v = eval(&self.source, &rule.expr, &sb.batch)?;
-            let v = v.as_any().downcast_ref::<BooleanArray>().ok_or_else(|| {
-                EngineError::Internal(format!(
-                    "source {}: rule `{}` gave {}, not booleans",
-                    self.source,
-                    rule.text,
-                    v.data_type()
-                ))
-            })?;
-            // Only false fails; NULL passes.
             let mut count = 0u64;
-            for (r, ok) in v.iter().enumerate() {
-                if ok == Some(false) {
-                    failed[r].push(rule);
-                    count += 1;
+            match self.decide(rule, &sb.batch)? {
+                Ok(v) => {
+                    // Only false fails; NULL passes.
+                    for (r, ok) in v.iter().enumerate() {
+                        if ok == Some(false) {
+                            failed[r].push(rule_name(rule));
+                            count += 1;
+                        }
+                    }
+                }
+                // A rule that cannot be computed over the batch (a cast out
+                // of range, a division by zero) is decided row by row: a row
+                // it cannot be computed for fails it, with the reason.
+                Err(_) => {
+                    for (r, f) in failed.iter_mut().enumerate() {
+                        match self.decide(rule, &sb.batch.slice(r, 1))? {
+                            Ok(v) if v.is_valid(0) && !v.value(0) => {
+                                f.push(rule_name(rule));
+                                count += 1;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                f.push(format!("{} (cannot be computed: {e})", rule_name(rule)));
+                                count += 1;
+                            }
+                        }
+                    }
                 }
             }
             if count > 0 {
@@ -103,11 +118,10 @@ impl SourceRules {
             .enumerate()
             .filter(|(_, f)| !f.is_empty())
             .map(|(r, f)| {
-                let names: Vec<String> = f.iter().map(|rule| rule_name(rule)).collect();
-                let reason = if names.len() == 1 {
-                    format!("fails the rule {}", names[0])
+                let reason = if f.len() == 1 {
+                    format!("fails the rule {}", f[0])
                 } else {
-                    format!("fails the rules {}", names.join(", "))
+                    format!("fails the rules {}", f.join(", "))
                 };
                 (r, DeadLetterKind::CheckFailed, reason)
             })
@@ -115,6 +129,32 @@ impl SourceRules {
         let (sb, more) = drop_rows(&self.source, sb, bad, describe)?;
         letters.extend(more);
         Ok((sb, letters))
+    }
+
+    /// `rule` over `batch`: the booleans, or (inner `Err`) why DataFusion
+    /// could not compute them for these rows.
+    fn decide(
+        &self,
+        rule: &Rule,
+        batch: &RecordBatch,
+    ) -> Result<std::result::Result<BooleanArray, String>> {
+        let v = match rule
+            .expr
+            .evaluate(batch)
+            .and_then(|v| v.into_array(batch.num_rows()))
+        {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e.find_root().to_string())),
+        };
+        match v.as_any().downcast_ref::<BooleanArray>() {
+            Some(b) => Ok(Ok(b.clone())),
+            None => Err(EngineError::Internal(format!(
+                "source {}: rule `{}` gave {}, not booleans",
+                self.source,
+                rule.text,
+                v.data_type()
+            ))),
+        }
     }
 
     /// Whether the source has `CHECK` rules.

@@ -42,6 +42,13 @@ impl fmt::Display for PipelinePlan {
                 let v = if secret { "********" } else { v.as_str() };
                 writeln!(f, "  option {k} = {v}")?;
             }
+            for c in &s.checks {
+                if c.label == c.text {
+                    writeln!(f, "  check ({}): {}", c.text, c.predicate)?;
+                } else {
+                    writeln!(f, "  check {} ({}): {}", c.label, c.text, c.predicate)?;
+                }
+            }
         }
         for v in &self.views {
             writeln!(
