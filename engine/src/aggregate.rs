@@ -158,6 +158,18 @@ impl AggKernel {
             .collect()
     }
 
+    /// Whether computing keys or aggregate inputs can fail for some row (an
+    /// expression other than a column or a literal: a cast, a division).
+    pub fn inputs_can_fail(&self) -> bool {
+        let plain = |e: &Arc<dyn PhysicalExpr>| {
+            e.is::<datafusion::physical_expr::expressions::Column>()
+                || e.is::<datafusion::physical_expr::expressions::Literal>()
+        };
+        !(self.group_exprs.iter().all(plain)
+            && self.args.iter().flatten().all(plain)
+            && self.filters.iter().flatten().all(plain))
+    }
+
     /// Evaluates the key (GROUP BY) expressions over staged rows.
     pub fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
         self.group_exprs

@@ -28,13 +28,13 @@ use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, late_letter};
+use crate::job::{NO_WATERMARK, late_letter, view_error_letter};
 use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
 use crate::rules::SourceRules;
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
 use crate::time::event_times;
-use crate::view::{OnlineRow, ViewOp};
+use crate::view::{OnlineRow, Staged, ViewOp};
 use crate::watermark::WatermarkTracker;
 
 /// How progress is shown.
@@ -525,7 +525,22 @@ fn read_source(
             max_in = Some(max_in.map_or(*m, |x| x.max(*m)));
         }
         for (vi, probe) in probes.iter().enumerate() {
-            let staged = probe.stage(rows.clone())?;
+            let Staged {
+                rows: staged,
+                failed,
+            } = probe.stage(rows.clone())?;
+            for (r, why) in &failed {
+                let r = *r as usize;
+                let d = view_error_letter(
+                    &sp.name,
+                    src.describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
+                    probe.name(),
+                    &batch,
+                    r,
+                    why,
+                )?;
+                dead_letter(dead, &d, stats)?;
+            }
             if staged.is_empty() {
                 continue;
             }

@@ -130,6 +130,15 @@ impl EngineError {
         }
     }
 
+    /// The innermost message: for a DataFusion error its root cause
+    /// (`Arrow error: Divide by zero error`), else the whole message.
+    pub fn root_message(&self) -> String {
+        match self {
+            EngineError::DataFusion { source, .. } => source.find_root().to_string(),
+            e => e.to_string(),
+        }
+    }
+
     /// A DataFusion error in `view`.
     pub fn df(view: &str, source: DataFusionError) -> Self {
         EngineError::DataFusion {

@@ -71,6 +71,30 @@ pub fn late_letter(
     })
 }
 
+/// The dead letter of source-batch row `row`, which view `view` cannot
+/// compute (`why`).
+pub fn view_error_letter(
+    source: &str,
+    position: String,
+    view: &str,
+    batch: &RecordBatch,
+    row: usize,
+    why: &str,
+) -> Result<DeadLetter> {
+    let all: Vec<usize> = (0..batch.num_columns()).collect();
+    let rec = features_json(&batch.slice(row, 1), &all)?
+        .pop()
+        .unwrap_or_default();
+    metrics::counter!("sluice_view_errors_total", "view" => view.to_string()).increment(1);
+    Ok(DeadLetter {
+        source: source.to_string(),
+        position,
+        kind: DeadLetterKind::ViewError,
+        reason: format!("view `{view}` cannot compute it: {why}"),
+        record: String::from_utf8_lossy(&rec).into_owned(),
+    })
+}
+
 /// How a job runs.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -778,7 +802,22 @@ impl Job {
         let new_wm = self.sources[si].watermark.watermark();
         let view_ids = self.sources[si].views.clone();
         for vi in view_ids {
-            let late = self.views[vi].process(rows.clone())?;
+            let done = self.views[vi].process(rows.clone())?;
+            for (rid, why) in &done.failed {
+                let r = *rid as usize;
+                let s = &self.sources[si];
+                let d = view_error_letter(
+                    &s.name,
+                    s.src
+                        .describe_position(positions.get(r).copied().unwrap_or(0)),
+                    self.views[vi].name(),
+                    &batch,
+                    r,
+                    why,
+                )?;
+                self.dead_letter(&d)?;
+            }
+            let late = done.late;
             if !late.is_empty() {
                 metrics::counter!("sluice_late_events_total", "view" => self.views[vi].name().to_string()).increment(late.len() as u64);
                 for rid in late {

@@ -23,6 +23,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Rows a CHECK rule of their source is false for, dead-lettered as check_failed (labels: source, rule)",
     ),
     (
+        "sluice_view_errors_total",
+        "counter",
+        "Rows a view's expression cannot compute for (division by zero, a cast that does not fit), dead-lettered as view_error (label: view)",
+    ),
+    (
         "sluice_late_events_total",
         "counter",
         "Events that arrived after all their windows closed (label: view)",

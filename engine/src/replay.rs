@@ -25,7 +25,7 @@ use sluice_sql::{PipelinePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, late_letter};
+use crate::job::{NO_WATERMARK, late_letter, view_error_letter};
 use crate::rules::SourceRules;
 use crate::source::{DeadLetter, DeadLetterSink, Poll, Source};
 use crate::store::{Commit, StateStore, TileRead, TileWrites, expiry_key, tile_key, tile_prefix};
@@ -577,7 +577,21 @@ pub fn replay(
                 rowid: UInt32Array::from_iter_values(0..(end - start) as u32),
             };
             for v in views.iter_mut() {
-                let late = v.op.process(rows.clone())?;
+                let done = v.op.process(rows.clone())?;
+                for (r, why) in &done.failed {
+                    let r = *r as usize;
+                    let pos = sb.row_positions.get(start + r).copied().unwrap_or(0);
+                    let d = view_error_letter(
+                        &sp.name,
+                        source.describe_position(pos),
+                        v.op.name(),
+                        &rows.batch,
+                        r,
+                        why,
+                    )?;
+                    write_dead(dead, &d, &mut stats)?;
+                }
+                let late = done.late;
                 stats.late += late.len() as u64;
                 for r in late {
                     let r = r as usize;

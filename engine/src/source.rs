@@ -39,21 +39,26 @@ pub enum DeadLetterKind {
     LateEvent,
     /// A `CHECK` rule of the source is false for the record.
     CheckFailed,
+    /// A view's expression cannot be computed for the record (an integer
+    /// division by zero, a cast out of range); the record still feeds the
+    /// source's other views.
+    ViewError,
 }
 
 impl DeadLetterKind {
     /// Every kind, in declaration order.
-    pub const ALL: [DeadLetterKind; 6] = [
+    pub const ALL: [DeadLetterKind; 7] = [
         DeadLetterKind::MalformedJson,
         DeadLetterKind::WrongType,
         DeadLetterKind::MissingField,
         DeadLetterKind::Oversized,
         DeadLetterKind::LateEvent,
         DeadLetterKind::CheckFailed,
+        DeadLetterKind::ViewError,
     ];
 
     /// The stable name: `malformed_json`, `wrong_type`, `missing_field`,
-    /// `oversized`, `late_event`, `check_failed`.
+    /// `oversized`, `late_event`, `check_failed`, `view_error`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::MalformedJson => "malformed_json",
@@ -62,6 +67,7 @@ impl DeadLetterKind {
             DeadLetterKind::Oversized => "oversized",
             DeadLetterKind::LateEvent => "late_event",
             DeadLetterKind::CheckFailed => "check_failed",
+            DeadLetterKind::ViewError => "view_error",
         }
     }
 }

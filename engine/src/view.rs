@@ -18,6 +18,24 @@ use crate::tiles::{TileAgg, TileMemory, is_tiled};
 /// An online-store write: the key and its encoded value.
 pub type OnlineRow = (String, Vec<u8>);
 
+/// Staged rows of a view, and the source-batch rows it could not compute.
+#[derive(Debug)]
+pub struct Staged {
+    /// Rows that passed the view's filters, projected.
+    pub rows: Rows,
+    /// `(source-batch row, why)` for rows whose expressions failed.
+    pub failed: Vec<(u32, String)>,
+}
+
+/// What [`ViewOp::process`] did not fold in.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// Source-batch rows late for every window holding them.
+    pub late: Vec<u32>,
+    /// `(source-batch row, why)` for rows the view could not compute.
+    pub failed: Vec<(u32, String)>,
+}
+
 /// A feature view's operator chain.
 pub struct ViewOp {
     /// The plan it runs.
@@ -25,6 +43,9 @@ pub struct ViewOp {
     stages: Vec<PhysStage>,
     /// The aggregate functions, shared by the window operator, the tiles and their readers.
     kernel: Option<Arc<AggKernel>>,
+    /// Whether computing the kernel's keys and inputs can fail for a row, so
+    /// [`ViewOp::stage`] checks them before rows reach any state.
+    inputs_can_fail: bool,
     /// Closed-window rows (lake, Kafka, vector index) and lifetime values.
     agg: Option<WindowAgg>,
     /// The online state of a windowed view.
@@ -89,6 +110,7 @@ impl ViewOp {
         Ok(ViewOp {
             plan: plan.clone(),
             stages,
+            inputs_can_fail: kernel.as_ref().is_some_and(|k| k.inputs_can_fail()),
             kernel,
             agg,
             tiles,
@@ -161,15 +183,58 @@ impl ViewOp {
     }
 
     /// Runs source rows through the view. Returns the source-batch row indices
-    /// of late events (not folded in).
-    pub fn process(&mut self, rows: Rows) -> Result<Vec<u32>> {
-        let rows = self.stage(rows)?;
-        self.process_staged(rows)
+    /// of late events (not folded in) and of rows the view cannot compute.
+    pub fn process(&mut self, rows: Rows) -> Result<Processed> {
+        let Staged { rows, failed } = self.stage(rows)?;
+        let late = self.process_staged(rows)?;
+        Ok(Processed { late, failed })
     }
 
-    /// Runs the view's stages (filters, projections) over source rows.
-    pub fn stage(&self, rows: Rows) -> Result<Rows> {
-        run_stages(&self.plan.name, &self.stages, rows)
+    /// Runs the view's stages (filters, projections) over source rows, and
+    /// makes sure its keys and aggregate inputs can be computed for every
+    /// staged row. When DataFusion cannot compute them for the batch (an
+    /// integer division by zero, a cast out of range), the rows are tried one
+    /// by one: those that fail alone leave this view (the caller
+    /// dead-letters them), the others go on. An error that no single row
+    /// causes is returned.
+    pub fn stage(&self, rows: Rows) -> Result<Staged> {
+        let err = match self.try_stage(rows.clone()) {
+            Ok(staged) => {
+                return Ok(Staged {
+                    rows: staged,
+                    failed: Vec::new(),
+                });
+            }
+            Err(e) => e,
+        };
+        let mut keep = vec![true; rows.len()];
+        let mut failed = Vec::new();
+        for (i, k) in keep.iter_mut().enumerate() {
+            if let Err(e) = self.try_stage(rows.slice(i, 1)) {
+                *k = false;
+                failed.push((rows.rowid.value(i), e.root_message()));
+            }
+        }
+        if failed.is_empty() {
+            return Err(err);
+        }
+        let staged = self.try_stage(rows.filter(&arrow::array::BooleanArray::from(keep))?)?;
+        Ok(Staged {
+            rows: staged,
+            failed,
+        })
+    }
+
+    fn try_stage(&self, rows: Rows) -> Result<Rows> {
+        let staged = run_stages(&self.plan.name, &self.stages, rows)?;
+        if let Some(k) = self.kernel.as_ref()
+            && self.inputs_can_fail
+            && !staged.is_empty()
+        {
+            k.key_columns(&staged.batch)?;
+            k.inputs(&staged.batch)?;
+        }
+        Ok(staged)
     }
 
     /// Where each staged row goes when the view runs as `shards` key-disjoint

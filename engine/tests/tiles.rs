@@ -269,6 +269,7 @@ fn differential_in(
         let late: HashSet<u32> = op
             .process(rows(chunk, &wms))
             .expect("process")
+            .late
             .into_iter()
             .collect();
         for (j, e) in chunk.iter().enumerate() {
