@@ -267,6 +267,7 @@ fn over_http(
         unready: Default::default(),
         indexes: [("v".to_string(), idx)].into_iter().collect(),
         readers: Default::default(),
+        freshness: Default::default(),
     });
     let (rt, addr) = crate::serve_local(live)?;
     let s = TcpStream::connect(&addr)?;

@@ -791,3 +791,124 @@ fn archive_under_kill_nine_replays_what_was_served() {
     }
     assert_eq!(diffs, 0, "of {} served reads\n{log}", served.len());
 }
+
+/// `name{view="view"}` from `/metrics`.
+fn view_metric(addr: &str, name: &str, view: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics");
+    let prefix = format!("{name}{{view=\"{view}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+}
+
+/// Live traffic, a stall, live traffic again: the freshness gauges follow
+/// the wall clock, and `/readyz` names the view past its `freshness_slo`
+/// while the producer is paused, and only that view.
+#[test]
+fn freshness_follows_a_stalling_stream() {
+    let broker = Broker::start();
+    let addr = broker.addr();
+    let root = tempfile::tempdir().expect("tmp");
+    let dir = root.path().join("live");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("p.sql"),
+        format!(
+            "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
+    WATERMARK FOR ts AS ts)
+  WITH (connector = 'kafka', topic = 'clicks', brokers = '{addr}', format = 'json');
+CREATE FEATURE VIEW activity KEY user_id WITH (freshness_slo = '3 seconds') AS
+    SELECT user_id, COUNT(*) AS n FROM clicks GROUP BY user_id, HOP(ts, INTERVAL '1' SECOND, INTERVAL '10' SECOND);
+CREATE FEATURE VIEW spend KEY user_id AS
+    SELECT user_id, SUM(price) AS spend FROM clicks GROUP BY user_id;"
+        ),
+    )
+    .expect("sql");
+    let live = |events: &str| {
+        common::spawn_produce(
+            &addr,
+            "clicks",
+            &[
+                "--live", "--rate", "200", "--events", events, "--keys", "20",
+            ],
+        )
+    };
+    let p1 = live("1400");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let http = format!("127.0.0.1:{port}");
+    let mut run = spawn_run(&dir, &["--serve", &http, "--checkpoint-interval-ms", "200"]);
+    // Fresh while events flow: the watermark is within the SLO of now.
+    wait_for("ready while producing", 60, || {
+        http_get(&http, "/readyz").0 == 200
+    });
+    assert_eq!(
+        view_metric(&http, "sluice_view_fresh", "activity"),
+        Some(1.0)
+    );
+    let lag = view_metric(&http, "sluice_view_event_lag_seconds", "activity").expect("lag");
+    assert!((0.0..3.0).contains(&lag), "lag while producing: {lag}");
+    assert!(
+        view_metric(&http, "sluice_view_fresh", "spend").is_none(),
+        "no SLO, no gauge"
+    );
+    let newest = view_metric(&http, "sluice_view_newest_event_ms", "activity").expect("newest");
+    let wm = view_metric(&http, "sluice_view_watermark_ms", "activity").expect("watermark");
+    assert!(
+        newest >= wm,
+        "newest event {newest} before the watermark {wm}"
+    );
+    let age = metric(&http, "sluice_checkpoint_age_seconds").expect("checkpoint age");
+    assert!(age < 2.0, "checkpoint age while running: {age}");
+
+    // The producer stops: the lag grows past the SLO, /readyz names the view.
+    let out = p1.wait_with_output().expect("producer");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("readyz 503 after the stall", 30, || {
+        http_get(&http, "/readyz").0 == 503
+    });
+    let (_, why) = http_get(&http, "/readyz");
+    assert!(
+        why.contains("view activity: not fresh") && why.contains("freshness_slo 3s"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("spend"),
+        "a view without an SLO is never stale: {why}"
+    );
+    assert_eq!(
+        view_metric(&http, "sluice_view_fresh", "activity"),
+        Some(0.0)
+    );
+    let a = view_metric(&http, "sluice_view_event_lag_seconds", "activity").expect("lag");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = view_metric(&http, "sluice_view_event_lag_seconds", "activity").expect("lag");
+    assert!(
+        a > 3.0 && b >= a + 1.0,
+        "lag grows while stalled: {a} then {b}"
+    );
+    // Checkpoints go on while stalled (the age stays small).
+    let age = metric(&http, "sluice_checkpoint_age_seconds").expect("checkpoint age");
+    assert!(age < 2.0, "checkpoint age while stalled: {age}");
+
+    // Traffic again: fresh and ready again.
+    let p2 = live("600");
+    wait_for("ready again", 30, || http_get(&http, "/readyz").0 == 200);
+    assert_eq!(
+        view_metric(&http, "sluice_view_fresh", "activity"),
+        Some(1.0)
+    );
+    let out = p2.wait_with_output().expect("producer");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = run.kill();
+    let _ = run.wait();
+}

@@ -167,6 +167,47 @@ pub struct Live {
     pub indexes: HashMap<String, Arc<VectorIndex>>,
     /// Readers of the tiled (windowed, online) views.
     pub readers: HashMap<String, Arc<TileReader>>,
+    /// What `/metrics` and `/readyz` say about how fresh the views are.
+    pub freshness: Freshness,
+}
+
+/// How fresh each view is: the newest event time its source delivered, the
+/// committed watermark (in [`Live::watermarks`]), the views' freshness SLOs
+/// and when the last checkpoint committed.
+#[derive(Debug, Default)]
+pub struct Freshness {
+    /// `freshness_slo` (ms) of the views that set it.
+    pub slo_ms: HashMap<String, i64>,
+    /// Newest event time (ms) processed per view; `NO_WATERMARK` before any.
+    pub newest: HashMap<String, AtomicI64>,
+    /// Wall clock (ms since the epoch) of the last committed checkpoint; 0 before any.
+    pub last_checkpoint_ms: AtomicI64,
+}
+
+/// One view's freshness at a wall-clock time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewFreshness {
+    /// The view.
+    pub view: String,
+    /// Newest event time processed (ms).
+    pub newest_event_ms: Option<i64>,
+    /// Committed watermark (ms).
+    pub watermark_ms: Option<i64>,
+    /// Wall clock minus the watermark (ms).
+    pub lag_ms: Option<i64>,
+    /// Its `freshness_slo` (ms).
+    pub slo_ms: Option<i64>,
+    /// Within its SLO (`None`: the view has none). A view without a
+    /// watermark yet is not fresh.
+    pub fresh: Option<bool>,
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Live {
@@ -175,16 +216,97 @@ impl Live {
         if !self.ready.load(Ordering::Acquire) {
             return Some("recovering".into());
         }
-        let down = self.unready.lock().ok()?;
-        if down.is_empty() {
-            return None;
-        }
-        Some(
-            down.iter()
+        let mut why: Vec<String> = match self.unready.lock() {
+            Ok(down) => down
+                .iter()
                 .map(|(s, r)| format!("source {s}: {r}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for f in self.freshness_at(wall_ms()) {
+            if f.fresh != Some(false) {
+                continue;
+            }
+            let slo = sluice_sql::fmt_ms(f.slo_ms.unwrap_or(0));
+            why.push(match (f.watermark_ms, f.lag_ms) {
+                (Some(w), Some(lag)) => format!(
+                    "view {}: not fresh: its watermark {} is {} behind the wall clock (freshness_slo {slo})",
+                    f.view,
+                    crate::online::fmt_ts(w).as_str().unwrap_or("?"),
+                    format_args!("{:.1}s", lag as f64 / 1000.0)
+                ),
+                _ => format!(
+                    "view {}: not fresh: no watermark yet (freshness_slo {slo})",
+                    f.view
+                ),
+            });
+        }
+        if why.is_empty() {
+            None
+        } else {
+            Some(why.join("; "))
+        }
+    }
+
+    /// Every view's freshness at wall-clock time `now_ms`, by view name.
+    pub fn freshness_at(&self, now_ms: i64) -> Vec<ViewFreshness> {
+        let mut out: Vec<ViewFreshness> = self
+            .watermarks
+            .keys()
+            .map(|v| {
+                let watermark_ms = self.watermark(v);
+                let newest_event_ms = self
+                    .freshness
+                    .newest
+                    .get(v)
+                    .map(|t| t.load(Ordering::Acquire))
+                    .filter(|t| *t != NO_WATERMARK);
+                let lag_ms = watermark_ms.map(|w| now_ms.saturating_sub(w));
+                let slo_ms = self.freshness.slo_ms.get(v).copied();
+                let fresh = slo_ms.map(|slo| lag_ms.is_some_and(|l| l <= slo));
+                ViewFreshness {
+                    view: v.clone(),
+                    newest_event_ms,
+                    watermark_ms,
+                    lag_ms,
+                    slo_ms,
+                    fresh,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.view.cmp(&b.view));
+        out
+    }
+
+    /// Sets the freshness gauges (called when `/metrics` is scraped, so they
+    /// move while a stream stalls).
+    pub fn record_freshness(&self) {
+        let now = wall_ms();
+        for f in self.freshness_at(now) {
+            if let Some(t) = f.newest_event_ms {
+                metrics::gauge!("sluice_view_newest_event_ms", "view" => f.view.clone())
+                    .set(t as f64);
+            }
+            if let Some(w) = f.watermark_ms {
+                metrics::gauge!("sluice_view_watermark_ms", "view" => f.view.clone()).set(w as f64);
+            }
+            if let Some(l) = f.lag_ms {
+                metrics::gauge!("sluice_view_event_lag_seconds", "view" => f.view.clone())
+                    .set(l as f64 / 1000.0);
+            }
+            if let Some(ok) = f.fresh {
+                metrics::gauge!("sluice_view_fresh", "view" => f.view.clone()).set(if ok {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        let last = self.freshness.last_checkpoint_ms.load(Ordering::Acquire);
+        if last > 0 {
+            metrics::gauge!("sluice_checkpoint_age_seconds")
+                .set(now.saturating_sub(last) as f64 / 1000.0);
+        }
     }
 
     /// The committed watermark of a view.
@@ -510,6 +632,19 @@ impl Job {
             unready: Mutex::new(BTreeMap::new()),
             indexes,
             readers,
+            freshness: Freshness {
+                slo_ms: plan
+                    .views
+                    .iter()
+                    .filter_map(|v| v.freshness_slo_ms.map(|ms| (v.name.clone(), ms)))
+                    .collect(),
+                newest: plan
+                    .views
+                    .iter()
+                    .map(|v| (v.name.clone(), AtomicI64::new(NO_WATERMARK)))
+                    .collect(),
+                last_checkpoint_ms: AtomicI64::new(0),
+            },
         });
         Ok(Job {
             sources: rts,
@@ -801,6 +936,17 @@ impl Job {
         }
         let new_wm = self.sources[si].watermark.watermark();
         let view_ids = self.sources[si].views.clone();
+        if let Some(newest) = rows
+            .ts
+            .as_ref()
+            .and_then(|t| t.values().iter().max().copied())
+        {
+            for vi in &view_ids {
+                if let Some(a) = self.live.freshness.newest.get(self.views[*vi].name()) {
+                    a.fetch_max(newest, Ordering::AcqRel);
+                }
+            }
+        }
         for vi in view_ids {
             let done = self.views[vi].process(rows.clone())?;
             for (rid, why) in &done.failed {
@@ -969,6 +1115,10 @@ impl Job {
                 w.store(s.watermark.watermark(), Ordering::Release);
             }
         }
+        self.live
+            .freshness
+            .last_checkpoint_ms
+            .store(wall_ms(), Ordering::Release);
         self.stats.checkpoints += 1;
         for (view, _, keys) in self.state_sizes() {
             metrics::gauge!("sluice_state_keys", "view" => view).set(keys as f64);

@@ -23,6 +23,31 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Rows a CHECK rule of their source is false for, dead-lettered as check_failed (labels: source, rule)",
     ),
     (
+        "sluice_view_newest_event_ms",
+        "gauge",
+        "Newest event time (ms) the view's source delivered (label: view)",
+    ),
+    (
+        "sluice_view_watermark_ms",
+        "gauge",
+        "The view's committed watermark, ms (label: view)",
+    ),
+    (
+        "sluice_view_event_lag_seconds",
+        "gauge",
+        "Wall clock minus the view's committed watermark, seconds, computed at each scrape (label: view)",
+    ),
+    (
+        "sluice_view_fresh",
+        "gauge",
+        "1 while the view's event lag is within its freshness_slo, else 0 (label: view)",
+    ),
+    (
+        "sluice_checkpoint_age_seconds",
+        "gauge",
+        "Seconds since the last checkpoint committed, computed at each scrape",
+    ),
+    (
         "sluice_view_errors_total",
         "counter",
         "Rows a view's expression cannot compute for (division by zero, a cast that does not fit), dead-lettered as view_error (label: view)",

@@ -398,14 +398,16 @@ async fn post_nearest(
 }
 
 async fn metrics_text(State(s): State<ServeState>) -> Response {
-    match &s.metrics {
-        Some(h) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            h.render(),
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
-    }
+    let Some(h) = &s.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response();
+    };
+    // Freshness gauges are computed now, so they move while a stream stalls.
+    s.live.record_freshness();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        h.render(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<ServeState>) -> Response {

@@ -76,6 +76,11 @@ pub fn duration_ms(text: &str) -> Result<i64, String> {
                 "`{text}` has no unit; write e.g. '30 seconds' or '500ms'"
             ));
         }
+        if n.is_empty() {
+            return Err(format!(
+                "`{text}` is not a duration; write e.g. '30 seconds' or '500ms'"
+            ));
+        }
         return text_ms(n, Some(u));
     }
     text_ms(t, None)

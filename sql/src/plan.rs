@@ -272,6 +272,9 @@ pub struct ViewPlan {
     pub event_time: Option<String>,
     /// The nearest-neighbour index over a vector column, if any.
     pub vector_index: Option<crate::vector::VectorIndexPlan>,
+    /// How far (ms) the view's watermark may trail the wall clock before
+    /// the view counts as stale (`freshness_slo`).
+    pub freshness_slo_ms: Option<i64>,
 }
 
 impl ViewPlan {

@@ -65,6 +65,9 @@ impl fmt::Display for PipelinePlan {
                     .as_ref()
                     .map(|t| format!(" kafka_topic={t}"))
                     .unwrap_or_default()
+                    + &v.freshness_slo_ms
+                        .map(|ms| format!(" freshness_slo={}", fmt_ms(ms)))
+                        .unwrap_or_default()
             )?;
             let mut lines = Vec::new();
             match &v.kind {

@@ -33,6 +33,7 @@ const VIEW_OPTIONS: &[&str] = &[
     "index_trees",
     "search_k",
     "index_filter_columns",
+    "freshness_slo",
 ];
 
 /// Refuses a key given twice and, when `known` is given, a key not in it
@@ -249,6 +250,8 @@ pub(super) struct ViewOptions<'a> {
     pub(super) index_trees: Option<usize>,
     pub(super) search_k: Option<usize>,
     pub(super) filter_columns: Option<&'a OptionDef>,
+    /// `freshness_slo`, in ms, with where it is written.
+    pub(super) freshness_slo: Option<(i64, &'a OptionDef)>,
 }
 
 impl<'a> ViewOptions<'a> {
@@ -299,6 +302,14 @@ impl<'a> ViewOptions<'a> {
                 "offline" => out.offline = Some(base_dir.join(env(o)?)),
                 "kafka_topic" => out.kafka_topic = Some(o.value.clone()),
                 "kafka_brokers" => out.kafka_brokers = Some(env(o)?),
+                "freshness_slo" => {
+                    let ms = crate::interval::duration_ms(&env(o)?)
+                        .map_err(|m| at(o, format!("freshness_slo: {m}")))?;
+                    if ms <= 0 {
+                        return Err(at(o, "freshness_slo must be longer than 0".into()));
+                    }
+                    out.freshness_slo = Some((ms, o));
+                }
                 _ => {}
             }
         }

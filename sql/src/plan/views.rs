@@ -38,6 +38,18 @@ pub(super) fn lower_view(
     check_outputs(file, v, &output_schema)?;
     let vector_index = vector_index(file, v, &opts, &output_schema)?;
     let kafka_brokers = feature_topic_brokers(file, v, &opts, source)?;
+    if let Some((_, o)) = opts.freshness_slo
+        && source.event_time.is_none()
+    {
+        return Err(PipelineError::at(
+            file,
+            Some(o.value_pos),
+            format!(
+                "freshness_slo is measured on the watermark, and source `{}` has none; add WATERMARK FOR to it",
+                source.name
+            ),
+        ));
+    }
     Ok(ViewPlan {
         name: v.name.value.clone(),
         source: source.name.clone(),
@@ -56,6 +68,7 @@ pub(super) fn lower_view(
         query: v.query.to_string(),
         event_time: event_time_name(source),
         vector_index,
+        freshness_slo_ms: opts.freshness_slo.map(|(ms, _)| ms),
     })
 }
 
