@@ -296,6 +296,15 @@ fn kill_nine_while_producing_is_exactly_once() {
     assert_same(&a, &b, "after 5 kills");
 }
 
+/// A free loopback address for `--serve`.
+fn loopback_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    format!("127.0.0.1:{port}")
+}
+
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
@@ -349,11 +358,7 @@ fn broker_outage_then_catch_up() {
     let dir = root.path().join("live");
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("p.sql"), kafka_pipeline(&addr, "clicks", "", "")).expect("sql");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let http = format!("127.0.0.1:{port}");
+    let http = loopback_addr();
     let mut run = spawn_run(&dir, &["--serve", &http, "--checkpoint-interval-ms", "200"]);
     wait_for("10k events", 60, || {
         metric(&http, "sluice_events_in_total") == Some(10000.0)
@@ -833,11 +838,7 @@ CREATE FEATURE VIEW spend KEY user_id AS
         )
     };
     let p1 = live("1400");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let http = format!("127.0.0.1:{port}");
+    let http = loopback_addr();
     let mut run = spawn_run(&dir, &["--serve", &http, "--checkpoint-interval-ms", "200"]);
     // Fresh while events flow: the watermark is within the SLO of now.
     wait_for("ready while producing", 60, || {

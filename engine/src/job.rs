@@ -54,10 +54,6 @@ pub fn late_letter(
     ts: Option<i64>,
     wm: Option<i64>,
 ) -> Result<DeadLetter> {
-    let all: Vec<usize> = (0..batch.num_columns()).collect();
-    let rec = features_json(&batch.slice(row, 1), &all)?
-        .pop()
-        .unwrap_or_default();
     Ok(DeadLetter {
         source: source.to_string(),
         position,
@@ -67,8 +63,17 @@ pub fn late_letter(
             ts.map(crate::online::fmt_ts).unwrap_or_default(),
             wm.map(crate::online::fmt_ts).unwrap_or_default()
         ),
-        record: String::from_utf8_lossy(&rec).into_owned(),
+        record: row_json(batch, row)?,
     })
+}
+
+/// Row `row` of `batch` as a JSON object (a dead letter's record).
+fn row_json(batch: &RecordBatch, row: usize) -> Result<String> {
+    let all: Vec<usize> = (0..batch.num_columns()).collect();
+    let rec = features_json(&batch.slice(row, 1), &all)?
+        .pop()
+        .unwrap_or_default();
+    Ok(String::from_utf8_lossy(&rec).into_owned())
 }
 
 /// The dead letter of source-batch row `row`, which view `view` cannot
@@ -81,17 +86,13 @@ pub fn view_error_letter(
     row: usize,
     why: &str,
 ) -> Result<DeadLetter> {
-    let all: Vec<usize> = (0..batch.num_columns()).collect();
-    let rec = features_json(&batch.slice(row, 1), &all)?
-        .pop()
-        .unwrap_or_default();
     metrics::counter!("sluice_view_errors_total", "view" => view.to_string()).increment(1);
     Ok(DeadLetter {
         source: source.to_string(),
         position,
         kind: DeadLetterKind::ViewError,
         reason: format!("view `{view}` cannot compute it: {why}"),
-        record: String::from_utf8_lossy(&rec).into_owned(),
+        record: row_json(batch, row)?,
     })
 }
 
