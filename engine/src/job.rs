@@ -179,7 +179,8 @@ pub struct Live {
 pub struct Freshness {
     /// `freshness_slo` (ms) of the views that set it.
     pub slo_ms: HashMap<String, i64>,
-    /// Newest event time (ms) processed per view; `NO_WATERMARK` before any.
+    /// Newest event time (ms) of each view's source at the last checkpoint;
+    /// `NO_WATERMARK` before any.
     pub newest: HashMap<String, AtomicI64>,
     /// Wall clock (ms since the epoch) of the last committed checkpoint; 0 before any.
     pub last_checkpoint_ms: AtomicI64,
@@ -642,7 +643,14 @@ impl Job {
                 newest: plan
                     .views
                     .iter()
-                    .map(|v| (v.name.clone(), AtomicI64::new(NO_WATERMARK)))
+                    .map(|v| {
+                        let t = rts
+                            .iter()
+                            .find(|s| s.name == v.source)
+                            .and_then(|s| s.watermark.max_event_time())
+                            .unwrap_or(NO_WATERMARK);
+                        (v.name.clone(), AtomicI64::new(t))
+                    })
                     .collect(),
                 last_checkpoint_ms: AtomicI64::new(0),
             },
@@ -937,17 +945,6 @@ impl Job {
         }
         let new_wm = self.sources[si].watermark.watermark();
         let view_ids = self.sources[si].views.clone();
-        if let Some(newest) = rows
-            .ts
-            .as_ref()
-            .and_then(|t| t.values().iter().max().copied())
-        {
-            for vi in &view_ids {
-                if let Some(a) = self.live.freshness.newest.get(self.views[*vi].name()) {
-                    a.fetch_max(newest, Ordering::AcqRel);
-                }
-            }
-        }
         for vi in view_ids {
             let done = self.views[vi].process(rows.clone())?;
             for (rid, why) in &done.failed {
@@ -1114,6 +1111,12 @@ impl Job {
                 self.sources.iter().find(|s| s.name == v.plan.source),
             ) {
                 w.store(s.watermark.watermark(), Ordering::Release);
+                if let (Some(n), Some(t)) = (
+                    self.live.freshness.newest.get(v.name()),
+                    s.watermark.max_event_time(),
+                ) {
+                    n.store(t, Ordering::Release);
+                }
             }
         }
         self.live

@@ -25,7 +25,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sluice_view_newest_event_ms",
         "gauge",
-        "Newest event time (ms) the view's source delivered (label: view)",
+        "Newest event time (ms) the view's source delivered, as of the last checkpoint (label: view)",
     ),
     (
         "sluice_view_watermark_ms",

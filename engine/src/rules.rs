@@ -11,7 +11,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use sluice_sql::SourcePlan;
 
 use crate::error::{EngineError, Result};
-use crate::exec::physical;
+use crate::exec::{eval, physical};
 use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
 use crate::time::{drop_bad_event_times, drop_rows};
 
@@ -138,13 +138,9 @@ impl SourceRules {
         rule: &Rule,
         batch: &RecordBatch,
     ) -> Result<std::result::Result<BooleanArray, String>> {
-        let v = match rule
-            .expr
-            .evaluate(batch)
-            .and_then(|v| v.into_array(batch.num_rows()))
-        {
+        let v = match eval(&self.source, &rule.expr, batch) {
             Ok(v) => v,
-            Err(e) => return Ok(Err(e.find_root().to_string())),
+            Err(e) => return Ok(Err(e.root_message())),
         };
         match v.as_any().downcast_ref::<BooleanArray>() {
             Some(b) => Ok(Ok(b.clone())),
@@ -155,11 +151,6 @@ impl SourceRules {
                 v.data_type()
             ))),
         }
-    }
-
-    /// Whether the source has `CHECK` rules.
-    pub fn has_checks(&self) -> bool {
-        !self.rules.is_empty()
     }
 }
 

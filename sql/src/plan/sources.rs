@@ -11,9 +11,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::sql::sqlparser::ast;
 
 use super::options::{OptionPos, SOURCE_OPTIONS, check_options, expand_env};
-use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 
@@ -104,33 +103,17 @@ pub(super) fn plan_checks(
         {
             sel.projection = vec![ast::SelectItem::UnnamedExpr(c.expr.clone())];
         }
-        let state = ctx.state();
-        let logical = futures::executor::block_on(
-            state.statement_to_plan(DFStatement::Statement(Box::new(stmt))),
-        )
-        .and_then(|p| {
-            state
-                .analyzer()
-                .execute_and_check(p, state.config_options(), |_, _| {})
-        })
-        .map_err(|e| {
-            let candidates: Vec<String> = sp
-                .schema
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect();
-            let functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
-            let e = super::views::df_error(file, text, c.pos, e, &candidates, &functions);
-            if e.help.is_some() {
-                e
-            } else {
-                e.with_help(format!(
-                    "a CHECK rule is a boolean expression over the columns of `{}`",
-                    sp.name
-                ))
-            }
-        })?;
+        let logical = super::views::plan_statement(file, text, c.pos, sp, ctx, stmt, false)
+            .map_err(|e| {
+                if e.help.is_some() {
+                    e
+                } else {
+                    e.with_help(format!(
+                        "a CHECK rule is a boolean expression over the columns of `{}`",
+                        sp.name
+                    ))
+                }
+            })?;
         let LogicalPlan::Projection(p) = &logical else {
             return Err(PipelineError::at(file, Some(c.pos), "cannot plan the rule"));
         };
@@ -175,19 +158,11 @@ pub(super) fn plan_checks(
             label,
             text: c.text.clone(),
             pos: c.pos,
-            predicate: strip_alias(predicate.clone()),
+            predicate: predicate.clone().unalias(),
             schema: Arc::clone(p.input.schema()),
         });
     }
     Ok(out)
-}
-
-/// The expression under any aliases.
-fn strip_alias(e: Expr) -> Expr {
-    match e {
-        Expr::Alias(a) => strip_alias(*a.expr),
-        other => other,
-    }
 }
 
 /// The declared columns as an Arrow schema (`NOT NULL` columns

@@ -158,8 +158,32 @@ fn plan_select(
     ctx: &SessionContext,
     query: Box<ast::Query>,
 ) -> Result<LogicalPlan, PipelineError> {
+    plan_statement(
+        file,
+        text,
+        v.query_pos,
+        source,
+        ctx,
+        ast::Statement::Query(query),
+        true,
+    )
+}
+
+/// DataFusion plans `statement` over `source` and its analyzer coerces
+/// types. An error becomes a pipeline error at `pos`, suggesting the
+/// nearest column or function (aggregate and window functions too when
+/// `aggregates`).
+pub(super) fn plan_statement(
+    file: &str,
+    text: &str,
+    pos: Pos,
+    source: &SourcePlan,
+    ctx: &SessionContext,
+    statement: ast::Statement,
+    aggregates: bool,
+) -> Result<LogicalPlan, PipelineError> {
     let state = ctx.state();
-    let statement = DFStatement::Statement(Box::new(ast::Statement::Query(query)));
+    let statement = DFStatement::Statement(Box::new(statement));
     futures::executor::block_on(state.statement_to_plan(statement))
         .and_then(|p| {
             state
@@ -174,10 +198,12 @@ fn plan_select(
                 .map(|f| f.name().clone())
                 .collect();
             let mut functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
-            functions.extend(state.aggregate_functions().keys().cloned());
-            functions.extend(state.window_functions().keys().cloned());
+            if aggregates {
+                functions.extend(state.aggregate_functions().keys().cloned());
+                functions.extend(state.window_functions().keys().cloned());
+            }
             functions.sort();
-            df_error(file, text, v.query_pos, e, &candidates, &functions)
+            df_error(file, text, pos, e, &candidates, &functions)
         })
 }
 
