@@ -9,4 +9,5 @@ pub mod get;
 pub mod nearest;
 pub mod produce;
 pub mod run;
+pub mod stats;
 pub mod training_set;

@@ -446,23 +446,8 @@ fn bad_arguments_are_explained() {
     }
 }
 
-/// The Python that has `duckdb` (installed by `.ci/run`).
-pub fn duckdb_python() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("SLUICE_PYTHON").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sluice/venv/bin/python")),
-        Some(PathBuf::from("python3")),
-    ];
-    candidates.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .args(["-c", "import duckdb"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 fn duckdb_same(a: &Path, b: &Path, views: &[&str]) {
-    let Some(py) = duckdb_python() else {
+    let Some(py) = common::duckdb_python() else {
         if std::env::var_os("SLUICE_SKIP_DUCKDB").is_some() {
             eprintln!("SLUICE_SKIP_DUCKDB set: DuckDB lake check skipped");
             return;

@@ -56,6 +56,39 @@ pub fn day_string(days: i64) -> String {
     format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The epoch milliseconds at the start of UTC day `YYYY-MM-DD`.
+pub fn day_start_ms(day: &str) -> Option<i64> {
+    let mut it = day.splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm), the inverse of `day_string`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of epoch milliseconds.
+pub fn rfc3339_ms(ms: i64) -> String {
+    let day = ms.div_euclid(86_400_000);
+    let r = ms.rem_euclid(86_400_000);
+    format!(
+        "{}T{:02}:{:02}:{:02}.{:03}Z",
+        day_string(day),
+        r / 3_600_000,
+        r / 60_000 % 60,
+        r / 1000 % 60,
+        r % 1000
+    )
+}
+
 impl LakeWriter {
     /// A writer for `view` under `root`.
     pub fn new(root: &Path, view: &str, schema: SchemaRef) -> Self {
@@ -197,7 +230,7 @@ impl OfflineSink for LakeWriter {
 
 #[cfg(test)]
 mod tests {
-    use super::day_string;
+    use super::{day_start_ms, day_string, rfc3339_ms};
 
     #[test]
     fn civil_dates() {
@@ -205,5 +238,16 @@ mod tests {
         assert_eq!(day_string(19_723), "2024-01-01");
         assert_eq!(day_string(-1), "1969-12-31");
         assert_eq!(day_string(19_782), "2024-02-29");
+    }
+
+    #[test]
+    fn day_starts_invert_day_strings() {
+        for d in [-800_000, -1, 0, 19_723, 19_782, 2_000_000] {
+            assert_eq!(day_start_ms(&day_string(d)), Some(d * 86_400_000), "{d}");
+        }
+        assert_eq!(day_start_ms("2024-13-01"), None);
+        assert_eq!(day_start_ms("soon"), None);
+        assert_eq!(rfc3339_ms(1_704_067_200_123), "2024-01-01T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(-1), "1969-12-31T23:59:59.999Z");
     }
 }

@@ -13,6 +13,7 @@ mod json;
 pub mod kafka;
 mod lake;
 mod memory;
+pub mod stats;
 pub mod training;
 
 use std::collections::HashMap;

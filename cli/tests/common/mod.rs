@@ -524,3 +524,18 @@ pub fn f64s(b: &RecordBatch, name: &str) -> Vec<Option<f64>> {
         .iter()
         .collect()
 }
+
+/// The Python that has `duckdb` (installed by `.ci/run`).
+pub fn duckdb_python() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("SLUICE_PYTHON").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sluice/venv/bin/python")),
+        Some(PathBuf::from("python3")),
+    ];
+    candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import duckdb"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
