@@ -339,3 +339,115 @@ fn check_rules_dead_letter_in_run_backfill_and_training_set_alike() {
         ""
     );
 }
+
+/// A pipeline over the same orders whose `hop` view has `expect` rules
+/// (or not): one always computable, one named, one that cannot be computed
+/// for windows of one order (integer division by zero).
+fn expect_pipeline(expect: bool) -> String {
+    let rules = if expect {
+        ",\n    expect = 'n >= 3',\n    expect.cheap = 's < 500 OR s IS NULL',\n    expect.per_order = 'CAST(s AS BIGINT) / (n - 1) >= 0'"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE SOURCE orders (
+    user_id TEXT NOT NULL, country TEXT, price DOUBLE, qty BIGINT, ts TIMESTAMP NOT NULL,
+    WATERMARK FOR ts AS ts - INTERVAL '1' MINUTE
+) WITH (connector = 'file', path = 'events.jsonl');
+CREATE FEATURE VIEW hop KEY user_id WITH (offline = 'lake'{rules}) AS
+    SELECT user_id, COUNT(*) AS n, SUM(price) AS s FROM orders
+    GROUP BY user_id, HOP(ts, INTERVAL '1' MINUTE, INTERVAL '10' MINUTE);
+"
+    )
+}
+
+#[test]
+fn expect_rules_count_emitted_rows_that_fail_them_and_keep_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let orders = orders();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for (d, expect) in [(&a, true), (&b, false)] {
+        std::fs::create_dir_all(d).expect("dir");
+        let lines: Vec<&str> = orders.iter().map(|o| o.line.as_str()).collect();
+        std::fs::write(d.join("events.jsonl"), lines.join("\n") + "\n").expect("events");
+        std::fs::write(d.join("p.sql"), expect_pipeline(expect)).expect("pipeline");
+    }
+    let mut cmd = Command::new(bin());
+    cmd.current_dir(&a).args([
+        "run",
+        "p.sql",
+        "--state-dir",
+        "state",
+        "--serve",
+        "127.0.0.1:0",
+    ]);
+    let mut srv = spawn_serving(cmd);
+    srv.done
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("run done");
+    let (status, metrics) = http(&srv.addr, "GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    let o = Command::new(bin())
+        .current_dir(&b)
+        .args(["run", "p.sql", "--state-dir", "state"])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Rows are kept: the lake is the rule-less pipeline's.
+    let (ha, ra) = lake_rows(&a.join("lake"), "hop");
+    let (hb, rb) = lake_rows(&b.join("lake"), "hop");
+    assert_eq!(ha, hb);
+    assert!(rows_match(&ra, &rb), "lake rows differ");
+
+    // The counts are what the lake rows say.
+    let (mut few, mut dear, mut single) = (0u64, 0u64, 0u64);
+    let mut total = 0;
+    for f in common::parquet_files(&a.join("lake").join("hop")) {
+        for batch in read_parquet(&f) {
+            let n = common::f64s(&batch, "n");
+            let s = common::f64s(&batch, "s");
+            for (n, s) in n.iter().zip(&s) {
+                total += 1;
+                let n = n.expect("n");
+                few += u64::from(n < 3.0);
+                dear += u64::from(s.is_some_and(|s| s >= 500.0));
+                single += u64::from(n == 1.0 && s.is_some());
+            }
+        }
+    }
+    assert!(
+        total > 100 && few > 0 && dear > 0 && single > 0,
+        "{total} {few} {dear} {single}"
+    );
+    for (rule, n) in [("n >= 3", few), ("cheap", dear), ("per_order", single)] {
+        let m = format!("sluice_expectation_failures_total{{view=\"hop\",rule=\"{rule}\"}} {n}\n");
+        assert!(metrics.contains(&m), "metrics lack {m}:\n{metrics}");
+    }
+
+    // backfill counts the same rows and says so.
+    std::fs::remove_dir_all(a.join("lake")).expect("clean");
+    let o = Command::new(bin())
+        .current_dir(&a)
+        .args([
+            "backfill",
+            "p.sql",
+            "--source",
+            "orders=events.jsonl",
+            "--state-dir",
+            "bf",
+            "--quiet",
+        ])
+        .output()
+        .expect("backfill");
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    for (rule, n) in [("n >= 3", few), ("cheap", dear), ("per_order", single)] {
+        let line = format!("expect {rule}: {n} of {total} rows fail it");
+        assert!(log.contains(&line), "no `{line}` in:\n{log}");
+    }
+    let (_, rf) = lake_rows(&a.join("lake"), "hop");
+    assert!(rows_match(&rf, &rb), "backfilled lake rows differ");
+}

@@ -175,8 +175,16 @@ fn statistics_equal_duckdb_and_drift_sets_the_exit_code() {
             let est = est.as_f64().expect("estimate");
             // The estimate interpolates between two adjacent values (over
             // integers, between ties): its rank is anywhere between theirs.
-            let lo = values.iter().copied().filter(|v| *v <= est).fold(f64::MIN, f64::max);
-            let hi = values.iter().copied().filter(|v| *v >= est).fold(f64::MAX, f64::min);
+            let lo = values
+                .iter()
+                .copied()
+                .filter(|v| *v <= est)
+                .fold(f64::MIN, f64::max);
+            let hi = values
+                .iter()
+                .copied()
+                .filter(|v| *v >= est)
+                .fold(f64::MAX, f64::min);
             let below = values.iter().filter(|v| **v < lo).count() as f64 / m;
             let at_most = values.iter().filter(|v| **v <= hi).count() as f64 / m;
             let err = if q < below {

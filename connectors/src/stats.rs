@@ -373,7 +373,10 @@ impl PartitionStream for LakePartition {
             };
             futures::stream::iter(batches)
         });
-        Box::pin(RecordBatchStreamAdapter::new(Arc::clone(&self.schema), stream))
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        ))
     }
 }
 

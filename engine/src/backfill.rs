@@ -117,6 +117,8 @@ pub struct ViewStats {
     pub rows: u64,
     /// Keys written to the online store.
     pub online_keys: u64,
+    /// `(rule, emitted rows failing it)` per `expect` rule.
+    pub expect_failures: Vec<(String, u64)>,
 }
 
 /// What a backfill did.
@@ -241,6 +243,8 @@ struct SourceOut {
 struct WorkerOut {
     rows: Vec<u64>,
     online: Vec<HashMap<String, Vec<u8>>>,
+    /// Per view, failures per `expect` rule.
+    expect: Vec<Vec<(String, u64)>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -318,6 +322,8 @@ fn run_source(
         }
         drop(senders);
         let mut rows = vec![0u64; views.len()];
+        let mut expect: Vec<Vec<(String, u64)>> =
+            probes.iter().map(|op| op.expectations.failures()).collect();
         let mut latest: Vec<HashMap<String, Vec<u8>>> = vec![HashMap::new(); views.len()];
         let mut first_err = None;
         for h in handles {
@@ -325,6 +331,13 @@ fn run_source(
                 Ok(Ok(w)) => {
                     for (i, n) in w.rows.into_iter().enumerate() {
                         rows[i] += n;
+                    }
+                    for (i, f) in w.expect.into_iter().enumerate() {
+                        for (k, (_, n)) in f.into_iter().enumerate() {
+                            if let Some(slot) = expect.get_mut(i).and_then(|e| e.get_mut(k)) {
+                                slot.1 += n;
+                            }
+                        }
                     }
                     for (i, m) in w.online.into_iter().enumerate() {
                         latest[i].extend(m);
@@ -343,11 +356,12 @@ fn run_source(
             return Err(e);
         }
         let read = read?;
-        for (v, n) in views.iter().zip(rows) {
+        for ((v, n), expect_failures) in views.iter().zip(rows).zip(expect) {
             stats.views.push(ViewStats {
                 name: v.name.clone(),
                 rows: n,
                 online_keys: 0,
+                expect_failures,
             });
         }
         Ok(SourceOut {
@@ -629,6 +643,7 @@ fn worker(
     let mut out = WorkerOut {
         rows: vec![0; n],
         online: vec![HashMap::new(); n],
+        expect: Vec::new(),
     };
     let mut buffered: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
     let mut buffered_rows = vec![0usize; n];
@@ -683,6 +698,10 @@ fn worker(
             }
         }
     }
+    out.expect = ops
+        .iter()
+        .map(|(op, _)| op.expectations.failures())
+        .collect();
     Ok(out)
 }
 

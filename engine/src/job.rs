@@ -680,6 +680,20 @@ impl Job {
         self.epoch
     }
 
+    /// `(view, rule, emitted rows failing it)` for every `expect` rule,
+    /// since this process started.
+    pub fn expectation_failures(&self) -> Vec<(String, String, u64)> {
+        self.views
+            .iter()
+            .flat_map(|op| {
+                op.expectations
+                    .failures()
+                    .into_iter()
+                    .map(|(rule, n)| (op.plan.name.clone(), rule, n))
+            })
+            .collect()
+    }
+
     /// Keeps an event archive of source `source`: every row it accepts,
     /// written to `sink` with each checkpoint (exactly once: files of an
     /// epoch that did not commit are removed here).
@@ -1049,7 +1063,6 @@ impl Job {
             v.checkpoint(&mut ops)?;
             c.state.push((v.name().to_string(), ops));
             let rows = std::mem::take(&mut v.pending_online);
-            self.stats.rows_emitted += rows.len() as u64;
             metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string())
                 .increment(rows.len() as u64);
             c.online.push((v.name().to_string(), rows));
@@ -1124,6 +1137,7 @@ impl Job {
             .last_checkpoint_ms
             .store(wall_ms(), Ordering::Release);
         self.stats.checkpoints += 1;
+        self.stats.rows_emitted = self.views.iter().map(|v| v.emitted_rows).sum();
         for (view, _, keys) in self.state_sizes() {
             metrics::gauge!("sluice_state_keys", "view" => view).set(keys as f64);
         }

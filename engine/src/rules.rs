@@ -8,7 +8,7 @@ use std::sync::Arc;
 use arrow::array::{Array, BooleanArray};
 use arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::PhysicalExpr;
-use sluice_sql::SourcePlan;
+use sluice_sql::{SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::{eval, physical};
@@ -75,7 +75,7 @@ impl SourceRules {
         let mut failed: Vec<Vec<String>> = vec![Vec::new(); n];
         for rule in &self.rules {
             let mut count = 0u64;
-            match self.decide(rule, &sb.batch)? {
+            match decide(&self.source, rule, &sb.batch)? {
                 Ok(v) => {
                     // Only false fails; NULL passes.
                     for (r, ok) in v.iter().enumerate() {
@@ -90,7 +90,7 @@ impl SourceRules {
                 // it cannot be computed for fails it, with the reason.
                 Err(_) => {
                     for (r, f) in failed.iter_mut().enumerate() {
-                        match self.decide(rule, &sb.batch.slice(r, 1))? {
+                        match decide(&self.source, rule, &sb.batch.slice(r, 1))? {
                             Ok(v) if v.is_valid(0) && !v.value(0) => {
                                 f.push(rule_name(rule));
                                 count += 1;
@@ -130,27 +130,106 @@ impl SourceRules {
         letters.extend(more);
         Ok((sb, letters))
     }
+}
 
-    /// `rule` over `batch`: the booleans, or (inner `Err`) why DataFusion
-    /// could not compute them for these rows.
-    fn decide(
-        &self,
-        rule: &Rule,
-        batch: &RecordBatch,
-    ) -> Result<std::result::Result<BooleanArray, String>> {
-        let v = match eval(&self.source, &rule.expr, batch) {
-            Ok(v) => v,
-            Err(e) => return Ok(Err(e.root_message())),
-        };
-        match v.as_any().downcast_ref::<BooleanArray>() {
-            Some(b) => Ok(Ok(b.clone())),
-            None => Err(EngineError::Internal(format!(
-                "source {}: rule `{}` gave {}, not booleans",
-                self.source,
-                rule.text,
-                v.data_type()
-            ))),
+/// `rule` over `batch`: the booleans, or (inner `Err`) why DataFusion
+/// could not compute them for these rows. `owner` names the source or view.
+fn decide(
+    owner: &str,
+    rule: &Rule,
+    batch: &RecordBatch,
+) -> Result<std::result::Result<BooleanArray, String>> {
+    let v = match eval(owner, &rule.expr, batch) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e.root_message())),
+    };
+    match v.as_any().downcast_ref::<BooleanArray>() {
+        Some(b) => Ok(Ok(b.clone())),
+        None => Err(EngineError::Internal(format!(
+            "{owner}: rule `{}` gave {}, not booleans",
+            rule.text,
+            v.data_type()
+        ))),
+    }
+}
+
+/// The `expect` rules of a view, over the rows it emits. A row failing a
+/// rule (false, or not computable) is counted in
+/// `sluice_expectation_failures_total{view, rule}` and kept.
+#[derive(Debug)]
+pub struct ViewExpectations {
+    view: String,
+    rules: Vec<Rule>,
+    /// Failures per rule since the job started.
+    failures: Vec<u64>,
+}
+
+impl ViewExpectations {
+    /// Compiles the rules of `vp`.
+    pub fn new(vp: &ViewPlan) -> Result<Self> {
+        let rules = vp
+            .expectations
+            .iter()
+            .map(|c| {
+                Ok(Rule {
+                    label: c.label.clone(),
+                    text: c.text.clone(),
+                    expr: physical(&vp.name, &c.predicate, &c.schema)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let failures = vec![0; rules.len()];
+        Ok(ViewExpectations {
+            view: vp.name.clone(),
+            rules,
+            failures,
+        })
+    }
+
+    /// Counts the rows of `batch` (emitted rows) each rule fails.
+    pub fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+        for (k, rule) in self.rules.iter().enumerate() {
+            let count = match decide(&self.view, rule, batch)? {
+                Ok(v) => v.iter().filter(|ok| *ok == Some(false)).count() as u64,
+                // Not computable over the batch: row by row, a row it cannot
+                // be computed for fails it.
+                Err(_) => {
+                    let mut n = 0;
+                    for r in 0..batch.num_rows() {
+                        match decide(&self.view, rule, &batch.slice(r, 1))? {
+                            Ok(v) if v.is_valid(0) && !v.value(0) => n += 1,
+                            Ok(_) => {}
+                            Err(_) => n += 1,
+                        }
+                    }
+                    n
+                }
+            };
+            if count > 0 {
+                self.failures[k] += count;
+                metrics::counter!(
+                    "sluice_expectation_failures_total",
+                    "view" => self.view.clone(),
+                    "rule" => rule.label.clone()
+                )
+                .increment(count);
+            }
         }
+        Ok(())
+    }
+
+    /// Whether the view has rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// `(rule, failures)` since the job started, in declaration order.
+    pub fn failures(&self) -> Vec<(String, u64)> {
+        self.rules
+            .iter()
+            .zip(&self.failures)
+            .map(|(r, n)| (r.label.clone(), *n))
+            .collect()
     }
 }
 

@@ -69,6 +69,10 @@ pub struct ViewOp {
     /// Emit only windows with `window_start >= .0` and `window_end <= .1`
     /// (backfill `--from` / `--to`); `None`: everything.
     pub window_range: Option<(Option<i64>, Option<i64>)>,
+    /// The view's `expect` rules, counted over emitted rows.
+    pub expectations: crate::rules::ViewExpectations,
+    /// Rows emitted since the operator started.
+    pub emitted_rows: u64,
 }
 
 impl ViewOp {
@@ -124,6 +128,8 @@ impl ViewOp {
             filter_cols: Vec::new(),
             pending_vectors: Vec::new(),
             window_range: None,
+            expectations: crate::rules::ViewExpectations::new(plan)?,
+            emitted_rows: 0,
         })
     }
 
@@ -383,6 +389,10 @@ impl ViewOp {
         }
         metrics::counter!("sluice_rows_emitted_total", "view" => self.plan.name.clone())
             .increment(out.num_rows() as u64);
+        self.emitted_rows += out.num_rows() as u64;
+        if !self.expectations.is_empty() {
+            self.expectations.observe(&out)?;
+        }
         // Tiled views are read from their tiles; their closed-window rows
         // go to the online store only to rebuild a vector index from.
         if self.plan.online && (!is_tiled(&self.plan) || self.plan.vector_index.is_some()) {

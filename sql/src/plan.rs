@@ -141,7 +141,8 @@ pub struct SourcePlan {
 }
 
 /// One `CHECK` rule of a source, planned by DataFusion over the source's
-/// columns (types coerced).
+/// columns (types coerced), or one `expect` rule of a view, over the rows
+/// it emits.
 #[derive(Debug, Clone)]
 pub struct CheckRule {
     /// The rule's name in metrics and dead letters: `CONSTRAINT name`, else
@@ -275,6 +276,9 @@ pub struct ViewPlan {
     /// How far (ms) the view's watermark may trail the wall clock before
     /// the view counts as stale (`freshness_slo`).
     pub freshness_slo_ms: Option<i64>,
+    /// `expect` rules over the rows the view emits: a row failing one is
+    /// counted, and kept.
+    pub expectations: Vec<CheckRule>,
 }
 
 impl ViewPlan {

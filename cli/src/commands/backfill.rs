@@ -244,6 +244,9 @@ pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
             String::new()
         };
         eprintln!("  view {}: {} rows{lake}{online}", v.name, v.rows);
+        for (rule, n) in &v.expect_failures {
+            eprintln!("    expect {rule}: {n} of {} rows fail it", v.rows);
+        }
     }
     Ok(stats)
 }

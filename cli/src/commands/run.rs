@@ -119,6 +119,9 @@ pub fn run_job(
         events_per_sec = format!("{rate:.0}"),
         "sources done; final checkpoint committed"
     );
+    for (view, rule, n) in job.expectation_failures() {
+        tracing::info!(view = %view, rule = %rule, failing_rows = n, "expect rule");
+    }
     if serve.is_some() && !stop.load(Ordering::SeqCst) {
         eprintln!("sources done; still serving (Ctrl-C to stop)");
         while !stop.load(Ordering::SeqCst) {

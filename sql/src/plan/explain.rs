@@ -103,6 +103,21 @@ impl fmt::Display for PipelinePlan {
             for (depth, l) in lines.iter().enumerate() {
                 writeln!(f, "{}{}", "  ".repeat(depth + 1), l)?;
             }
+            for e in &v.expectations {
+                if e.label == e.text {
+                    writeln!(
+                        f,
+                        "  expect ({}): {} (counted, rows kept)",
+                        e.text, e.predicate
+                    )?;
+                } else {
+                    writeln!(
+                        f,
+                        "  expect {} ({}): {} (counted, rows kept)",
+                        e.label, e.text, e.predicate
+                    )?;
+                }
+            }
         }
         Ok(())
     }

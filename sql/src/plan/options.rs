@@ -34,6 +34,7 @@ const VIEW_OPTIONS: &[&str] = &[
     "search_k",
     "index_filter_columns",
     "freshness_slo",
+    "expect",
 ];
 
 /// Refuses a key given twice and, when `known` is given, a key not in it
@@ -252,6 +253,8 @@ pub(super) struct ViewOptions<'a> {
     pub(super) filter_columns: Option<&'a OptionDef>,
     /// `freshness_slo`, in ms, with where it is written.
     pub(super) freshness_slo: Option<(i64, &'a OptionDef)>,
+    /// `expect = '…'` (no name) and `expect.NAME = '…'` rules, in order.
+    pub(super) expect: Vec<(Option<String>, &'a OptionDef)>,
 }
 
 impl<'a> ViewOptions<'a> {
@@ -261,7 +264,46 @@ impl<'a> ViewOptions<'a> {
         v: &'a ViewDef,
         base_dir: &Path,
     ) -> Result<Self, PipelineError> {
-        check_options(file, &v.options, Some(VIEW_OPTIONS), "feature view")?;
+        // `expect.NAME` keys are rules of any name; the rest must be known.
+        let options: Vec<OptionDef> = v
+            .options
+            .iter()
+            .filter(|o| !o.key.value.starts_with("expect."))
+            .cloned()
+            .collect();
+        check_options(file, &options, Some(VIEW_OPTIONS), "feature view")?;
+        let mut rule_names = HashSet::new();
+        let mut expect = Vec::new();
+        for o in &v.options {
+            let name = match o.key.value.strip_prefix("expect.") {
+                Some(n) => n,
+                None if o.key.value == "expect" => "",
+                None => continue,
+            };
+            if !rule_names.insert(name) {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.key.pos),
+                    format!("option `{}` is given twice", o.key.value),
+                ));
+            }
+            if o.key.value != "expect" && name.is_empty() {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.key.pos),
+                    "name the rule: `expect.NAME = '…'`, or write `expect = '…'`",
+                ));
+            }
+            if o.value.trim().is_empty() {
+                return Err(PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!("option `{}` has no rule", o.key.value),
+                ));
+            }
+            expect.push(((!name.is_empty()).then(|| name.to_string()), o));
+        }
+
         let at = |o: &OptionDef, m: String| PipelineError::at(file, Some(o.value_pos), m);
         let count = |o: &OptionDef| -> Result<usize, PipelineError> {
             match o.value.trim().parse::<usize>() {
@@ -278,6 +320,7 @@ impl<'a> ViewOptions<'a> {
         let env = |o: &OptionDef| expand_env(&o.value).map_err(|m| at(o, m));
         let mut out = ViewOptions {
             online: true,
+            expect,
             ..Default::default()
         };
         for o in &v.options {

@@ -103,7 +103,7 @@ pub(super) fn plan_checks(
         {
             sel.projection = vec![ast::SelectItem::UnnamedExpr(c.expr.clone())];
         }
-        let logical = super::views::plan_statement(file, text, c.pos, sp, ctx, stmt, false)
+        let logical = super::views::plan_statement(file, text, c.pos, &sp.schema, ctx, stmt, false)
             .map_err(|e| {
                 if e.help.is_some() {
                     e

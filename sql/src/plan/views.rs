@@ -37,6 +37,7 @@ pub(super) fn lower_view(
     let (kind, output_schema) = view_kind(file, v, source, window.as_ref(), parts.clone())?;
     check_outputs(file, v, &output_schema)?;
     let vector_index = vector_index(file, v, &opts, &output_schema)?;
+    let expectations = plan_expectations(file, v, &opts, &output_schema)?;
     let kafka_brokers = feature_topic_brokers(file, v, &opts, source)?;
     if let Some((_, o)) = opts.freshness_slo
         && source.event_time.is_none()
@@ -69,7 +70,135 @@ pub(super) fn lower_view(
         event_time: event_time_name(source),
         vector_index,
         freshness_slo_ms: opts.freshness_slo.map(|(ms, _)| ms),
+        expectations,
     })
+}
+
+/// The view's `expect` rules, planned by DataFusion over the rows it emits
+/// (`window_start`, `window_end`, keys, features).
+fn plan_expectations(
+    file: &str,
+    v: &ViewDef,
+    opts: &ViewOptions<'_>,
+    output: &SchemaRef,
+) -> Result<Vec<super::CheckRule>, PipelineError> {
+    if opts.expect.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ts = arrow::datatypes::DataType::Timestamp(
+        arrow::datatypes::TimeUnit::Millisecond,
+        Some("UTC".into()),
+    );
+    let mut fields = vec![
+        arrow::datatypes::Field::new("window_start", ts.clone(), true),
+        arrow::datatypes::Field::new("window_end", ts, true),
+    ];
+    fields.extend(output.fields().iter().map(|f| f.as_ref().clone()));
+    let emitted: SchemaRef = Arc::new(arrow::datatypes::Schema::new(fields));
+    let ctx = SessionContext::new();
+    let table = "sluice_view_output";
+    ctx.register_table(
+        table,
+        Arc::new(datafusion::datasource::empty::EmptyTable::new(Arc::clone(
+            &emitted,
+        ))),
+    )
+    .map_err(|e| PipelineError::at(file, Some(v.name.pos), e.to_string()))?;
+    let mut out = Vec::new();
+    for (label, o) in &opts.expect {
+        let text = o.value.trim().to_string();
+        // The rule's text where the pipeline has it, so DataFusion's spans
+        // are the pipeline's lines and columns: `SELECT` on line 1, then the
+        // rule at its own line and column (the value starts after the quote).
+        let (line, col) = (o.value_pos.line as usize, o.value_pos.column as usize + 1);
+        let sql = if line > 1 {
+            format!(
+                "SELECT{}{}{} FROM {table}",
+                "\n".repeat(line - 1),
+                " ".repeat(col.saturating_sub(1)),
+                o.value
+            )
+        } else {
+            format!("SELECT {} FROM {table}", o.value)
+        };
+        let dialect = datafusion::sql::sqlparser::dialect::GenericDialect {};
+        let stmt =
+            datafusion::sql::sqlparser::parser::Parser::parse_sql(&dialect, &sql).map_err(|e| {
+                PipelineError::at(
+                    file,
+                    Some(o.value_pos),
+                    format!("expect `{text}` is not an expression: {e}"),
+                )
+            })?;
+        let [stmt] = <[ast::Statement; 1]>::try_from(stmt).map_err(|_| {
+            PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!("expect `{text}` must be one boolean expression"),
+            )
+        })?;
+        let logical = plan_statement(file, &sql, o.value_pos, &emitted, &ctx, stmt, false)
+            .map_err(|e| {
+                if e.help.is_some() {
+                    e
+                } else {
+                    e.with_help(format!(
+                        "an expect rule is a boolean expression over the rows `{}` emits: window_start, window_end, {}",
+                        v.name.value,
+                        output
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            })?;
+        let LogicalPlan::Projection(p) = &logical else {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                "cannot plan the rule",
+            ));
+        };
+        if !matches!(p.input.as_ref(), LogicalPlan::TableScan(_)) {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!(
+                    "expect `{text}` must be decided by each emitted row alone: aggregates, window functions and subqueries cannot be rules"
+                ),
+            ));
+        }
+        let (Some(predicate), Some(field)) = (p.expr.first(), p.schema.fields().first()) else {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                "cannot plan the rule",
+            ));
+        };
+        if field.data_type() != &arrow::datatypes::DataType::Boolean {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!(
+                    "expect `{text}` is of type {}, not BOOLEAN",
+                    field.data_type()
+                ),
+            )
+            .with_help(
+                "a rule is a condition each emitted row should meet, such as `spend_1h >= 0`",
+            ));
+        }
+        out.push(super::CheckRule {
+            label: label.clone().unwrap_or_else(|| text.clone()),
+            text,
+            pos: o.value_pos,
+            predicate: predicate.clone().unalias(),
+            schema: Arc::clone(p.input.schema()),
+        });
+    }
+    Ok(out)
 }
 
 fn event_time_name(source: &SourcePlan) -> Option<String> {
@@ -162,14 +291,14 @@ fn plan_select(
         file,
         text,
         v.query_pos,
-        source,
+        &source.schema,
         ctx,
         ast::Statement::Query(query),
         true,
     )
 }
 
-/// DataFusion plans `statement` over `source` and its analyzer coerces
+/// DataFusion plans `statement` over a table of `columns` and its analyzer coerces
 /// types. An error becomes a pipeline error at `pos`, suggesting the
 /// nearest column or function (aggregate and window functions too when
 /// `aggregates`).
@@ -177,7 +306,7 @@ pub(super) fn plan_statement(
     file: &str,
     text: &str,
     pos: Pos,
-    source: &SourcePlan,
+    columns: &SchemaRef,
     ctx: &SessionContext,
     statement: ast::Statement,
     aggregates: bool,
@@ -191,12 +320,8 @@ pub(super) fn plan_statement(
                 .execute_and_check(p, state.config_options(), |_, _| {})
         })
         .map_err(|e| {
-            let candidates: Vec<String> = source
-                .schema
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .collect();
+            let candidates: Vec<String> =
+                columns.fields().iter().map(|f| f.name().clone()).collect();
             let mut functions: Vec<String> = state.scalar_functions().keys().cloned().collect();
             if aggregates {
                 functions.extend(state.aggregate_functions().keys().cloned());
