@@ -57,7 +57,7 @@ pub struct BenchBackfillArgs {
 }
 
 /// Size of a file or of the files under a folder, MiB.
-fn mib(p: &Path) -> f64 {
+pub(crate) fn mib(p: &Path) -> f64 {
     let bytes = match std::fs::metadata(p) {
         Ok(m) if m.is_file() => m.len(),
         _ => sluice_engine::store::dir_size(p),
@@ -93,7 +93,7 @@ fn duckdb(dir: &Path, py: &Path, args: &[String]) -> anyhow::Result<Duck> {
     })
 }
 
-fn default_python() -> PathBuf {
+pub(crate) fn default_python() -> PathBuf {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".cache/sluice/venv/bin/python"))
         .filter(|p| p.exists())

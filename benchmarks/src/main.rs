@@ -7,6 +7,7 @@ mod backfill;
 mod hop;
 mod kafka;
 mod scripts;
+mod stats;
 mod tiles;
 mod vectors;
 
@@ -32,6 +33,8 @@ enum Cmd {
     Vectors(vectors::BenchVectorsArgs),
     /// The quickstart view fed from Kafka against a count-only consumer; restart time.
     Kafka(kafka::BenchKafkaArgs),
+    /// `sluice stats` over a generated lake against DuckDB's same aggregates.
+    Stats(stats::BenchStatsArgs),
     /// Tiled views: sparse daily and dense hourly runs, a memory budget, GET latency, freshness.
     Tiles(tiles::BenchTilesArgs),
 }
@@ -44,6 +47,7 @@ fn main() {
         Cmd::Vectors(a) => vectors::run(&a),
         Cmd::Kafka(a) => kafka::run(&a),
         Cmd::Tiles(a) => tiles::run(&a),
+        Cmd::Stats(a) => stats::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -16,6 +16,12 @@ pub const DUCKDB_BACKFILL: Script = Script {
     text: include_str!("../scripts/duckdb_backfill.py"),
 };
 
+/// DuckDB's per-feature statistics over a lake (`stats`).
+pub const DUCKDB_STATS: Script = Script {
+    name: "duckdb_stats.py",
+    text: include_str!("../scripts/duckdb_stats.py"),
+};
+
 /// Apache Flink SQL's HOP view over the same JSON file (`hop --flink-python`).
 pub const FLINK_HOP: Script = Script {
     name: "flink_hop.py",

@@ -18,6 +18,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Records dead-lettered, to the file or the source's dead_letter_topic (labels: source, kind)",
     ),
     (
+        "sluice_expectation_failures_total",
+        "counter",
+        "Emitted rows an expect rule of their view is false for or cannot compute; the rows are kept (labels: view, rule)",
+    ),
+    (
         "sluice_check_failures_total",
         "counter",
         "Rows a CHECK rule of their source is false for, dead-lettered as check_failed (labels: source, rule)",
