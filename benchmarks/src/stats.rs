@@ -86,12 +86,16 @@ fn write_lake(
             .collect();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(
-                TimestampMillisecondArray::from(end.iter().map(|e| e - 3_600_000).collect::<Vec<_>>())
-                    .with_timezone("UTC"),
+                TimestampMillisecondArray::from(
+                    end.iter().map(|e| e - 3_600_000).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
             ),
             Arc::new(TimestampMillisecondArray::from(end).with_timezone("UTC")),
             Arc::new(StringArray::from(
-                idx.iter().map(|r| format!("u{:06}", r % keys)).collect::<Vec<_>>(),
+                idx.iter()
+                    .map(|r| format!("u{:06}", r % keys))
+                    .collect::<Vec<_>>(),
             )),
             Arc::new(Int64Array::from(clicks)),
             Arc::new(Float64Array::from(spend)),
@@ -192,7 +196,10 @@ pub fn run(a: &BenchStatsArgs) -> anyhow::Result<()> {
     if a.no_duckdb {
         return Ok(());
     }
-    let py = a.python.clone().unwrap_or_else(crate::backfill::default_python);
+    let py = a
+        .python
+        .clone()
+        .unwrap_or_else(crate::backfill::default_python);
     let script = crate::scripts::write(&dir, crate::scripts::DUCKDB_STATS)?;
     let out = std::process::Command::new(&py)
         .arg(&script)
@@ -202,7 +209,10 @@ pub fn run(a: &BenchStatsArgs) -> anyhow::Result<()> {
         .context("running DuckDB")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("DuckDB failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "DuckDB failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
         .with_context(|| format!("DuckDB output: {stdout}"))?;

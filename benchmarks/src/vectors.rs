@@ -268,6 +268,7 @@ fn over_http(
         indexes: [("v".to_string(), idx)].into_iter().collect(),
         readers: Default::default(),
         freshness: Default::default(),
+        served: Default::default(),
     });
     let (rt, addr) = crate::serve_local(live)?;
     let s = TcpStream::connect(&addr)?;

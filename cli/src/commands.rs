@@ -1,6 +1,7 @@
 //! One module per `sluice` subcommand: its clap arguments and its `run`.
 
 pub mod backfill;
+pub mod consistency;
 pub mod demo;
 pub mod explain;
 pub mod gen_recsys;

@@ -3,7 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use sluice_cli::commands::{
-    backfill, demo, explain, gen_recsys, generate, get, nearest, produce, run, stats, training_set,
+    backfill, consistency, demo, explain, gen_recsys, generate, get, nearest, produce, run, stats,
+    training_set,
 };
 
 /// Streaming feature pipelines: SQL feature views over event streams, served online and written to a Parquet lake.
@@ -22,6 +23,8 @@ enum Cmd {
     Backfill(backfill::BackfillArgs),
     /// Build a training set: spine rows joined with feature values as of each row's time.
     TrainingSet(training_set::TrainingSetArgs),
+    /// Recompute the reads a view's log_served kept with the training-set path and compare.
+    Consistency(consistency::ConsistencyArgs),
     /// Per-feature statistics of a view's lake rows or a training set, and drift against a reference.
     Stats(stats::StatsArgs),
     /// Print the streaming plan of a pipeline file.
@@ -47,6 +50,10 @@ fn main() {
         Cmd::Backfill(a) => backfill::run(&a).map(|_| ()),
         Cmd::TrainingSet(a) => training_set::run(&a),
         Cmd::Explain(a) => explain::run(&a),
+        Cmd::Consistency(a) => match consistency::run(&a) {
+            Ok(true) => std::process::exit(consistency::DIFFERENCES_EXIT),
+            other => other.map(|_| ()),
+        },
         Cmd::Stats(a) => match stats::run(&a) {
             Ok(true) => std::process::exit(stats::DRIFT_EXIT),
             other => other.map(|_| ()),

@@ -5,6 +5,7 @@
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
 pub mod archive;
+pub mod consistency;
 mod deadletter;
 mod error;
 mod file;
@@ -13,6 +14,7 @@ mod json;
 pub mod kafka;
 mod lake;
 mod memory;
+pub mod served;
 pub mod stats;
 pub mod training;
 

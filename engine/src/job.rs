@@ -170,6 +170,8 @@ pub struct Live {
     pub readers: HashMap<String, Arc<TileReader>>,
     /// What `/metrics` and `/readyz` say about how fresh the views are.
     pub freshness: Freshness,
+    /// The served-value logs of the views with `log_served`.
+    pub served: HashMap<String, Arc<crate::served::ServedLog>>,
 }
 
 /// How fresh each view is: the newest event time its source delivered, the
@@ -654,6 +656,14 @@ impl Job {
                     .collect(),
                 last_checkpoint_ms: AtomicI64::new(0),
             },
+            served: plan
+                .views
+                .iter()
+                .filter_map(|v| {
+                    v.log_served
+                        .map(|f| (v.name.clone(), Arc::new(crate::served::ServedLog::new(f))))
+                })
+                .collect(),
         });
         Ok(Job {
             sources: rts,

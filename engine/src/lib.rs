@@ -13,6 +13,7 @@ pub mod metrics_names;
 pub mod online;
 pub mod replay;
 pub mod rules;
+pub mod served;
 pub mod server;
 mod source;
 pub mod store;

@@ -123,13 +123,76 @@ fn read_mode(q: &ReadQuery) -> Result<Option<ReadMode>, (StatusCode, Value)> {
     }
 }
 
+/// The request's `x-request-id`, or a new one (wall-clock ms and a counter).
+fn request_id(headers: &HeaderMap) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{:x}-{n:x}", wall_ms())
+        })
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Logs a default-mode read of a sampled key of a view with `log_served`.
+fn log_read(
+    s: &ServeState,
+    view: &str,
+    key: &str,
+    mode: Option<ReadMode>,
+    value: Option<&Value>,
+    rid: &str,
+) {
+    let Some(log) = s.live.served.get(view) else {
+        return;
+    };
+    // Only the default read is what a training set reproduces.
+    if mode.is_some() || !log.samples(key) {
+        return;
+    }
+    let as_of = match value.and_then(|v| v.get("as_of")) {
+        Some(Value::String(t)) => crate::served::parse_utc_ms(t),
+        _ => None,
+    }
+    .or_else(|| s.live.watermark(view));
+    log.push(
+        view,
+        crate::served::ServedRow {
+            key: key.to_string(),
+            as_of,
+            features: value
+                .and_then(|v| v.get("features"))
+                .and_then(Value::as_object)
+                .cloned(),
+            request_id: rid.to_string(),
+            served_at: wall_ms(),
+        },
+    );
+}
+
 async fn get_feature(
     State(s): State<ServeState>,
     Path((view, key)): Path<(String, String)>,
     Query(q): Query<ReadQuery>,
+    headers: HeaderMap,
 ) -> Response {
     let t0 = Instant::now();
-    let (status, body) = match read_mode(&q).and_then(|m| lookup(&s, &view, &key, m)) {
+    let rid = request_id(&headers);
+    let read = read_mode(&q).and_then(|m| lookup(&s, &view, &key, m).map(|v| (m, v)));
+    if let Ok((m, v)) = &read {
+        log_read(&s, &view, &key, *m, v.as_ref(), &rid);
+    }
+    let (status, body) = match read.map(|(_, v)| v) {
         Ok(Some(v)) => (StatusCode::OK, v),
         Ok(None) => (
             StatusCode::NOT_FOUND,
@@ -138,7 +201,7 @@ async fn get_feature(
         Err(e) => e,
     };
     observe("get", status, t0);
-    (status, Json(body)).into_response()
+    (status, [("x-request-id", rid)], Json(body)).into_response()
 }
 
 #[derive(Deserialize)]
@@ -150,9 +213,11 @@ async fn post_features(
     State(s): State<ServeState>,
     Path(view): Path<String>,
     Query(q): Query<ReadQuery>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let t0 = Instant::now();
+    let rid = request_id(&headers);
     let mode = match read_mode(&q) {
         Ok(m) => m,
         Err((status, body)) => {
@@ -184,7 +249,11 @@ async fn post_features(
                 .join("|"),
             other => other.to_string(),
         };
-        match lookup(&s, &view, &key, mode) {
+        let read = lookup(&s, &view, &key, mode);
+        if let Ok(v) = &read {
+            log_read(&s, &view, &key, mode, v.as_ref(), &rid);
+        }
+        match read {
             Ok(Some(mut v)) => {
                 if let Some(o) = v.as_object_mut() {
                     o.insert("found".into(), Value::Bool(true));
@@ -199,7 +268,12 @@ async fn post_features(
         }
     }
     observe("batch", StatusCode::OK, t0);
-    (StatusCode::OK, Json(json!({"results": out}))).into_response()
+    (
+        StatusCode::OK,
+        [("x-request-id", rid)],
+        Json(json!({"results": out})),
+    )
+        .into_response()
 }
 
 /// A nearest-neighbour request.

@@ -11,7 +11,7 @@ pub mod vector;
 pub use error::{PipelineError, Pos};
 pub use plan::{
     AggregatePlan, CheckRule, MetadataColumn, MetadataKind, OptionPos, OptionReader, PipelinePlan,
-    SourceCheck, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec, expand_env,
-    fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked,
+    SERVED_LOG_COLUMNS, SourceCheck, SourcePlan, Stage, TIMESTAMP_TYPE, ViewKind, ViewPlan,
+    WindowSpec, expand_env, fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked,
 };
 pub use vector::{vector_dims, vector_type};

@@ -92,6 +92,10 @@ impl fmt::Display for WindowSpec {
     }
 }
 
+/// The columns of the served-value log besides the view's own: when the
+/// read's clock was, whether the key was found, the request, the wall clock.
+pub const SERVED_LOG_COLUMNS: [&str; 4] = ["as_of", "found", "request_id", "served_at"];
+
 /// Formats milliseconds as the largest whole unit (`5m`, `1h`, `1500ms`).
 pub fn fmt_ms(ms: i64) -> String {
     for (unit, len) in [
@@ -279,6 +283,9 @@ pub struct ViewPlan {
     /// `expect` rules over the rows the view emits: a row failing one is
     /// counted, and kept.
     pub expectations: Vec<CheckRule>,
+    /// Share of keys whose online reads are logged to the lake's
+    /// `_served/{view}` folder (`log_served`), chosen by key hash.
+    pub log_served: Option<f64>,
 }
 
 impl ViewPlan {

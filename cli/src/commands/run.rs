@@ -107,6 +107,7 @@ pub fn run_job(
     if let Some(addr) = serve {
         start_server(&rt, addr, job.live(), token, handle)?;
     }
+    let served = ServedFlusher::start(p, &job.live())?;
     tracing::info!(epoch = job.epoch(), state_dir = %state_dir.display(), "pipeline started");
     let stats = job.run(&stop)?;
     let rate = stats.events as f64 / stats.elapsed.as_secs_f64().max(1e-9);
@@ -128,7 +129,66 @@ pub fn run_job(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Ok(())
+    served.finish()
+}
+
+/// Writes the served-value logs (`log_served`) into the lake every half
+/// second, and what is left when the job stops.
+struct ServedFlusher {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ServedFlusher {
+    fn start(p: &sluice_sql::PipelinePlan, live: &Arc<Live>) -> anyhow::Result<Self> {
+        let done = Arc::new(AtomicBool::new(false));
+        let mut logs = Vec::new();
+        for v in &p.views {
+            if let Some(log) = live.served.get(&v.name) {
+                logs.push((
+                    Arc::clone(log),
+                    sluice_connectors::served::ServedWriter::new(v)?,
+                ));
+            }
+        }
+        if logs.is_empty() {
+            return Ok(ServedFlusher { done, thread: None });
+        }
+        let flag = Arc::clone(&done);
+        let thread = std::thread::Builder::new()
+            .name("served-log".into())
+            .spawn(move || -> anyhow::Result<()> {
+                loop {
+                    let last = flag.load(Ordering::SeqCst);
+                    for (log, w) in &mut logs {
+                        let rows = log.drain();
+                        if !rows.is_empty()
+                            && let Err(e) = w.write(&rows)
+                        {
+                            // The reads are lost, the serving goes on.
+                            tracing::error!("writing the served-value log: {e}");
+                        }
+                    }
+                    if last {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })?;
+        Ok(ServedFlusher {
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.done.store(true, Ordering::SeqCst);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => anyhow::bail!("the served-value log writer panicked"),
+            None => Ok(()),
+        }
+    }
 }
 
 fn start_server(

@@ -68,6 +68,9 @@ impl fmt::Display for PipelinePlan {
                     + &v.freshness_slo_ms
                         .map(|ms| format!(" freshness_slo={}", fmt_ms(ms)))
                         .unwrap_or_default()
+                    + &v.log_served
+                        .map(|f| format!(" log_served={f}"))
+                        .unwrap_or_default()
             )?;
             let mut lines = Vec::new();
             match &v.kind {

@@ -35,6 +35,7 @@ const VIEW_OPTIONS: &[&str] = &[
     "index_filter_columns",
     "freshness_slo",
     "expect",
+    "log_served",
 ];
 
 /// Refuses a key given twice and, when `known` is given, a key not in it
@@ -253,6 +254,8 @@ pub(super) struct ViewOptions<'a> {
     pub(super) filter_columns: Option<&'a OptionDef>,
     /// `freshness_slo`, in ms, with where it is written.
     pub(super) freshness_slo: Option<(i64, &'a OptionDef)>,
+    /// `log_served`: the share of keys whose reads are logged, with where it is written.
+    pub(super) log_served: Option<(f64, &'a OptionDef)>,
     /// `expect = '…'` (no name) and `expect.NAME = '…'` rules, in order.
     pub(super) expect: Vec<(Option<String>, &'a OptionDef)>,
 }
@@ -345,6 +348,24 @@ impl<'a> ViewOptions<'a> {
                 "offline" => out.offline = Some(base_dir.join(env(o)?)),
                 "kafka_topic" => out.kafka_topic = Some(o.value.clone()),
                 "kafka_brokers" => out.kafka_brokers = Some(env(o)?),
+                "log_served" => {
+                    let f = o
+                        .value
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| *f > 0.0 && *f <= 1.0);
+                    let Some(f) = f else {
+                        return Err(at(
+                            o,
+                            format!(
+                                "log_served is the share of keys whose reads are logged, a number in (0, 1] such as 0.01; found `{}`",
+                                o.value
+                            ),
+                        ));
+                    };
+                    out.log_served = Some((f, o));
+                }
                 "freshness_slo" => {
                     let ms = crate::interval::duration_ms(&env(o)?)
                         .map_err(|m| at(o, format!("freshness_slo: {m}")))?;

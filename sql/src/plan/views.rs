@@ -38,6 +38,32 @@ pub(super) fn lower_view(
     check_outputs(file, v, &output_schema)?;
     let vector_index = vector_index(file, v, &opts, &output_schema)?;
     let expectations = plan_expectations(file, v, &opts, &output_schema)?;
+    if let Some((_, o)) = opts.log_served {
+        if opts.offline.is_none() || !opts.online {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!(
+                    "log_served logs online reads into the view's lake: view `{}` needs online = true and offline = 'DIR'",
+                    v.name.value
+                ),
+            ));
+        }
+        if let Some(c) = output_schema
+            .fields()
+            .iter()
+            .find(|f| crate::SERVED_LOG_COLUMNS.contains(&f.name().as_str()))
+        {
+            return Err(PipelineError::at(
+                file,
+                Some(o.value_pos),
+                format!(
+                    "log_served: the served-value log has its own `{}` column; rename the view's column",
+                    c.name()
+                ),
+            ));
+        }
+    }
     let kafka_brokers = feature_topic_brokers(file, v, &opts, source)?;
     if let Some((_, o)) = opts.freshness_slo
         && source.event_time.is_none()
@@ -71,6 +97,7 @@ pub(super) fn lower_view(
         vector_index,
         freshness_slo_ms: opts.freshness_slo.map(|(ms, _)| ms),
         expectations,
+        log_served: opts.log_served.map(|(f, _)| f),
     })
 }
 
