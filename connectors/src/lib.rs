@@ -30,7 +30,7 @@ pub use error::Error;
 pub use file::{FileOptions, JsonFileSource};
 pub use files::{FilesSource, expand_paths};
 pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};
-pub use lake::LakeWriter;
+pub use lake::{LakeWriter, rfc3339_ms};
 pub use memory::MemorySource;
 
 /// Checks a source's connector options (each connector owns and parses its

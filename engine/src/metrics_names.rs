@@ -18,6 +18,16 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Records dead-lettered, to the file or the source's dead_letter_topic (labels: source, kind)",
     ),
     (
+        "sluice_served_log_rows_total",
+        "counter",
+        "Online reads written to the view's served-value log (log_served) (label: view)",
+    ),
+    (
+        "sluice_served_log_dropped_total",
+        "counter",
+        "Sampled reads not logged because a million were already waiting for the writer (label: view)",
+    ),
+    (
         "sluice_expectation_failures_total",
         "counter",
         "Emitted rows an expect rule of their view is false for or cannot compute; the rows are kept (labels: view, rule)",
