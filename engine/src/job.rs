@@ -174,6 +174,56 @@ pub struct Live {
     pub served: HashMap<String, Arc<crate::served::ServedLog>>,
 }
 
+/// What differs between the view a state dir was written by and the view
+/// now: its key, its window, and the first stretch of its query that differs.
+pub fn view_change(old: &crate::online::ViewMeta, new: &crate::online::ViewMeta) -> String {
+    let mut out = Vec::new();
+    if old.keys != new.keys {
+        out.push(format!(
+            "its key was ({}) and is ({})",
+            old.keys.join(", "),
+            new.keys.join(", ")
+        ));
+    }
+    if old.window != new.window {
+        out.push(format!(
+            "its window was {} and is {}",
+            old.window, new.window
+        ));
+    }
+    let words = |q: &str| q.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let (a, b) = (words(&old.query), words(&new.query));
+    if a != b {
+        let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let suf = a[pre..]
+            .iter()
+            .rev()
+            .zip(b[pre..].iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let part = |w: &[String]| {
+            let s = w.join(" ");
+            if s.chars().count() > 120 {
+                format!("{}…", s.chars().take(120).collect::<String>())
+            } else {
+                s
+            }
+        };
+        let (was, is) = (part(&a[pre..a.len() - suf]), part(&b[pre..b.len() - suf]));
+        let at = part(&a[pre.saturating_sub(3)..pre]);
+        out.push(match (was.is_empty(), is.is_empty()) {
+            (true, _) => format!("its query gained `{is}` after `{at}`"),
+            (_, true) => format!("its query lost `{was}` after `{at}`"),
+            _ => format!("its query had `{was}` where it now has `{is}`"),
+        });
+    }
+    if out.is_empty() {
+        "its definition".into()
+    } else {
+        out.join("; ")
+    }
+}
+
 /// How fresh each view is: the newest event time its source delivered, the
 /// committed watermark (in [`Live::watermarks`]), the views' freshness SLOs
 /// and when the last checkpoint committed.
@@ -548,8 +598,9 @@ impl Job {
                 return Err(EngineError::Incompatible {
                     path: opts.state_dir.display().to_string(),
                     reason: format!(
-                        "feature view `{}` changed since this state was written; run it with a new --state-dir (or backfill)",
-                        vp.name
+                        "feature view `{}` changed since this state was written: {}; run it with a new --state-dir (or backfill), or give the changed view a new name",
+                        vp.name,
+                        view_change(&old, &meta)
                     ),
                 });
             }
