@@ -269,6 +269,8 @@ fn over_http(
         readers: Default::default(),
         freshness: Default::default(),
         served: Default::default(),
+        versions: Default::default(),
+        catch_up: Default::default(),
     });
     let (rt, addr) = crate::serve_local(live)?;
     let s = TcpStream::connect(&addr)?;

@@ -56,3 +56,129 @@ fn a_changed_view_over_old_state_is_refused_naming_the_difference() {
         assert!(err.contains(want), "want `{want}` in: {err}");
     }
 }
+
+const V2: &str = "
+CREATE FEATURE VIEW user_activity VERSION 2 KEY user_id WITH (online = true, offline = 'lake') AS
+SELECT user_id, COUNT(*) AS clicks_1h, SUM(price) AS spend_1h, MAX(price) AS top_price_1h
+FROM clicks WHERE price >= 0
+GROUP BY user_id, HOP(ts, INTERVAL '5' MINUTE, INTERVAL '2' HOUR);
+";
+
+fn serve_and_read(
+    d: &std::path::Path,
+    state: &str,
+    paths: &[&str],
+) -> Vec<(u16, serde_json::Value)> {
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.current_dir(d).args([
+        "run",
+        "p.sql",
+        "--state-dir",
+        state,
+        "--serve",
+        "127.0.0.1:0",
+    ]);
+    let mut srv = common::spawn_serving(cmd);
+    srv.done
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("run done");
+    let out = paths
+        .iter()
+        .map(|p| {
+            let (status, body) = common::http(&srv.addr, "GET", p, None, &[]);
+            (status, serde_json::from_str(&body).unwrap_or_default())
+        })
+        .collect();
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    out
+}
+
+#[test]
+fn versions_of_a_view_run_side_by_side() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    let ev = d.join("events.jsonl").display().to_string();
+    let o = common::sluice(&["gen", "--events", "3000", "--keys", "50", "--out", &ev]);
+    assert!(o.status.success());
+    let v1 = BASE.replace(
+        "WITH (online = true)",
+        "WITH (online = true, offline = 'lake')",
+    );
+    std::fs::write(d.join("p.sql"), format!("{v1}{V2}")).expect("pipeline");
+
+    // explain lists both versions and what differs.
+    let o = common::sluice(&["explain", &d.join("p.sql").display().to_string()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("FeatureView user_activity@2"), "{text}");
+    assert!(
+        text.contains("version 2 of user_activity (versions 1, 2); against version 1: its window was HOP(slide=5m, size=1h) and is HOP(slide=5m, size=2h)"),
+        "{text}"
+    );
+
+    // One run, both versions: each read by name, the unversioned name the
+    // newest (a fresh state dir: it saw the stream from its start).
+    let reads = serve_and_read(
+        d,
+        "state",
+        &[
+            "/v1/features/user_activity/u00007",
+            "/v1/features/user_activity@2/u00007",
+        ],
+    );
+    assert_eq!(reads[0].0, 200);
+    assert_eq!(reads[1].0, 200);
+    assert!(
+        reads[1].1["features"]["top_price_1h"].is_number(),
+        "{:?}",
+        reads[1]
+    );
+    assert_eq!(reads[0].1, reads[1].1, "unversioned reads version 2");
+    let v1_only = common::get(&d.join("state"), "user_activity", "u00007").expect("v1");
+    assert!(
+        v1_only["features"].get("top_price_1h").is_none(),
+        "{v1_only}"
+    );
+    assert!(
+        v1_only["features"]["clicks_1h"].as_i64() <= reads[1].1["features"]["clicks_1h"].as_i64()
+    );
+    // The lake keeps the versions apart.
+    for v in ["user_activity", "user_activity@2"] {
+        assert!(
+            !common::parquet_files(&d.join("lake").join(v)).is_empty(),
+            "no lake files for {v}"
+        );
+    }
+
+    // Version 2 added to a state dir version 1 wrote: it starts at the
+    // source's watermark, so until it has seen a whole window the
+    // unversioned name keeps reading version 1.
+    std::fs::write(d.join("p.sql"), &v1).expect("pipeline");
+    let o = common::sluice(&[
+        "run",
+        &d.join("p.sql").display().to_string(),
+        "--state-dir",
+        &d.join("late").display().to_string(),
+    ]);
+    assert!(o.status.success());
+    std::fs::write(d.join("p.sql"), format!("{v1}{V2}")).expect("pipeline");
+    let reads = serve_and_read(
+        d,
+        "late",
+        &[
+            "/v1/features/user_activity/u00007",
+            "/v1/features/user_activity@2/u00007",
+        ],
+    );
+    assert_eq!(reads[0].0, 200);
+    assert!(
+        reads[0].1["features"].get("top_price_1h").is_none(),
+        "{:?}",
+        reads[0]
+    );
+    assert_eq!(
+        reads[1].0, 404,
+        "version 2 saw no event yet: {:?}",
+        reads[1]
+    );
+}

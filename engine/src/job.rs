@@ -172,56 +172,22 @@ pub struct Live {
     pub freshness: Freshness,
     /// The served-value logs of the views with `log_served`.
     pub served: HashMap<String, Arc<crate::served::ServedLog>>,
+    /// Per base name with more than one version (or none named so), its
+    /// versions, newest first: what an unversioned read chooses from.
+    pub versions: HashMap<String, Vec<(u32, String)>>,
+    /// Views added to an existing state dir: the watermark at which they
+    /// have seen a whole window (`i64::MAX`: lifetime and per-event views,
+    /// which never do without a backfill).
+    pub catch_up: HashMap<String, i64>,
 }
 
 /// What differs between the view a state dir was written by and the view
-/// now: its key, its window, and the first stretch of its query that differs.
+/// now (see [`sluice_sql::view_difference`]).
 pub fn view_change(old: &crate::online::ViewMeta, new: &crate::online::ViewMeta) -> String {
-    let mut out = Vec::new();
-    if old.keys != new.keys {
-        out.push(format!(
-            "its key was ({}) and is ({})",
-            old.keys.join(", "),
-            new.keys.join(", ")
-        ));
-    }
-    if old.window != new.window {
-        out.push(format!(
-            "its window was {} and is {}",
-            old.window, new.window
-        ));
-    }
-    let words = |q: &str| q.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    let (a, b) = (words(&old.query), words(&new.query));
-    if a != b {
-        let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-        let suf = a[pre..]
-            .iter()
-            .rev()
-            .zip(b[pre..].iter().rev())
-            .take_while(|(x, y)| x == y)
-            .count();
-        let part = |w: &[String]| {
-            let s = w.join(" ");
-            if s.chars().count() > 120 {
-                format!("{}…", s.chars().take(120).collect::<String>())
-            } else {
-                s
-            }
-        };
-        let (was, is) = (part(&a[pre..a.len() - suf]), part(&b[pre..b.len() - suf]));
-        let at = part(&a[pre.saturating_sub(3)..pre]);
-        out.push(match (was.is_empty(), is.is_empty()) {
-            (true, _) => format!("its query gained `{is}` after `{at}`"),
-            (_, true) => format!("its query lost `{was}` after `{at}`"),
-            _ => format!("its query had `{was}` where it now has `{is}`"),
-        });
-    }
-    if out.is_empty() {
-        "its definition".into()
-    } else {
-        out.join("; ")
-    }
+    sluice_sql::view_difference(
+        (&old.keys, &old.window, &old.query),
+        (&new.keys, &new.window, &new.query),
+    )
 }
 
 /// How fresh each view is: the newest event time its source delivered, the
@@ -363,7 +329,28 @@ impl Live {
         }
     }
 
-    /// The committed watermark of a view.
+    /// The view an unversioned name reads: the newest version that has
+    /// caught up (its watermark has covered a whole window since it was
+    /// added), else the oldest; a versioned or single name as it is.
+    pub fn resolve<'a>(&'a self, view: &'a str) -> &'a str {
+        let Some(vs) = self.versions.get(view) else {
+            return view;
+        };
+        for (_, name) in vs {
+            let wm = self.watermark(name);
+            let ready = match (wm, self.catch_up.get(name)) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(w), Some(at)) => w >= *at,
+            };
+            if ready {
+                return name;
+            }
+        }
+        vs.last().map_or(view, |(_, n)| n.as_str())
+    }
+
+    /// The committed watermark of `view`, if it has one.
     pub fn watermark(&self, view: &str) -> Option<i64> {
         self.watermarks
             .get(view)
@@ -565,6 +552,7 @@ impl Job {
         let epoch = cp.epoch;
         let mut views = Vec::new();
         let mut metas = HashMap::new();
+        let mut catch_up = HashMap::new();
         let mut indexes = HashMap::new();
         let mut readers = HashMap::new();
         for vp in &plan.views {
@@ -591,6 +579,22 @@ impl Job {
                 indexes.insert(vp.name.clone(), Arc::new(idx));
             }
             let meta = op.meta()?;
+            // A view new to an existing state dir starts at the source's
+            // watermark: it has caught up once that moved a window past it.
+            if epoch > 0 && read_view_meta(&store, &vp.name)?.is_none() {
+                let start = cp.sources.get(&vp.source).and_then(|s| s.watermark);
+                let size = match vp.window() {
+                    Some(sluice_sql::WindowSpec::Hop { size_ms, .. }) => Some(size_ms),
+                    Some(sluice_sql::WindowSpec::Tumble { size_ms }) => Some(size_ms),
+                    _ => None,
+                };
+                if let Some(start) = start {
+                    catch_up.insert(
+                        vp.name.clone(),
+                        size.map_or(i64::MAX, |s| start.saturating_add(s)),
+                    );
+                }
+            }
             if epoch > 0
                 && let Some(old) = read_view_meta(&store, &vp.name)?
                 && (old.query != meta.query || old.window != meta.window || old.keys != meta.keys)
@@ -706,6 +710,20 @@ impl Job {
                     })
                     .collect(),
                 last_checkpoint_ms: AtomicI64::new(0),
+            },
+            catch_up,
+            versions: {
+                let mut m: HashMap<String, Vec<(u32, String)>> = HashMap::new();
+                for v in &plan.views {
+                    m.entry(v.base_name.clone())
+                        .or_default()
+                        .push((v.version, v.name.clone()));
+                }
+                m.retain(|b, vs| vs.len() > 1 || vs.iter().all(|(_, n)| n != b));
+                for vs in m.values_mut() {
+                    vs.sort_by(|a, b| b.0.cmp(&a.0));
+                }
+                m
             },
             served: plan
                 .views

@@ -80,6 +80,7 @@ fn lookup(
     key: &str,
     mode: Option<ReadMode>,
 ) -> Result<Option<Value>, (StatusCode, Value)> {
+    let view = s.live.resolve(view);
     let Some(meta) = s.live.views.get(view) else {
         let known: Vec<&String> = s.live.views.keys().collect();
         return Err((

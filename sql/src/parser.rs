@@ -89,6 +89,8 @@ pub struct SourceDef {
 pub struct ViewDef {
     /// View name.
     pub name: Name,
+    /// `VERSION n`, with where the number is written; none: version 1.
+    pub version: Option<(u32, Pos)>,
     /// Entity key columns.
     pub keys: Vec<Name>,
     /// `WITH` options.
@@ -465,6 +467,23 @@ impl P<'_> {
 
     fn view(&mut self) -> Result<ViewDef, PipelineError> {
         let name = self.name()?;
+        let mut version = None;
+        let t = self.parser.peek_token();
+        if word(&t).as_deref() == Some("version") {
+            self.parser.next_token();
+            let n = self.parser.next_token();
+            match &n.token {
+                Token::Number(v, _) if v.parse::<u32>().is_ok_and(|v| v >= 1) => {
+                    version = Some((v.parse::<u32>().unwrap_or(1), Pos::from(n.span.start)));
+                }
+                other => {
+                    return Err(self.err_at(
+                        &n,
+                        format!("expected a version number (1, 2, …) after VERSION, found {other}"),
+                    ));
+                }
+            }
+        }
         self.expect_word("key")?;
         let mut keys = vec![self.name()?];
         while self.parser.peek_token().token == Token::Comma {
@@ -484,6 +503,7 @@ impl P<'_> {
         }
         Ok(ViewDef {
             name,
+            version,
             keys,
             options,
             query,

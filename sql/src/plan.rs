@@ -92,6 +92,64 @@ impl fmt::Display for WindowSpec {
     }
 }
 
+/// The name a view's version goes by: `name` for version 1 (so state and
+/// lakes of views written before versions keep theirs), `name@N` after.
+pub fn versioned_name(base: &str, version: u32) -> String {
+    if version == 1 {
+        base.to_string()
+    } else {
+        format!("{base}@{version}")
+    }
+}
+
+/// What differs between two definitions of a view, each given as its key
+/// columns, its window (as [`WindowSpec`] displays it) and its query text:
+/// the key, the window, and the first stretch of the query that differs.
+pub fn view_difference(old: (&[String], &str, &str), new: (&[String], &str, &str)) -> String {
+    let mut out = Vec::new();
+    if old.0 != new.0 {
+        out.push(format!(
+            "its key was ({}) and is ({})",
+            old.0.join(", "),
+            new.0.join(", ")
+        ));
+    }
+    if old.1 != new.1 {
+        out.push(format!("its window was {} and is {}", old.1, new.1));
+    }
+    let words = |q: &str| q.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let (a, b) = (words(old.2), words(new.2));
+    if a != b {
+        let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let suf = a[pre..]
+            .iter()
+            .rev()
+            .zip(b[pre..].iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let part = |w: &[String]| {
+            let s = w.join(" ");
+            if s.chars().count() > 120 {
+                format!("{}…", s.chars().take(120).collect::<String>())
+            } else {
+                s
+            }
+        };
+        let (was, is) = (part(&a[pre..a.len() - suf]), part(&b[pre..b.len() - suf]));
+        let at = part(&a[pre.saturating_sub(3)..pre]);
+        out.push(match (was.is_empty(), is.is_empty()) {
+            (true, _) => format!("its query gained `{is}` after `{at}`"),
+            (_, true) => format!("its query lost `{was}` after `{at}`"),
+            _ => format!("its query had `{was}` where it now has `{is}`"),
+        });
+    }
+    if out.is_empty() {
+        "nothing in its key, window or query".into()
+    } else {
+        out.join("; ")
+    }
+}
+
 /// The columns of the served-value log besides the view's own: when the
 /// read's clock was, whether the key was found, the request, the wall clock.
 pub const SERVED_LOG_COLUMNS: [&str; 4] = ["as_of", "found", "request_id", "served_at"];
@@ -249,8 +307,12 @@ pub enum ViewKind {
 /// One feature view, ready for the engine.
 #[derive(Debug, Clone)]
 pub struct ViewPlan {
-    /// View name.
+    /// View name: the name as written for version 1, `name@N` for `VERSION N`.
     pub name: String,
+    /// The name as written, shared by every version.
+    pub base_name: String,
+    /// `VERSION n`; 1 when not given.
+    pub version: u32,
     /// The source it reads.
     pub source: String,
     /// Entity key columns (names in `output_schema`).
@@ -393,11 +455,17 @@ pub fn plan_pipeline_checked(
                 plan.sources.push(sp);
             }
             Statement::View(v) => {
-                if !names.insert(v.name.value.clone()) {
+                let version = v.version.map_or(1, |(n, _)| n);
+                let name = versioned_name(&v.name.value, version);
+                if !names.insert(name.clone()) || plan.source(&v.name.value).is_some() {
                     return Err(PipelineError::at(
                         file,
-                        Some(v.name.pos),
-                        format!("`{}` is defined twice", v.name.value),
+                        Some(v.version.map_or(v.name.pos, |(_, p)| p)),
+                        if version == 1 {
+                            format!("`{}` is defined twice", v.name.value)
+                        } else {
+                            format!("version {version} of `{}` is defined twice", v.name.value)
+                        },
                     ));
                 }
                 let vp = views::lower_view(file, text, &v, &plan, &ctx, base_dir)?;

@@ -72,6 +72,46 @@ impl fmt::Display for PipelinePlan {
                         .map(|f| format!(" log_served={f}"))
                         .unwrap_or_default()
             )?;
+            let versions: Vec<&super::ViewPlan> = self
+                .views
+                .iter()
+                .filter(|o| o.base_name == v.base_name)
+                .collect();
+            if versions.len() > 1 || v.version > 1 {
+                let mut nums: Vec<u32> = versions.iter().map(|o| o.version).collect();
+                nums.sort_unstable();
+                let list: Vec<String> = nums.iter().map(u32::to_string).collect();
+                let prev = versions
+                    .iter()
+                    .filter(|o| o.version < v.version)
+                    .max_by_key(|o| o.version);
+                let window = |p: &super::ViewPlan| {
+                    p.window()
+                        .map(|w| w.to_string())
+                        .unwrap_or_else(|| "PER EVENT".into())
+                };
+                match prev {
+                    Some(p) => writeln!(
+                        f,
+                        "  version {} of {} (versions {}); against version {}: {}",
+                        v.version,
+                        v.base_name,
+                        list.join(", "),
+                        p.version,
+                        crate::view_difference(
+                            (&p.keys, &window(p), &p.query),
+                            (&v.keys, &window(v), &v.query)
+                        )
+                    )?,
+                    None => writeln!(
+                        f,
+                        "  version {} of {} (versions {})",
+                        v.version,
+                        v.base_name,
+                        list.join(", ")
+                    )?,
+                }
+            }
             let mut lines = Vec::new();
             match &v.kind {
                 ViewKind::PerEvent => lines.push("EmitPerEvent: latest row per key".to_string()),

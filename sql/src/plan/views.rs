@@ -77,8 +77,11 @@ pub(super) fn lower_view(
             ),
         ));
     }
+    let version = v.version.map_or(1, |(n, _)| n);
     Ok(ViewPlan {
-        name: v.name.value.clone(),
+        name: super::versioned_name(&v.name.value, version),
+        base_name: v.name.value.clone(),
+        version,
         source: source.name.clone(),
         keys: v.keys.iter().map(|k| k.value.clone()).collect(),
         online: opts.online,
