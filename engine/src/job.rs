@@ -721,7 +721,7 @@ impl Job {
                 }
                 m.retain(|b, vs| vs.len() > 1 || vs.iter().all(|(_, n)| n != b));
                 for vs in m.values_mut() {
-                    vs.sort_by(|a, b| b.0.cmp(&a.0));
+                    vs.sort_by_key(|v| std::cmp::Reverse(v.0));
                 }
                 m
             },
