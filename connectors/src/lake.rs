@@ -58,8 +58,13 @@ pub fn day_string(days: i64) -> String {
 
 /// The epoch milliseconds at the start of UTC day `YYYY-MM-DD`.
 pub fn day_start_ms(day: &str) -> Option<i64> {
+    // A year before 1 BC is written with its sign (`-0221-…`).
+    let (sign, day) = match day.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, day),
+    };
     let mut it = day.splitn(3, '-');
-    let y: i64 = it.next()?.parse().ok()?;
+    let y: i64 = sign * it.next()?.parse::<i64>().ok()?;
     let m: i64 = it.next()?.parse().ok()?;
     let d: i64 = it.next()?.parse().ok()?;
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
@@ -123,31 +128,38 @@ impl LakeWriter {
     }
 
     fn write_file(&self, path: &Path, batch: &RecordBatch) -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build();
-        let perr = |e: parquet::errors::ParquetError| EngineError::Connector {
-            what: format!("lake file {}", tmp.display()),
-            message: e.to_string(),
-        };
-        let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
-        w.write(batch).map_err(perr)?;
-        let f = w.into_inner().map_err(perr)?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io(dir, e))?;
-        Ok(())
+        write_parquet_atomically(path, batch)
     }
+}
+
+/// Writes `batch` to `path` as one Parquet file: under a hidden temporary
+/// name, fsynced, renamed, the folder fsynced, so readers never see a
+/// partial file (lake files and served-value logs).
+pub(crate) fn write_parquet_atomically(path: &Path, batch: &RecordBatch) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let perr = |e: parquet::errors::ParquetError| EngineError::Connector {
+        what: format!("lake file {}", tmp.display()),
+        message: e.to_string(),
+    };
+    let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
+    w.write(batch).map_err(perr)?;
+    let f = w.into_inner().map_err(perr)?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))?;
+    Ok(())
 }
 
 impl OfflineSink for LakeWriter {

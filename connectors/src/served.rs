@@ -6,21 +6,16 @@
 //! written under a hidden name, fsynced and renamed, as lake files are.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Value};
 use sluice_engine::served::ServedRow;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::ViewPlan;
 
-use crate::lake::{NULL_PARTITION, day_string, io};
+use crate::lake::{NULL_PARTITION, day_string, io, write_parquet_atomically};
 
 /// The folder under a lake root that holds served-value logs; no view can
 /// be named so (names start with a letter).
@@ -131,37 +126,11 @@ impl ServedWriter {
             self.seq += 1;
             let first = rows.first().map_or(0, |r| r.served_at);
             let name = format!("served-{first}-{}-{}.parquet", std::process::id(), self.seq);
-            write_file(&dir.join(name), &batch, &what)?;
+            write_parquet_atomically(&dir.join(name), &batch)?;
             files += 1;
             metrics::counter!("sluice_served_log_rows_total", "view" => self.view.name.clone())
                 .increment(batch.num_rows() as u64);
         }
         Ok(files)
     }
-}
-
-fn write_file(path: &Path, batch: &RecordBatch, what: &str) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let perr = |e: parquet::errors::ParquetError| EngineError::Connector {
-        what: what.to_string(),
-        message: format!("{}: {e}", tmp.display()),
-    };
-    let f = File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
-    let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
-    w.write(batch).map_err(perr)?;
-    let f = w.into_inner().map_err(perr)?;
-    f.sync_all().map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
-    Ok(())
 }
