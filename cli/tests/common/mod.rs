@@ -539,3 +539,17 @@ pub fn duckdb_python() -> Option<PathBuf> {
             .is_ok_and(|o| o.status.success())
     })
 }
+
+/// The Python that has `pyspark` and `duckdb` (installed by `.ci/run`).
+pub fn spark_python() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("SLUICE_PYTHON").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sluice/venv/bin/python")),
+    ];
+    candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .args(["-c", "import pyspark, duckdb"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::{DFSchemaRef, DataFusionError};
-use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, Projection, cast};
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, SetExpr, Spanned};
@@ -33,6 +33,8 @@ pub(super) fn lower_view(
     let window = take_window(file, &mut query)?;
     check_window_time(file, source, window.as_ref())?;
     let logical = plan_select(file, text, v, source, ctx, query)?;
+    let logical = signed_outputs(logical)
+        .map_err(|e| PipelineError::at(file, Some(v.query_pos), e.to_string()))?;
     let parts = split_plan(file, v, &logical)?;
     let (kind, output_schema) = view_kind(file, v, source, window.as_ref(), parts.clone())?;
     check_outputs(file, v, &output_schema)?;
@@ -325,6 +327,41 @@ fn plan_select(
         ctx,
         ast::Statement::Query(query),
         true,
+    )
+}
+
+/// Unsigned integer outputs (`APPROX_DISTINCT`'s `UInt64`, say) become
+/// `BIGINT`: the final projection casts them, so the online store, the lake
+/// and training sets all hold signed 64-bit integers, which every Parquet
+/// reader maps to a plain integer (Spark reads `UInt64` as `decimal(20,0)`).
+/// A value above `i64::MAX` would become NULL; no aggregate Sluice offers
+/// produces one.
+fn signed_outputs(plan: LogicalPlan) -> Result<LogicalPlan, DataFusionError> {
+    let LogicalPlan::Projection(p) = &plan else {
+        return Ok(plan);
+    };
+    if !p.schema.fields().iter().any(|f| is_unsigned(f.data_type())) {
+        return Ok(plan);
+    }
+    let exprs = p
+        .expr
+        .iter()
+        .zip(p.schema.iter())
+        .map(|(e, (q, f))| {
+            if is_unsigned(f.data_type()) {
+                cast(e.clone().unalias(), DataType::Int64).alias_qualified(q.cloned(), f.name())
+            } else {
+                e.clone()
+            }
+        })
+        .collect();
+    Projection::try_new(exprs, Arc::clone(&p.input)).map(LogicalPlan::Projection)
+}
+
+fn is_unsigned(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64
     )
 }
 
