@@ -31,13 +31,15 @@ pub fn plan(path: &Path) -> anyhow::Result<sluice_sql::PipelinePlan> {
     )?)
 }
 
-/// Logs to stderr, filtered by `SLUICE_LOG` (a `tracing` filter), else `default`.
+/// Logs to stderr, filtered by `SLUICE_LOG` (a `tracing` filter), else
+/// `default`; colours only on a terminal.
 pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

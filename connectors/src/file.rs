@@ -36,6 +36,7 @@ impl JsonFileSource {
         let FileOptions {
             path,
             max_record_bytes,
+            ..
         } = FileOptions::parse(plan)?;
         let label = path
             .file_name()

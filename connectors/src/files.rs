@@ -21,7 +21,7 @@ use sluice_engine::view::features_json;
 use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::SourcePlan;
 
-use crate::file::JsonFileSource;
+use crate::file::{FileOptions, JsonFileSource};
 use crate::json::preview;
 use crate::lake::io;
 
@@ -99,6 +99,44 @@ pub fn expand_paths(spec: &str) -> Result<Vec<InputFile>> {
         });
     }
     Ok(out)
+}
+
+/// The reader `sluice run` uses for a `connector = 'file'` source. One
+/// JSON-lines file is read by [`JsonFileSource`], whose checkpoints name a
+/// byte offset (as before Parquet and CSV were read); a Parquet or CSV
+/// file, a folder or a glob by [`FilesSource`], whose checkpoints name a
+/// file and a row. `format`, when given, is the format of every file.
+pub fn file_source(plan: &SourcePlan) -> Result<Box<dyn Source>> {
+    let o = FileOptions::parse(plan)?;
+    let spec = o.path.display().to_string();
+    let glob = spec.contains(['*', '?', '[']);
+    if !glob && !o.path.is_dir() {
+        let format = o
+            .format
+            .or_else(|| FileFormat::of(&o.path))
+            .unwrap_or(FileFormat::JsonLines);
+        if format == FileFormat::JsonLines {
+            return Ok(Box::new(JsonFileSource::new(plan)?));
+        }
+        let file = InputFile {
+            label: o
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| spec.clone()),
+            hive: Vec::new(),
+            path: o.path,
+            format,
+        };
+        return Ok(Box::new(FilesSource::new(plan, vec![file])));
+    }
+    let mut files = expand_paths(&spec)?;
+    if let Some(f) = o.format {
+        for x in &mut files {
+            x.format = f;
+        }
+    }
+    Ok(Box::new(FilesSource::new(plan, files)))
 }
 
 fn unknown_format(p: &Path) -> EngineError {
@@ -279,6 +317,9 @@ enum Reader {
         batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
         /// Rows of this file read so far.
         row: u64,
+        /// Rows still to pass over before the first returned one (a
+        /// checkpoint's position inside the file).
+        skip: u64,
     },
 }
 
@@ -345,6 +386,7 @@ impl FilesSource {
                         b.map_err(|e| EngineError::arrow(format!("reading {label}"), e))
                     })),
                     row: 0,
+                    skip: 0,
                 })
             }
             FileFormat::Csv => {
@@ -381,6 +423,7 @@ impl FilesSource {
                         b.map_err(|e| EngineError::arrow(format!("reading {label}"), e))
                     })),
                     row: 0,
+                    skip: 0,
                 })
             }
         }
@@ -560,14 +603,54 @@ impl Source for FilesSource {
     }
 
     fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
-        if position.is_some() {
-            return Err(EngineError::Connector {
-                what: format!("source {}", self.plan.name),
-                message: "a backfill input cannot resume from a position".into(),
-            });
-        }
         self.cur = 0;
         self.reader = None;
+        let Some(position) = position else {
+            return Ok(());
+        };
+        let bad = |why: String| EngineError::Connector {
+            what: format!("source {}", self.plan.name),
+            message: format!(
+                "checkpointed position `{}`: {why}",
+                String::from_utf8_lossy(position)
+            ),
+        };
+        let pos: serde_json::Value =
+            serde_json::from_slice(position).map_err(|e| bad(e.to_string()))?;
+        if let Some(after) = pos.get("after").and_then(|v| v.as_str()) {
+            // Every file up to `after` was read; files added since that sort
+            // after it are read now.
+            let after = PathBuf::from(after);
+            self.cur = self
+                .files
+                .iter()
+                .position(|f| f.path > after)
+                .unwrap_or(self.files.len());
+            return Ok(());
+        }
+        let Some(file) = pos.get("file").and_then(|v| v.as_str()) else {
+            return Err(bad("expected a file".into()));
+        };
+        let Some(idx) = self.files.iter().position(|f| f.path == Path::new(file)) else {
+            return Err(bad(format!(
+                "{file} is no longer among the source's files; restore it, or start over with a new --state-dir"
+            )));
+        };
+        let mut reader = self.open(&self.files[idx])?;
+        match (&mut reader, pos.get("json").and_then(|v| v.as_str())) {
+            (Reader::Json(s), Some(inner)) => s.seek(Some(inner.as_bytes()))?,
+            (Reader::Columnar { skip, .. }, None) => {
+                *skip = pos.get("row").and_then(|v| v.as_u64()).unwrap_or(0);
+            }
+            (Reader::Json(_), None) if pos.get("row").and_then(|v| v.as_u64()) == Some(0) => {}
+            _ => {
+                return Err(bad(format!(
+                    "{file} was read in another format; its format changed since the checkpoint"
+                )));
+            }
+        }
+        self.cur = idx;
+        self.reader = Some(reader);
         Ok(())
     }
 
@@ -597,9 +680,18 @@ impl Source for FilesSource {
                     Poll::Idle => Some(Poll::Idle),
                     Poll::End => None,
                 },
-                Some(Reader::Columnar { batches, row }) => match batches.next() {
+                Some(Reader::Columnar { batches, row, skip }) => match batches.next() {
                     Some(raw) => {
-                        let raw = raw?;
+                        let mut raw = raw?;
+                        if *skip > 0 {
+                            let n = (*skip).min(raw.num_rows() as u64);
+                            *skip -= n;
+                            *row += n;
+                            raw = raw.slice(n as usize, raw.num_rows() - n as usize);
+                            if raw.num_rows() == 0 {
+                                continue;
+                            }
+                        }
                         let first = *row;
                         *row += raw.num_rows() as u64;
                         let mut rejected = Vec::new();
@@ -620,8 +712,25 @@ impl Source for FilesSource {
         }
     }
 
+    /// `{"file": PATH, "row": N}` (rows of a Parquet or CSV file read),
+    /// `{"file": PATH, "json": POS}` (a JSON-lines file's own position) or
+    /// `{"after": PATH}` once every file up to PATH is read.
     fn position(&self) -> Vec<u8> {
-        format!("{}", self.cur).into_bytes()
+        let path = |f: &InputFile| f.path.display().to_string();
+        let v = match (self.files.get(self.cur), &self.reader) {
+            (Some(f), Some(Reader::Json(s))) => serde_json::json!({
+                "file": path(f),
+                "json": String::from_utf8_lossy(&s.position()),
+            }),
+            (Some(f), Some(Reader::Columnar { row, skip, .. })) => {
+                serde_json::json!({"file": path(f), "row": row + skip})
+            }
+            (Some(f), None) => serde_json::json!({"file": path(f), "row": 0}),
+            (None, _) => serde_json::json!({
+                "after": self.files.last().map(path).unwrap_or_default()
+            }),
+        };
+        v.to_string().into_bytes()
     }
 
     fn describe_position(&self, pos: u64) -> String {
@@ -637,6 +746,67 @@ impl Source for FilesSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rows_of(src: &mut FilesSource) -> (Vec<String>, Vec<u8>) {
+        let mut users = Vec::new();
+        loop {
+            match src.poll(3).expect("poll") {
+                Poll::Data { batch, .. } => {
+                    if let Some(b) = batch {
+                        let c = b.batch.column(0).as_any().downcast_ref::<StringArray>();
+                        users.extend(c.expect("text").iter().flatten().map(str::to_string));
+                    }
+                    return (users, src.position());
+                }
+                Poll::Idle => continue,
+                Poll::End => return (users, src.position()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpointed_position_resumes_at_its_row_and_after_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "CREATE SOURCE s (user TEXT NOT NULL, ts TIMESTAMP NOT NULL) WITH (connector = 'file', path = 'in');\nCREATE FEATURE VIEW v KEY user AS SELECT user, ts FROM s;";
+        let p = sluice_sql::plan_pipeline("t.sql", text, dir.path()).expect("plan");
+        let plan = &p.sources[0];
+        std::fs::create_dir_all(dir.path().join("in")).expect("mkdir");
+        let csv = |name: &str, from: usize, n: usize| {
+            let mut body = String::from("user,ts\n");
+            for i in from..from + n {
+                body.push_str(&format!("u{i},{}\n", 1_000 + i));
+            }
+            std::fs::write(dir.path().join("in").join(name), body).expect("csv");
+        };
+        csv("a.csv", 0, 7);
+        let files = || expand_paths(&dir.path().join("in").display().to_string()).expect("files");
+        let mut src = FilesSource::new(plan, files());
+        let (first, pos) = rows_of(&mut src);
+        assert_eq!(first, ["u0", "u1", "u2"]);
+        // A fresh source at that position reads the rest of the file.
+        let mut again = FilesSource::new(plan, files());
+        again.seek(Some(&pos)).expect("seek");
+        let mut rest = Vec::new();
+        let end = loop {
+            let (rows, p) = rows_of(&mut again);
+            if rows.is_empty() && again.cur >= again.files.len() {
+                break p;
+            }
+            rest.extend(rows);
+        };
+        assert_eq!(rest, ["u3", "u4", "u5", "u6"]);
+        // Read to the end, then a new file: only it is read.
+        csv("b.csv", 7, 2);
+        let mut later = FilesSource::new(plan, files());
+        later.seek(Some(&end)).expect("seek");
+        let (rows, _) = rows_of(&mut later);
+        assert_eq!(rows, ["u7", "u8"]);
+        // A checkpoint naming a file that is gone is an error, not a re-read.
+        std::fs::remove_file(dir.path().join("in/a.csv")).expect("rm");
+        let mut gone = FilesSource::new(plan, files());
+        let e = gone.seek(Some(&pos)).expect_err("gone");
+        assert!(e.to_string().contains("no longer"), "{e}");
+    }
 
     #[test]
     fn wildcards_match_one_component() {

@@ -1,9 +1,10 @@
-//! The options of a JSON-lines file source, typed, parsed and checked in
-//! one place.
+//! The options of a file source, typed, parsed and checked in one place.
 
 use std::path::PathBuf;
 
 use sluice_sql::{OptionReader, PipelineError, SourcePlan};
+
+use crate::files::FileFormat;
 
 /// Records larger than this are dead-lettered unless `max_record_bytes` says otherwise.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
@@ -11,8 +12,12 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 /// A file source's `WITH` options.
 #[derive(Debug, Clone)]
 pub struct FileOptions {
-    /// `path`, resolved against the pipeline file's folder.
+    /// `path`, resolved against the pipeline file's folder: a file, a
+    /// folder (read recursively) or a glob.
     pub path: PathBuf,
+    /// `format`: 'json' (JSON lines), 'parquet' or 'csv'; when not given,
+    /// each file's extension says.
+    pub format: Option<FileFormat>,
     /// `max_record_bytes`: longer lines are dead-lettered.
     pub max_record_bytes: usize,
 }
@@ -28,18 +33,27 @@ impl FileOptions {
         let r = OptionReader::new(source, "file sources");
         r.check_known(Self::KEYS, None)?;
         let path = r.path("path")?;
-        if let Some(f) = r.get("format")
-            && f != "json"
-        {
-            return Err(r.error(
-                "format",
-                format!(
-                    "file format `{f}` is not supported by `sluice run` yet; it reads 'json' (JSON lines); `sluice backfill` reads Parquet and CSV by file extension"
-                ),
-            ));
-        }
+        let format = match r.get("format") {
+            None => None,
+            Some(f) => Some(match f.to_ascii_lowercase().as_str() {
+                "json" | "jsonl" | "ndjson" => FileFormat::JsonLines,
+                "parquet" => FileFormat::Parquet,
+                "csv" => FileFormat::Csv,
+                _ => {
+                    return Err(r
+                        .error(
+                            "format",
+                            format!(
+                                "unknown file format `{f}`; file sources read 'json' (JSON lines), 'parquet' or 'csv'"
+                            ),
+                        )
+                        .suggest(f, ["json", "parquet", "csv"]));
+                }
+            }),
+        };
         Ok(FileOptions {
             path,
+            format,
             max_record_bytes: max_record_bytes(&r)?,
         })
     }
