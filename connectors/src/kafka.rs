@@ -34,11 +34,12 @@ use sluice_engine::{
 };
 use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
+use crate::avro::AvroRecords;
 use crate::error::Error;
 use crate::json::{JsonRecords, Span};
 
 pub mod options;
-pub use options::{KafkaOptions, Start};
+pub use options::{KafkaOptions, PayloadFormat, Start};
 
 /// How long start-up waits for the brokers to answer before it reports why not.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,14 +205,20 @@ struct MsgMeta {
     key: Option<String>,
 }
 
-/// A Kafka topic as a source of JSON records.
+/// The decoder of a topic's records.
+enum Payload {
+    Json(JsonRecords),
+    Avro(Box<AvroRecords>),
+}
+
+/// A Kafka topic as a source of JSON or Avro records.
 pub struct KafkaSource {
     name: String,
     topic: String,
     brokers: String,
     start: Start,
     schema: SchemaRef,
-    records: JsonRecords,
+    records: Payload,
     /// For each schema column: `Ok(payload column index)` or `Err(metadata)`.
     columns: Vec<std::result::Result<usize, MetadataKind>>,
     consumer: BaseConsumer<Context>,
@@ -268,7 +275,12 @@ impl KafkaSource {
             brokers: o.brokers,
             start: o.start,
             schema: Arc::clone(&plan.schema),
-            records: JsonRecords::new(&plan.name, payload_schema)?,
+            records: match &o.format {
+                PayloadFormat::Json => Payload::Json(JsonRecords::new(&plan.name, payload_schema)?),
+                PayloadFormat::Avro(a) => {
+                    Payload::Avro(Box::new(AvroRecords::new(&plan.name, payload_schema, a)?))
+                }
+            },
             columns,
             consumer,
             ctx,
@@ -713,7 +725,10 @@ impl Source for KafkaSource {
         let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| {
             kafka_reject(name, topic, pos, bytes, kind, reason)
         };
-        let decoded = self.records.decode(&buf, &spans, &reject, &mut rejected);
+        let decoded = match &mut self.records {
+            Payload::Json(r) => r.decode(&buf, &spans, &reject, &mut rejected),
+            Payload::Avro(r) => r.decode(&buf, &spans, &reject, &mut rejected),
+        };
         self.buf = buf;
         let Some((payload, rows)) = decoded? else {
             return Ok(Poll::Data {

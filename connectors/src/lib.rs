@@ -5,6 +5,7 @@
 //! and [`sluice_engine::DeadLetterSink`] traits.
 
 pub mod archive;
+pub mod avro;
 pub mod consistency;
 mod deadletter;
 mod error;
@@ -28,7 +29,7 @@ use sluice_sql::{OptionReader, PipelineError, PipelinePlan, SourcePlan};
 pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use error::Error;
 pub use file::{FileOptions, JsonFileSource};
-pub use files::{FilesSource, expand_paths};
+pub use files::{FilesSource, expand_paths, file_source};
 pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};
 pub use lake::{LakeWriter, rfc3339_ms};
 pub use memory::MemorySource;
@@ -63,7 +64,7 @@ pub fn build_sources_with(plan: &PipelinePlan, stop_at_end: bool) -> Result<Vec<
     plan.sources
         .iter()
         .map(|s| match s.connector.as_str() {
-            "file" => Ok(Box::new(JsonFileSource::new(s)?) as Box<dyn Source>),
+            "file" => files::file_source(s),
             "kafka" => {
                 let k = KafkaSource::new(s)?;
                 let k = if stop_at_end { k.stop_at_end() } else { k };

@@ -43,11 +43,15 @@ pub enum DeadLetterKind {
     /// division by zero, a cast out of range); the record still feeds the
     /// source's other views.
     ViewError,
+    /// An Avro payload that does not decode with its writer schema, is
+    /// not framed as the source says, or names a schema id the source does
+    /// not map.
+    MalformedRecord,
 }
 
 impl DeadLetterKind {
     /// Every kind, in declaration order.
-    pub const ALL: [DeadLetterKind; 7] = [
+    pub const ALL: [DeadLetterKind; 8] = [
         DeadLetterKind::MalformedJson,
         DeadLetterKind::WrongType,
         DeadLetterKind::MissingField,
@@ -55,10 +59,12 @@ impl DeadLetterKind {
         DeadLetterKind::LateEvent,
         DeadLetterKind::CheckFailed,
         DeadLetterKind::ViewError,
+        DeadLetterKind::MalformedRecord,
     ];
 
     /// The stable name: `malformed_json`, `wrong_type`, `missing_field`,
-    /// `oversized`, `late_event`, `check_failed`, `view_error`.
+    /// `oversized`, `late_event`, `check_failed`, `view_error`,
+    /// `malformed_record`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::MalformedJson => "malformed_json",
@@ -68,6 +74,7 @@ impl DeadLetterKind {
             DeadLetterKind::LateEvent => "late_event",
             DeadLetterKind::CheckFailed => "check_failed",
             DeadLetterKind::ViewError => "view_error",
+            DeadLetterKind::MalformedRecord => "malformed_record",
         }
     }
 }

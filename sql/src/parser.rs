@@ -419,7 +419,20 @@ impl P<'_> {
                     ));
                 }
             };
-            while self.parser.peek_token().token == Token::Period {
+            loop {
+                // `schema.1`: the tokenizer reads `.1` as a number.
+                if let Token::Number(n, _) = &self.parser.peek_token().token
+                    && n.len() > 1
+                    && n.starts_with('.')
+                    && n[1..].bytes().all(|b| b.is_ascii_digit())
+                {
+                    key.push_str(n);
+                    self.parser.next_token();
+                    continue;
+                }
+                if self.parser.peek_token().token != Token::Period {
+                    break;
+                }
                 self.parser.next_token();
                 let part = self.parser.next_token();
                 match &part.token {
@@ -574,7 +587,7 @@ mod tests {
 
     #[test]
     fn parses_source_and_view() {
-        let sql = "CREATE SOURCE clicks (user_id TEXT NOT NULL, price DOUBLE, ts TIMESTAMP NOT NULL,\n WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'file', path = 'a.jsonl', kafka.acks = 'all');\n\
+        let sql = "CREATE SOURCE clicks (user_id TEXT NOT NULL, price DOUBLE, ts TIMESTAMP NOT NULL,\n WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'file', path = 'a.jsonl', kafka.acks = 'all', schema.12 = 'v1.avsc', expect.a.7 = 'x');\n\
                    CREATE FEATURE VIEW v KEY user_id WITH (online = true) AS SELECT user_id, COUNT(*) AS n FROM clicks GROUP BY user_id;";
         let st = parse_pipeline("p.sql", sql).expect("parses");
         assert_eq!(st.len(), 2);
@@ -586,6 +599,9 @@ mod tests {
         let wm = s.watermark.as_ref().expect("watermark");
         assert_eq!((wm.column.value.as_str(), wm.delay_ms), ("ts", 5000));
         assert_eq!(s.options[2].key.value, "kafka.acks");
+        // `.12` is one number token to the tokenizer.
+        assert_eq!(s.options[3].key.value, "schema.12");
+        assert_eq!(s.options[4].key.value, "expect.a.7");
         let Statement::View(v) = &st[1] else {
             panic!("view second")
         };

@@ -1,5 +1,7 @@
 //! `sluice produce`: writes a clickstream to a Kafka topic at a chosen rate,
-//! keyed by user, for the examples, the tests and the benchmarks.
+//! keyed by user, for the examples, the tests and the benchmarks; as JSON,
+//! or as Avro in Confluent's framing (encoded here from the Avro
+//! specification, with the schema [`CLICKSTREAM_AVSC`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::commands::generate::{Rng, clickstream_json, event};
+use crate::commands::generate::{Event, Rng, clickstream_json, event};
 
 /// Options of `sluice produce`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,6 +58,71 @@ pub struct ProduceArgs {
     /// librdkafka options, `name=value` (repeatable), e.g. security settings.
     #[arg(long = "kafka", value_name = "NAME=VALUE")]
     pub kafka: Vec<String>,
+    /// Payload encoding: `json`, or `avro` (the same fields as Avro with
+    /// Confluent framing; `--schema-out` writes the schema).
+    #[arg(long, default_value = "json", value_parser = ["json", "avro"])]
+    pub format: String,
+    /// The Confluent schema id in front of each Avro record.
+    #[arg(long, default_value_t = 1)]
+    pub schema_id: u32,
+    /// Write the Avro schema of the records (`.avsc`) to this file.
+    #[arg(long)]
+    pub schema_out: Option<std::path::PathBuf>,
+}
+
+/// The Avro schema of `sluice produce --format avro` records: the fields of
+/// the JSON clickstream, `ts` as `timestamp-millis`.
+pub const CLICKSTREAM_AVSC: &str = r#"{
+  "type": "record",
+  "name": "Click",
+  "namespace": "sluice.clickstream",
+  "fields": [
+    {"name": "user_id", "type": "string"},
+    {"name": "item_id", "type": ["null", "string"], "default": null},
+    {"name": "price", "type": ["null", "double"], "default": null},
+    {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "session_id", "type": "string"},
+    {"name": "page", "type": "string"},
+    {"name": "device", "type": "string"},
+    {"name": "referrer", "type": "string"}
+  ]
+}
+"#;
+
+fn avro_long(v: i64, out: &mut Vec<u8>) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+fn avro_string(s: &str, out: &mut Vec<u8>) {
+    avro_long(s.len() as i64, out);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// One event as a Confluent-framed Avro record of [`CLICKSTREAM_AVSC`],
+/// the same values as [`clickstream_json`].
+pub fn clickstream_avro(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
+    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+    const REFERRERS: [&str; 5] = ["search", "direct", "email", "social", "ads"];
+    out.clear();
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    avro_string(&format!("u{:05}", e.user), out);
+    // Union branch 1 of each ["null", T].
+    avro_long(1, out);
+    avro_string(&format!("i{}", e.item), out);
+    avro_long(1, out);
+    out.extend_from_slice(&(e.price_cents as f64 / 100.0).to_le_bytes());
+    avro_long(e.ts, out);
+    let session = (e.user.wrapping_mul(2_654_435_761) ^ (e.ts as u64 / 1_800_000)) & 0xffff_ffff;
+    avro_string(&format!("s{session:08x}"), out);
+    avro_string(&format!("/item/i{}", e.item), out);
+    avro_string(DEVICES[(e.user % 3) as usize], out);
+    avro_string(REFERRERS[(e.item % 5) as usize], out);
 }
 
 struct Counting {
@@ -77,6 +144,11 @@ impl ProducerContext for Counting {
 
 /// Writes the events; returns how many were written.
 pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
+    if let Some(p) = &a.schema_out {
+        std::fs::write(p, CLICKSTREAM_AVSC).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let avro = a.format == "avro";
+    let mut bytes = Vec::new();
     let mut options = BTreeMap::new();
     for kv in &a.kafka {
         let (k, v) = kv
@@ -117,12 +189,20 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
             e.ts = chrono::Utc::now().timestamp_millis() - (e.ts % 2000);
         }
         let key = format!("u{:05}", e.user);
-        let payload = if a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every) {
-            format!("{{\"user_id\":\"{key}\",\"ts\": not json")
-        } else {
-            clickstream_json(&e)
-        };
-        let mut record = BaseRecord::to(&a.topic).key(&key).payload(&payload);
+        let bad = a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every);
+        match (avro, bad) {
+            (false, true) => {
+                bytes = format!("{{\"user_id\":\"{key}\",\"ts\": not json").into_bytes()
+            }
+            (false, false) => bytes = clickstream_json(&e).into_bytes(),
+            (true, false) => clickstream_avro(&e, a.schema_id, &mut bytes),
+            (true, true) => {
+                // A record cut short.
+                clickstream_avro(&e, a.schema_id, &mut bytes);
+                bytes.truncate(bytes.len() - 3);
+            }
+        }
+        let mut record = BaseRecord::to(&a.topic).key(&key).payload(bytes.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,

@@ -4,7 +4,17 @@ use std::collections::BTreeMap;
 
 use sluice_sql::{OptionReader, PipelineError, SourcePlan};
 
+use crate::avro::{AvroOptions, Framing};
 use crate::file::options::max_record_bytes;
+
+/// What the records of a topic hold.
+#[derive(Debug, Clone)]
+pub enum PayloadFormat {
+    /// A JSON object per record.
+    Json,
+    /// An Avro record per record, with its schema options.
+    Avro(AvroOptions),
+}
 
 /// Where a source starts in a partition the checkpoint does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +45,9 @@ pub struct KafkaOptions {
     pub max_record_bytes: usize,
     /// The `kafka.*` options, keys as written: passed to librdkafka unchanged.
     pub client: BTreeMap<String, String>,
+    /// `format`: 'json' (default) or 'avro' (with `schema`, `framing`,
+    /// `schema.<id>`).
+    pub format: PayloadFormat,
 }
 
 impl KafkaOptions {
@@ -50,23 +63,46 @@ impl KafkaOptions {
         "dead_letter_topic",
         "max_record_bytes",
         "archive",
+        "schema",
+        "framing",
     ];
 
     /// Reads and checks `source`'s options; an error names the option's
     /// line and column in the pipeline file.
     pub fn parse(source: &SourcePlan) -> Result<Self, PipelineError> {
         let r = OptionReader::new(source, "Kafka sources");
-        r.check_known(Self::KEYS, Some("kafka."))?;
+        // `schema.<id>` options name Avro writer schemas.
+        let mut known: Vec<&str> = Self::KEYS.to_vec();
+        known.extend(
+            source
+                .options
+                .keys()
+                .filter(|k| k.starts_with("schema."))
+                .map(String::as_str),
+        );
+        r.check_known(&known, Some("kafka."))?;
         let topic = r.require("topic")?.to_string();
         let brokers = r.require("brokers")?.to_string();
-        if let Some(f) = r.get("format")
-            && f != "json"
-        {
-            return Err(r.error(
-                "format",
-                format!("Kafka format `{f}` is not supported; this build reads 'json'"),
-            ));
-        }
+        let format = match r.one_of("format", &["json", "avro", "protobuf"])? {
+            "avro" => PayloadFormat::Avro(avro_options(&r, source)?),
+            "protobuf" => {
+                return Err(r.error(
+                    "format",
+                    "Kafka format 'protobuf' is not supported by this build; it reads 'json' and 'avro'",
+                ));
+            }
+            _ => {
+                for k in ["schema", "framing"] {
+                    if r.get(k).is_some() {
+                        return Err(r.error(
+                            k,
+                            format!("`{k}` applies to format = 'avro'; this source reads JSON"),
+                        ));
+                    }
+                }
+                PayloadFormat::Json
+            }
+        };
         let start = match r.one_of("start", &["earliest", "latest", "committed"])? {
             "latest" => Start::Latest,
             "committed" => Start::Committed,
@@ -89,6 +125,44 @@ impl KafkaOptions {
                 .filter(|(k, _)| k.starts_with("kafka."))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            format,
         })
     }
+}
+
+/// The Avro options of `source`, its schema files read and checked against
+/// its columns (an error points at the option it is about).
+fn avro_options(r: &OptionReader<'_>, source: &SourcePlan) -> Result<AvroOptions, PipelineError> {
+    let schema = r
+        .path("schema")
+        .map_err(|e| e.with_help("name the reader schema: schema = 'clicks.avsc'"))?;
+    let framing = match r.one_of("framing", &["confluent", "none"])? {
+        "none" => Framing::None,
+        _ => Framing::Confluent,
+    };
+    let mut writers = BTreeMap::new();
+    for k in source.options.keys().filter(|k| k.starts_with("schema.")) {
+        let id: u32 = k["schema.".len()..].parse().map_err(|_| {
+            r.error(
+                k,
+                format!("`{k}`: the part after `schema.` is a schema id, a whole number"),
+            )
+        })?;
+        writers.insert(id, r.path(k)?);
+    }
+    if framing == Framing::None
+        && let Some(k) = source.options.keys().find(|k| k.starts_with("schema."))
+    {
+        return Err(r.error(
+            k,
+            "schema ids come from Confluent framing; with framing = 'none' every record is read with `schema`",
+        ));
+    }
+    let o = AvroOptions {
+        schema,
+        framing,
+        writers,
+    };
+    crate::avro::check(&o, &source.payload_schema()).map_err(|(k, m)| r.error(&k, m))?;
+    Ok(o)
 }
