@@ -53,6 +53,10 @@ pub struct BenchKafkaArgs {
     /// the pipeline (repeatable), e.g. fetch sizes.
     #[arg(long = "kafka", value_name = "NAME=VALUE")]
     kafka: Vec<String>,
+    /// Payload formats to measure, each on its own topic: `json` (with the
+    /// archive run) and `avro` (Confluent-framed, the same events).
+    #[arg(long, value_delimiter = ',', default_value = "json")]
+    formats: Vec<String>,
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -95,6 +99,7 @@ fn preload(
     partitions: i32,
     events: u64,
     keys: u64,
+    format: &str,
 ) -> anyhow::Result<u64> {
     if end_offsets(&a.brokers, topic).is_ok_and(|m| m.values().any(|o| *o > 0)) {
         bail!("topic {topic} already holds events");
@@ -114,6 +119,9 @@ fn preload(
         of: None,
         bad_every: 0,
         kafka: Vec::new(),
+        format: format.to_string(),
+        schema_id: 1,
+        schema_out: None,
     })?;
     println!(
         "  topic {topic}: produced {n} events in {:.1}s ({:.0}/s)",
@@ -287,8 +295,9 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         recovery_events: 0,
         dir: a.dir.clone(),
         kafka: a.kafka.clone(),
+        formats: vec!["json".into()],
     };
-    preload(&args, &topic, 1, a.recovery_events, a.recovery_keys)?;
+    preload(&args, &topic, 1, a.recovery_events, a.recovery_keys, "json")?;
     let _ = saved_minutes;
     let rdir = dir.join("recovery");
     fresh(&rdir)?;
@@ -394,9 +403,48 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     for &parts in &a.partitions {
-        let topic = format!("bench-{}-{}k-p{parts}-{stamp}", a.events, a.keys / 1000);
-        println!("{parts} partition(s):");
-        let n = preload(a, &topic, parts, a.events, a.keys)?;
+        let mut rates: Vec<(String, f64)> = Vec::new();
+        for format in &a.formats {
+            if !matches!(format.as_str(), "json" | "avro") {
+                bail!("--formats takes json and avro, not `{format}`");
+            }
+            let rate = measure(a, &dir, parts, format, stamp)?;
+            rates.push((format.clone(), rate));
+        }
+        if let (Some((_, json)), Some((_, avro))) = (
+            rates.iter().find(|(f, _)| f == "json"),
+            rates.iter().find(|(f, _)| f == "avro"),
+        ) {
+            println!(
+                "  => avro pipeline / json pipeline = {:.1}% ({avro:.0} vs {json:.0} events/s)",
+                avro / json * 100.0
+            );
+        }
+    }
+    if a.recovery_keys > 0 {
+        recovery(a, &dir)?;
+    }
+    Ok(())
+}
+
+/// One topic of `parts` partitions in `format`: the count-only ceiling and
+/// the pipeline over it (JSON: also with an event archive); returns the
+/// pipeline's rate.
+fn measure(
+    a: &BenchKafkaArgs,
+    dir: &Path,
+    parts: i32,
+    format: &str,
+    stamp: u64,
+) -> anyhow::Result<f64> {
+    {
+        let topic = format!(
+            "bench-{}-{}k-p{parts}-{format}-{stamp}",
+            a.events,
+            a.keys / 1000
+        );
+        println!("{parts} partition(s), {format} records:");
+        let n = preload(a, &topic, parts, a.events, a.keys, format)?;
         let (base_secs, base_cpu, bytes) = count_only(&a.brokers, &topic, n, &settings(a)?)?;
         let base_rate = n as f64 / base_secs;
         println!(
@@ -406,13 +454,25 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
             base_cpu / (n as f64 / 1e6)
         );
 
-        let pdir = dir.join(format!("p{parts}"));
-        let sql = pipeline_sql(&a.brokers, &topic, &settings(a)?);
-        let plain = pipeline_run(a, &pdir, &sql, "")?;
+        let pdir = dir.join(format!("p{parts}-{format}"));
+        let mut sql = pipeline_sql(&a.brokers, &topic, &settings(a)?);
+        if format == "avro" {
+            // Beside the run's folder, which the run starts afresh.
+            let schema = dir.join("clicks.avsc");
+            std::fs::write(&schema, produce::CLICKSTREAM_AVSC)?;
+            sql = sql.replace(
+                "format = 'json'",
+                &format!("format = 'avro', schema = '{}'", schema.display()),
+            );
+        }
+        let plain = pipeline_run(a, &pdir, &sql, &format!(" ({format})"))?;
         println!(
             "  => pipeline / count-only consumer = {:.1}% (goal >= 50%)",
             plain / base_rate * 100.0
         );
+        if format != "json" {
+            return Ok(plain);
+        }
         // The same run keeping an event archive of the source.
         let archived = pipeline_run(
             a,
@@ -424,9 +484,6 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
             "  => archive cost: {:.1}% of the throughput without it (aim < 10%)",
             (1.0 - archived / plain) * 100.0
         );
+        Ok(plain)
     }
-    if a.recovery_keys > 0 {
-        recovery(a, &dir)?;
-    }
-    Ok(())
 }

@@ -6,6 +6,7 @@
 mod backfill;
 mod hop;
 mod kafka;
+mod quality;
 mod scripts;
 mod stats;
 mod tiles;
@@ -37,6 +38,8 @@ enum Cmd {
     Stats(stats::BenchStatsArgs),
     /// Tiled views: sparse daily and dense hourly runs, a memory budget, GET latency, freshness.
     Tiles(tiles::BenchTilesArgs),
+    /// The cost of log_served, CHECK and expect rules under a read load, against the run without.
+    Quality(quality::BenchQualityArgs),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Cmd::Kafka(a) => kafka::run(&a),
         Cmd::Tiles(a) => tiles::run(&a),
         Cmd::Stats(a) => stats::run(&a),
+        Cmd::Quality(a) => quality::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -837,7 +837,8 @@ CREATE FEATURE VIEW spend KEY user_id AS
             ],
         )
     };
-    let p1 = live("1400");
+    // 12 s of traffic: enough for a slow start to see it flowing.
+    let p1 = live("2400");
     let http = loopback_addr();
     let mut run = spawn_run(&dir, &["--serve", &http, "--checkpoint-interval-ms", "200"]);
     // Fresh while events flow: the watermark is within the SLO of now.

@@ -134,13 +134,15 @@ pub fn run_job(
 
 /// Writes the served-value logs (`log_served`) into the lake every half
 /// second, and what is left when the job stops.
-struct ServedFlusher {
+pub struct ServedFlusher {
     done: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl ServedFlusher {
-    fn start(p: &sluice_sql::PipelinePlan, live: &Arc<Live>) -> anyhow::Result<Self> {
+    /// Starts the writer thread for the views of `p` that log served reads
+    /// (none: no thread).
+    pub fn start(p: &sluice_sql::PipelinePlan, live: &Arc<Live>) -> anyhow::Result<Self> {
         let done = Arc::new(AtomicBool::new(false));
         let mut logs = Vec::new();
         for v in &p.views {
@@ -181,7 +183,8 @@ impl ServedFlusher {
         })
     }
 
-    fn finish(mut self) -> anyhow::Result<()> {
+    /// Writes what is left and stops the thread.
+    pub fn finish(mut self) -> anyhow::Result<()> {
         self.done.store(true, Ordering::SeqCst);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
