@@ -249,6 +249,33 @@ fn parquet_and_csv_runs_equal_the_json_lines_run() {
 
     same_outcome(&json, &c, "csv");
     same_outcome(&clean, &pq, "parquet");
+
+    // The same source definition in `sluice backfill`, without --source:
+    // it reads the source's own glob, and its lake equals the run's.
+    let bf = root.path().join("backfill");
+    std::fs::create_dir_all(bf.join("in")).expect("mkdir");
+    for f in ["part-0.parquet", "part-1.parquet", "part-2.parquet"] {
+        std::fs::copy(pq.join("in").join(f), bf.join("in").join(f)).expect("copy");
+    }
+    let p = pipeline(&bf, "path = 'in/*.parquet', format = 'parquet'");
+    let o = common::sluice(&[
+        "backfill",
+        &p,
+        "--state-dir",
+        &bf.join("state").display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (run_rows, back_rows) = (
+        common::lake_rows(&pq.join("lake"), "hourly"),
+        common::lake_rows(&bf.join("lake"), "hourly"),
+    );
+    assert_eq!(run_rows.0, back_rows.0);
+    assert!(
+        common::rows_match(&run_rows.1, &back_rows.1),
+        "backfill rows {} vs run rows {}",
+        back_rows.1.len(),
+        run_rows.1.len()
+    );
     let dead = common::dead_letters(&c.join("state"));
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["kind"], "wrong_type", "{dead:?}");

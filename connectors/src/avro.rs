@@ -674,6 +674,48 @@ mod tests {
     }
 
     #[test]
+    fn unframed_records_and_mapped_ids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a =
+            AvroRecords::new("s", payload(), &options(dir.path(), Framing::None)).expect("records");
+        let (buf, spans) = spans_of(&[record("u1", None, 1), vec![0xff, 0xff]]);
+        let mut rejected = Vec::new();
+        let (b, rows) = a
+            .decode(&buf, &spans, &reject, &mut rejected)
+            .expect("decode")
+            .expect("rows");
+        assert_eq!((b.num_rows(), rows), (1, vec![0]));
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+
+        // With schema.<id> options only the mapped ids are read.
+        let mut o = options(dir.path(), Framing::Confluent);
+        o.writers.insert(3, o.schema.clone());
+        let mut a = AvroRecords::new("s", payload(), &o).expect("records");
+        let framed = |id: u32, body: Vec<u8>| {
+            let mut v = vec![0];
+            v.extend_from_slice(&id.to_be_bytes());
+            v.extend(body);
+            v
+        };
+        let (buf, spans) = spans_of(&[
+            framed(3, record("u1", Some(1.0), 1)),
+            framed(4, record("u2", Some(1.0), 2)),
+        ]);
+        let mut rejected = Vec::new();
+        let (b, _) = a
+            .decode(&buf, &spans, &reject, &mut rejected)
+            .expect("decode")
+            .expect("rows");
+        assert_eq!(b.num_rows(), 1);
+        assert!(
+            rejected[0]
+                .reason
+                .contains("schema id 4 has no writer schema"),
+            "{rejected:?}"
+        );
+    }
+
+    #[test]
     fn columns_are_checked_against_the_schema() {
         let dir = tempfile::tempdir().expect("tempdir");
         let o = options(dir.path(), Framing::None);

@@ -101,40 +101,50 @@ pub fn expand_paths(spec: &str) -> Result<Vec<InputFile>> {
     Ok(out)
 }
 
-/// The reader `sluice run` uses for a `connector = 'file'` source. One
-/// JSON-lines file is read by [`JsonFileSource`], whose checkpoints name a
-/// byte offset (as before Parquet and CSV were read); a Parquet or CSV
-/// file, a folder or a glob by [`FilesSource`], whose checkpoints name a
-/// file and a row. `format`, when given, is the format of every file.
-pub fn file_source(plan: &SourcePlan) -> Result<Box<dyn Source>> {
-    let o = FileOptions::parse(plan)?;
+/// The files of a `connector = 'file'` source's `path` (a file, a folder
+/// or a glob), each in the source's `format` when it names one, else in
+/// its extension's (a single file without a known extension: JSON lines).
+pub fn source_files(o: &FileOptions) -> Result<Vec<InputFile>> {
     let spec = o.path.display().to_string();
     let glob = spec.contains(['*', '?', '[']);
-    if !glob && !o.path.is_dir() {
+    let mut files = if !glob && !o.path.is_dir() {
+        std::fs::metadata(&o.path).map_err(|e| io(&o.path, e))?;
         let format = o
             .format
             .or_else(|| FileFormat::of(&o.path))
             .unwrap_or(FileFormat::JsonLines);
-        if format == FileFormat::JsonLines {
-            return Ok(Box::new(JsonFileSource::new(plan)?));
-        }
-        let file = InputFile {
+        vec![InputFile {
             label: o
                 .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| spec.clone()),
             hive: Vec::new(),
-            path: o.path,
+            path: o.path.clone(),
             format,
-        };
-        return Ok(Box::new(FilesSource::new(plan, vec![file])));
-    }
-    let mut files = expand_paths(&spec)?;
+        }]
+    } else {
+        expand_paths(&spec)?
+    };
     if let Some(f) = o.format {
         for x in &mut files {
             x.format = f;
         }
+    }
+    Ok(files)
+}
+
+/// The reader `sluice run` uses for a `connector = 'file'` source. One
+/// JSON-lines file is read by [`JsonFileSource`], whose checkpoints name a
+/// byte offset (as before Parquet and CSV were read); a Parquet or CSV
+/// file, a folder or a glob by [`FilesSource`], whose checkpoints name a
+/// file and a row.
+pub fn file_source(plan: &SourcePlan) -> Result<Box<dyn Source>> {
+    let o = FileOptions::parse(plan)?;
+    let files = source_files(&o)?;
+    let single_json = matches!(files.as_slice(), [f] if f.format == FileFormat::JsonLines && f.path == o.path && !o.path.is_dir());
+    if single_json {
+        return Ok(Box::new(JsonFileSource::new(plan)?));
     }
     Ok(Box::new(FilesSource::new(plan, files)))
 }

@@ -24,7 +24,7 @@ use sluice_engine::view::ViewOp;
 use sluice_engine::{EngineError, Result};
 use sluice_sql::PipelinePlan;
 
-use crate::files::{FileFormat, FilesSource, InputFile, expand_paths};
+use crate::files::{FileFormat, FilesSource, InputFile};
 use crate::lake::{day_string, io};
 
 /// The features asked of one view: `VIEW` (all) or `VIEW:COL,COL`.
@@ -484,8 +484,8 @@ fn history_of(
     if sp.connector == "file" {
         let o = crate::FileOptions::parse(sp)
             .map_err(|e| cerr(format!("source {}", sp.name), e.to_string()))?;
-        let files = expand_paths(&o.path.display().to_string())?;
-        let label = format!("{} (the source's file)", o.path.display());
+        let files = crate::files::source_files(&o)?;
+        let label = format!("{} (the source's files)", o.path.display());
         return Ok((
             History {
                 source: Box::new(FilesSource::new(sp, files)),

@@ -22,8 +22,9 @@ pub struct BackfillArgs {
     pub pipeline: PathBuf,
     /// Input of a source: `NAME=PATH`, PATH a file, a folder (read recursively,
     /// Hive `col=value` folders allowed) or a glob; .jsonl/.json/.ndjson,
-    /// .parquet or .csv. Repeat for more paths or sources.
-    #[arg(long = "source", value_name = "NAME=PATH", required = true)]
+    /// .parquet or .csv. Repeat for more paths or sources. Without any,
+    /// each `connector = 'file'` source reads its own `path`.
+    #[arg(long = "source", value_name = "NAME=PATH")]
     pub sources: Vec<String>,
     /// Emit windows starting at or after T (RFC 3339, YYYY-MM-DD or epoch ms).
     #[arg(long, value_name = "T")]
@@ -131,13 +132,27 @@ pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
     {
         bail!("--from must be before --to");
     }
-    let inputs = source_inputs(&plan, &a.sources)?;
+    let mut inputs = source_inputs(&plan, &a.sources)?;
+    if a.sources.is_empty() {
+        // No --source at all: each file source reads its own `path`.
+        for sp in plan.sources.iter().filter(|s| s.connector == "file") {
+            let o = sluice_connectors::FileOptions::parse(sp)?;
+            let files = sluice_connectors::files::source_files(&o)
+                .with_context(|| format!("source {} (path = '{}')", sp.name, o.path.display()))?;
+            inputs.insert(sp.name.clone(), files);
+        }
+    }
     let views: Vec<_> = plan
         .views
         .iter()
         .filter(|v| inputs.contains_key(&v.source))
         .collect();
     if views.is_empty() {
+        if a.sources.is_empty() {
+            bail!(
+                "give the history of a source with --source NAME=PATH (no file source reads its own path here)"
+            );
+        }
         bail!("no feature view reads the sources given");
     }
     for v in plan
