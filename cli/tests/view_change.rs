@@ -181,4 +181,36 @@ fn versions_of_a_view_run_side_by_side() {
         "version 2 saw no event yet: {:?}",
         reads[1]
     );
+
+    // More events, 20 minutes of them: version 2 has a watermark now but
+    // has not seen a whole 2-hour window, and its catch-up point is kept
+    // across the restart, so the unversioned name still reads version 1.
+    let text = std::fs::read_to_string(d.join("events.jsonl")).expect("events");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a line")).expect("json");
+    let last_ms = chrono::DateTime::parse_from_rfc3339(last["ts"].as_str().expect("ts"))
+        .expect("rfc3339")
+        .timestamp_millis();
+    let mut more = text.clone();
+    for i in 1..=20i64 {
+        more.push_str(&format!(
+            "{{\"user_id\":\"u00007\",\"item_id\":\"i1\",\"price\":2.5,\"ts\":\"{}\"}}\n",
+            sluice_connectors::rfc3339_ms(last_ms + i * 60_000)
+        ));
+    }
+    std::fs::write(d.join("events.jsonl"), more).expect("events");
+    let reads = serve_and_read(
+        d,
+        "late",
+        &[
+            "/v1/features/user_activity/u00007",
+            "/v1/features/user_activity@2/u00007",
+        ],
+    );
+    assert_eq!(reads[1].0, 200, "version 2 saw events: {:?}", reads[1]);
+    assert!(
+        reads[0].1["features"].get("top_price_1h").is_none(),
+        "not caught up, yet the unversioned name reads version 2: {:?}",
+        reads[0]
+    );
 }

@@ -40,6 +40,12 @@ const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
 pub use crate::watermark::NO_WATERMARK;
 
+/// The store key of a view's catch-up point: the watermark from which a
+/// version added to an existing state dir serves its unversioned name.
+fn catch_up_key(view: &str) -> String {
+    format!("catch_up/{view}")
+}
+
 /// Metadata key of the pipeline's text (readers rebuild tiled views' aggregates from it).
 pub const PIPELINE_KEY: &str = "pipeline";
 
@@ -579,6 +585,10 @@ impl Job {
                 indexes.insert(vp.name.clone(), Arc::new(idx));
             }
             let meta = op.meta()?;
+            // A view added to a state dir earlier keeps its catch-up point.
+            if let Some(at) = store.meta_i64(&catch_up_key(&vp.name))? {
+                catch_up.insert(vp.name.clone(), at);
+            }
             // A view new to an existing state dir starts at the source's
             // watermark: it has caught up once that moved a window past it.
             if epoch > 0 && read_view_meta(&store, &vp.name)?.is_none() {
@@ -1151,6 +1161,10 @@ impl Job {
                 && let Ok(j) = serde_json::to_vec(m)
             {
                 c.meta.push((view_meta_key(v.name()), j));
+            }
+            if let Some(at) = self.live.catch_up.get(v.name()) {
+                c.meta
+                    .push((catch_up_key(v.name()), at.to_be_bytes().to_vec()));
             }
         }
         for s in &self.sources {
