@@ -124,17 +124,27 @@ fn versions_of_a_view_run_side_by_side() {
         &[
             "/v1/features/user_activity/u00007",
             "/v1/features/user_activity@2/u00007",
+            "/v1/features/user_activity@1/u00007",
         ],
     );
     assert_eq!(reads[0].0, 200);
     assert_eq!(reads[1].0, 200);
+    assert_eq!(reads[2].0, 200, "{:?}", reads[2]);
+    assert!(
+        reads[2].1["features"].get("top_price_1h").is_none(),
+        "@1 reads version 1: {:?}",
+        reads[2]
+    );
     assert!(
         reads[1].1["features"]["top_price_1h"].is_number(),
         "{:?}",
         reads[1]
     );
     assert_eq!(reads[0].1, reads[1].1, "unversioned reads version 2");
-    let v1_only = common::get(&d.join("state"), "user_activity", "u00007").expect("v1");
+    // `sluice get` reads what the server serves; `@1` names version 1.
+    let newest = common::get(&d.join("state"), "user_activity", "u00007").expect("newest");
+    assert!(newest["features"]["top_price_1h"].is_number(), "{newest}");
+    let v1_only = common::get(&d.join("state"), "user_activity@1", "u00007").expect("v1");
     assert!(
         v1_only["features"].get("top_price_1h").is_none(),
         "{v1_only}"

@@ -42,7 +42,7 @@ pub use crate::watermark::NO_WATERMARK;
 
 /// The store key of a view's catch-up point: the watermark from which a
 /// version added to an existing state dir serves its unversioned name.
-fn catch_up_key(view: &str) -> String {
+pub(crate) fn catch_up_key(view: &str) -> String {
     format!("catch_up/{view}")
 }
 
@@ -339,6 +339,12 @@ impl Live {
     /// caught up (its watermark has covered a whole window since it was
     /// added), else the oldest; a versioned or single name as it is.
     pub fn resolve<'a>(&'a self, view: &'a str) -> &'a str {
+        // `name@1` names version 1, whose view keeps the plain name.
+        if let Some(base) = view.strip_suffix("@1")
+            && self.versions.contains_key(base)
+        {
+            return base;
+        }
         let Some(vs) = self.versions.get(view) else {
             return view;
         };

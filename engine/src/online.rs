@@ -2,6 +2,8 @@
 //! per-view facts a reader needs (kept in the state dir so `sluice get`
 //! needs nothing else).
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -74,6 +76,55 @@ pub fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
             reason: format!("the pipeline kept with the state no longer plans: {e}"),
         })?;
     TileReader::for_view(&plan, view)
+}
+
+/// The view an unversioned name reads in a state dir, by the rule the
+/// server follows ([`crate::job::Live::resolve`]): the newest version whose
+/// watermark has passed its catch-up point (a version the state dir saw
+/// from its start has none), else the oldest. `name@1` is version 1; a
+/// versioned name, or one with a single version, is itself.
+pub fn resolve_version(store: &Store, view: &str) -> Result<String> {
+    let plan = match store.meta(crate::job::PIPELINE_KEY)? {
+        Some(text) => String::from_utf8(text)
+            .ok()
+            .and_then(|t| sluice_sql::plan_pipeline("pipeline.sql", &t, Path::new(".")).ok()),
+        None => None,
+    };
+    let Some(plan) = plan else {
+        return Ok(view.to_string());
+    };
+    // `name@1` names version 1, whose view keeps the plain name.
+    if let Some(base) = view.strip_suffix("@1")
+        && plan.views.iter().any(|v| v.name == base)
+    {
+        return Ok(base.to_string());
+    }
+    let mut versions: Vec<&sluice_sql::ViewPlan> =
+        plan.views.iter().filter(|v| v.base_name == view).collect();
+    if versions.len() < 2 {
+        return Ok(view.to_string());
+    }
+    versions.sort_by_key(|v| std::cmp::Reverse(v.version));
+    for v in &versions {
+        if read_view_meta(store, &v.name)?.is_none() {
+            continue;
+        }
+        let wm = store
+            .meta_i64(&watermark_key(&v.source))?
+            .filter(|w| *w != crate::job::NO_WATERMARK);
+        let at = store.meta_i64(&crate::job::catch_up_key(&v.name))?;
+        let ready = match (wm, at) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(w), Some(a)) => w >= a,
+        };
+        if ready {
+            return Ok(v.name.clone());
+        }
+    }
+    Ok(versions
+        .last()
+        .map_or_else(|| view.to_string(), |v| v.name.clone()))
 }
 
 /// The feature value of `key`. A tiled view (windowed, online) answers
