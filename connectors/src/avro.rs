@@ -16,13 +16,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
-use arrow::compute::{CastOptions, cast_with_options, concat_batches, filter_record_batch};
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::compute::{CastOptions, cast_with_options, concat_batches};
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow_avro::reader::{Decoder, ReaderBuilder};
 use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
 use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Result};
 
+use crate::files::{BadRows, keep_good_rows, mark_bad_rows};
 use crate::json::{Reject, Span};
 
 /// Rows decoded before a decoder's batch is flushed.
@@ -158,15 +159,18 @@ fn check_columns(
     Ok(())
 }
 
+/// The reader schema and the writer schemas by id (with their files).
+type Schemas = (AvroSchema, BTreeMap<u32, (AvroSchema, String)>);
+
 /// Loads and checks the schemas of `o` for a source of `payload` columns:
 /// every file is an Avro schema, each writer schema resolves to the reader
 /// schema, and the reader schema decodes to types that fill the columns.
 /// The error is a message for the option it names (`schema` or
 /// `schema.<id>`).
-pub(crate) fn check(
+fn load_checked(
     o: &AvroOptions,
     payload: &Schema,
-) -> std::result::Result<(), (String, String)> {
+) -> std::result::Result<Schemas, (String, String)> {
     let reader = load(&o.schema).map_err(|e| ("schema".to_string(), e))?;
     let d = decoder(&reader, &reader, 1).map_err(|e| {
         (
@@ -175,6 +179,7 @@ pub(crate) fn check(
         )
     })?;
     check_columns(payload, &d.schema(), &o.schema).map_err(|e| ("schema".to_string(), e))?;
+    let mut writers = BTreeMap::new();
     for (id, path) in &o.writers {
         let key = format!("schema.{id}");
         let w = load(path).map_err(|e| (key.clone(), e))?;
@@ -188,8 +193,17 @@ pub(crate) fn check(
                 ),
             )
         })?;
+        writers.insert(*id, (w, path.display().to_string()));
     }
-    Ok(())
+    Ok((reader, writers))
+}
+
+/// [`load_checked`] at plan time: whether the schemas of `o` fit.
+pub(crate) fn check(
+    o: &AvroOptions,
+    payload: &Schema,
+) -> std::result::Result<(), (String, String)> {
+    load_checked(o, payload).map(|_| ())
 }
 
 /// Decodes a source's Avro records into batches of its payload columns.
@@ -208,16 +222,11 @@ pub(crate) struct AvroRecords {
 impl AvroRecords {
     /// A decoder for a source's payload columns.
     pub(crate) fn new(source: &str, payload: SchemaRef, o: &AvroOptions) -> Result<Self> {
-        let err = |m: String| EngineError::Connector {
-            what: format!("source {source}"),
-            message: m,
-        };
-        check(o, &payload).map_err(|(_, m)| err(m))?;
-        let reader = load(&o.schema).map_err(err)?;
-        let mut writers = BTreeMap::new();
-        for (id, path) in &o.writers {
-            writers.insert(*id, (load(path).map_err(err)?, path.display().to_string()));
-        }
+        let (reader, writers) =
+            load_checked(o, &payload).map_err(|(_, m)| EngineError::Connector {
+                what: format!("source {source}"),
+                message: m,
+            })?;
         Ok(AvroRecords {
             source: source.to_string(),
             payload,
@@ -386,43 +395,24 @@ impl AvroRecords {
             safe: true,
             ..Default::default()
         };
-        let mut bad: Vec<Option<(DeadLetterKind, String)>> = vec![None; n];
+        let mut bad: BadRows = vec![None; n];
         let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.payload.fields().len());
         for f in self.payload.fields() {
-            let col = match all.column_by_name(f.name()) {
+            let src = all.column_by_name(f.name());
+            let col = match src {
                 Some(c) if c.data_type() == f.data_type() => Arc::clone(c),
                 Some(c) => cast_with_options(c, f.data_type(), &opts).map_err(|e| {
                     EngineError::arrow(format!("source {}: column `{}`", self.source, f.name()), e)
                 })?,
                 None => new_null_array(f.data_type(), n),
             };
-            let src = all.column_by_name(f.name());
-            for (r, b) in bad.iter_mut().enumerate() {
-                if b.is_some() || !col.is_null(r) {
-                    continue;
-                }
-                if src.is_some_and(|s| s.is_valid(r)) {
-                    *b = Some((
-                        DeadLetterKind::WrongType,
-                        format!(
-                            "column `{}`: the value does not fit {}",
-                            f.name(),
-                            sql_type(f.data_type())
-                        ),
-                    ));
-                } else if !f.is_nullable() {
-                    *b = Some((
-                        DeadLetterKind::MissingField,
-                        format!("column `{}` is NOT NULL but the value is null", f.name()),
-                    ));
-                }
-            }
+            mark_bad_rows(f, src, &col, &mut bad);
             cols.push(col);
         }
-        let ctx = || format!("source {}", self.source);
+        let ctx = format!("source {}", self.source);
         if bad.iter().all(Option::is_none) {
             let batch = RecordBatch::try_new(Arc::clone(&self.payload), cols)
-                .map_err(|e| EngineError::arrow(ctx(), e))?;
+                .map_err(|e| EngineError::arrow(&ctx, e))?;
             return Ok(Some((batch, rows)));
         }
         for (r, b) in bad.iter().enumerate() {
@@ -436,22 +426,9 @@ impl AvroRecords {
                 ));
             }
         }
-        let loose = Arc::new(Schema::new(
-            self.payload
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_nullable(true))
-                .collect::<Vec<_>>(),
-        ));
-        let loose = RecordBatch::try_new(loose, cols).map_err(|e| EngineError::arrow(ctx(), e))?;
-        let keep: BooleanArray = bad.iter().map(|b| Some(b.is_none())).collect();
-        let kept = filter_record_batch(&loose, &keep)
-            .map_err(|e| EngineError::arrow("dropping bad rows", e))?;
-        if kept.num_rows() == 0 {
+        let Some(batch) = keep_good_rows(&self.payload, cols, &bad, &ctx)? else {
             return Ok(None);
-        }
-        let batch = RecordBatch::try_new(Arc::clone(&self.payload), kept.columns().to_vec())
-            .map_err(|e| EngineError::arrow(ctx(), e))?;
+        };
         let rows = rows
             .into_iter()
             .zip(&bad)

@@ -451,7 +451,7 @@ impl FilesSource {
     ) -> Result<Option<SourceBatch>> {
         let n = raw.num_rows();
         let schema = &self.plan.schema;
-        let mut bad: Vec<Option<(DeadLetterKind, String)>> = vec![None; n];
+        let mut bad: BadRows = vec![None; n];
         let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
         let opts = CastOptions {
             safe: true,
@@ -487,31 +487,7 @@ impl FilesSource {
                 })?,
                 None => new_null_array(field.data_type(), n),
             };
-            for (i, b) in bad.iter_mut().enumerate() {
-                if b.is_some() || !col.is_null(i) {
-                    continue;
-                }
-                if let Some(c) = &src
-                    && c.is_valid(i)
-                {
-                    *b = Some((
-                        DeadLetterKind::WrongType,
-                        format!(
-                            "column `{}`: value is not a {}",
-                            field.name(),
-                            field.data_type()
-                        ),
-                    ));
-                } else if !field.is_nullable() {
-                    *b = Some((
-                        DeadLetterKind::MissingField,
-                        format!(
-                            "column `{}` is NOT NULL but the value is missing",
-                            field.name()
-                        ),
-                    ));
-                }
-            }
+            mark_bad_rows(field, src.as_ref(), &col, &mut bad);
             cols.push(col);
         }
         let positions: Vec<u64> = (0..n as u64)
@@ -542,24 +518,9 @@ impl FilesSource {
                 });
             }
         }
-        // NOT NULL columns may hold NULLs until the bad rows are gone.
-        let loose = Arc::new(Schema::new(
-            schema
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_nullable(true))
-                .collect::<Vec<_>>(),
-        ));
-        let loose_batch =
-            RecordBatch::try_new(loose, cols).map_err(|e| EngineError::arrow(ctx(), e))?;
-        let keep: BooleanArray = bad.iter().map(|b| Some(b.is_none())).collect();
-        let kept = filter_record_batch(&loose_batch, &keep)
-            .map_err(|e| EngineError::arrow("dropping bad rows", e))?;
-        if kept.num_rows() == 0 {
+        let Some(batch) = keep_good_rows(schema, cols, &bad, &ctx())? else {
             return Ok(None);
-        }
-        let batch = RecordBatch::try_new(Arc::clone(schema), kept.columns().to_vec())
-            .map_err(|e| EngineError::arrow(ctx(), e))?;
+        };
         let positions = positions
             .into_iter()
             .zip(bad.iter())
@@ -572,6 +533,73 @@ impl FilesSource {
             partitions: Vec::new(),
         }))
     }
+}
+
+/// A row's reason for rejection, if any, per row of a batch being cast to
+/// the declared columns.
+pub(crate) type BadRows = Vec<Option<(DeadLetterKind, String)>>;
+
+/// Marks the rows where `col`, declared `field` and cast from `src` (`None`:
+/// the input lacks the column), came out NULL: `wrong_type` when `src` held
+/// a value that does not fit, `missing_field` when a NOT NULL column has
+/// none. A row already marked keeps its first reason.
+pub(crate) fn mark_bad_rows(
+    field: &Field,
+    src: Option<&ArrayRef>,
+    col: &ArrayRef,
+    bad: &mut BadRows,
+) {
+    for (i, b) in bad.iter_mut().enumerate() {
+        if b.is_some() || !col.is_null(i) {
+            continue;
+        }
+        if src.is_some_and(|c| c.is_valid(i)) {
+            *b = Some((
+                DeadLetterKind::WrongType,
+                format!(
+                    "column `{}`: value is not a {}",
+                    field.name(),
+                    field.data_type()
+                ),
+            ));
+        } else if !field.is_nullable() {
+            *b = Some((
+                DeadLetterKind::MissingField,
+                format!(
+                    "column `{}` is NOT NULL but the value is missing",
+                    field.name()
+                ),
+            ));
+        }
+    }
+}
+
+/// The rows of `cols` no entry of `bad` marks, as a batch of `schema`
+/// (`None`: none left); `what` names the rows in errors.
+pub(crate) fn keep_good_rows(
+    schema: &SchemaRef,
+    cols: Vec<ArrayRef>,
+    bad: &BadRows,
+    what: &str,
+) -> Result<Option<RecordBatch>> {
+    // NOT NULL columns may hold NULLs until the bad rows are gone.
+    let loose = Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ));
+    let loose_batch = RecordBatch::try_new(loose, cols).map_err(|e| EngineError::arrow(what, e))?;
+    let keep: BooleanArray = bad.iter().map(|b| Some(b.is_none())).collect();
+    let kept = filter_record_batch(&loose_batch, &keep)
+        .map_err(|e| EngineError::arrow("dropping bad rows", e))?;
+    if kept.num_rows() == 0 {
+        return Ok(None);
+    }
+    RecordBatch::try_new(Arc::clone(schema), kept.columns().to_vec())
+        .map(Some)
+        .map_err(|e| EngineError::arrow(what, e))
 }
 
 /// Column names of a CSV header line (quotes removed).
