@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use sluice_connectors::MemorySource;
+use sluice_engine::Source;
 use sluice_engine::job::{Job, JobOptions};
-use sluice_engine::{OfflineSink, Source};
 
 use sluice_cli::commands::generate::{self, Rng, event};
 
@@ -196,18 +196,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     std::fs::write(dir.join("pipeline.sql"), sluice_cli::QUICKSTART_SQL)?;
-    let plan = sluice_cli::plan(&dir.join("pipeline.sql"))?;
-    let state = dir.join("state");
-    let lakes: HashMap<String, Vec<Box<dyn OfflineSink>>> = sluice_connectors::build_lakes(&plan)?;
-    let mut opts = JobOptions::new(state.clone());
-    opts.checkpoint_interval = Duration::from_secs(10);
-    let mut job = Job::open(
-        &plan,
-        sluice_connectors::build_sources(&plan)?,
-        lakes,
-        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
-        opts,
-    )?;
+    let (_, mut job) = crate::open_run_job(&dir, Duration::from_secs(10), false)?;
     let s2 = job.run(&stop)?;
     let file_rate = s2.events as f64 / s2.elapsed.as_secs_f64();
     let live = job.live();

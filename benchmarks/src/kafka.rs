@@ -14,7 +14,6 @@ use anyhow::{Context, bail};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use sluice_engine::job::{Job, JobOptions};
 
 use crate::fresh;
 use sluice_cli::commands::produce::{self, ProduceArgs};
@@ -201,19 +200,10 @@ fn pipeline_sql(brokers: &str, topic: &str, settings: &[(String, String)]) -> St
 fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyhow::Result<f64> {
     fresh(pdir)?;
     std::fs::write(pdir.join("pipeline.sql"), sql)?;
-    let plan = sluice_cli::plan(&pdir.join("pipeline.sql"))?;
-    let state = pdir.join("state");
-    let mut opts = JobOptions::new(state.clone());
-    opts.checkpoint_interval = Duration::from_millis(a.checkpoint_interval_ms);
     let cpu0 = cpu_secs("self");
-    let mut job = Job::open(
-        &plan,
-        sluice_connectors::build_sources_with(&plan, true)?,
-        sluice_connectors::build_lakes(&plan)?,
-        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
-        opts,
-    )
-    .context("opening the pipeline")?;
+    let (plan, mut job) =
+        crate::open_run_job(pdir, Duration::from_millis(a.checkpoint_interval_ms), true)
+            .context("opening the pipeline")?;
     for sp in &plan.sources {
         if let Some(w) = sluice_connectors::archive::archive_writer(sp)? {
             job.set_archive(&sp.name, Box::new(w))?;

@@ -82,6 +82,28 @@ pub(crate) fn serve_local(
     Ok((rt, addr))
 }
 
+/// The job `sluice run` makes of `dir/pipeline.sql`: its sources (Kafka
+/// ones bounded with `stop_at_end`), lakes and dead-letter file, state in
+/// `dir/state`, a checkpoint every `interval`.
+pub(crate) fn open_run_job(
+    dir: &Path,
+    interval: std::time::Duration,
+    stop_at_end: bool,
+) -> anyhow::Result<(sluice_sql::PipelinePlan, sluice_engine::job::Job)> {
+    let plan = sluice_cli::plan(&dir.join("pipeline.sql"))?;
+    let state = dir.join("state");
+    let mut opts = sluice_engine::job::JobOptions::new(state.clone());
+    opts.checkpoint_interval = interval;
+    let job = sluice_engine::job::Job::open(
+        &plan,
+        sluice_connectors::build_sources_with(&plan, stop_at_end)?,
+        sluice_connectors::build_lakes(&plan)?,
+        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
+        opts,
+    )?;
+    Ok((plan, job))
+}
+
 /// Peak resident set size of this process (VmHWM), MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
     vm_hwm_mib("/proc/self/status").unwrap_or(0.0)

@@ -6,7 +6,6 @@
 //! `log_served = 0.01` (with its log writer), `CHECK` rules on the source,
 //! `expect` rules on the view.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use sluice_cli::commands::generate::{self, Rng};
 use sluice_cli::commands::run::ServedFlusher;
-use sluice_engine::OfflineSink;
-use sluice_engine::job::{Job, JobOptions};
 
 use crate::fresh;
 
@@ -131,18 +128,7 @@ fn one_run(
     fresh(dir)?;
     std::fs::copy(events, dir.join("events.jsonl"))?;
     std::fs::write(dir.join("pipeline.sql"), sql)?;
-    let plan = sluice_cli::plan(&dir.join("pipeline.sql"))?;
-    let state = dir.join("state");
-    let lakes: HashMap<String, Vec<Box<dyn OfflineSink>>> = sluice_connectors::build_lakes(&plan)?;
-    let mut opts = JobOptions::new(state.clone());
-    opts.checkpoint_interval = Duration::from_secs(1);
-    let mut job = Job::open(
-        &plan,
-        sluice_connectors::build_sources(&plan)?,
-        lakes,
-        Box::new(sluice_connectors::dead_letters(&state, &plan)?),
-        opts,
-    )?;
+    let (plan, mut job) = crate::open_run_job(dir, Duration::from_secs(1), false)?;
     let live = job.live();
     let (_rt, addr) = crate::serve_local(Arc::clone(&live))?;
     let served = ServedFlusher::start(&plan, &live)?;
