@@ -138,20 +138,48 @@ pub fn event_json(e: &Event) -> String {
     )
 }
 
+/// The clickstream fields of an event beyond [`event_json`]'s: session id,
+/// page, device and referrer (the JSON and Avro records carry the same).
+pub struct ClickContext {
+    /// `s` and 8 hex digits: the user and the half hour.
+    pub session_id: String,
+    /// `/item/i{item}`.
+    pub page: String,
+    /// By user.
+    pub device: &'static str,
+    /// By item.
+    pub referrer: &'static str,
+}
+
+impl ClickContext {
+    /// The context of `e`.
+    pub fn of(e: &Event) -> Self {
+        const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
+        const REFERRERS: [&str; 5] = ["search", "direct", "email", "social", "ads"];
+        let session =
+            (e.user.wrapping_mul(2_654_435_761) ^ (e.ts as u64 / 1_800_000)) & 0xffff_ffff;
+        ClickContext {
+            session_id: format!("s{session:08x}"),
+            page: format!("/item/i{}", e.item),
+            device: DEVICES[(e.user % 3) as usize],
+            referrer: REFERRERS[(e.item % 5) as usize],
+        }
+    }
+}
+
 /// One event as a clickstream record (~170 bytes): the fields of
 /// [`event_json`] plus session, page, device and referrer, which pipelines
 /// may declare or ignore.
 pub fn clickstream_json(e: &Event) -> String {
-    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
-    const REFERRERS: [&str; 5] = ["search", "direct", "email", "social", "ads"];
     let base = event_json(e);
-    let session = (e.user.wrapping_mul(2_654_435_761) ^ (e.ts as u64 / 1_800_000)) & 0xffff_ffff;
+    let c = ClickContext::of(e);
     format!(
-        "{},\"session_id\":\"s{session:08x}\",\"page\":\"/item/i{}\",\"device\":\"{}\",\"referrer\":\"{}\"}}",
+        "{},\"session_id\":\"{}\",\"page\":\"{}\",\"device\":\"{}\",\"referrer\":\"{}\"}}",
         &base[..base.len() - 1],
-        e.item,
-        DEVICES[(e.user % 3) as usize],
-        REFERRERS[(e.item % 5) as usize]
+        c.session_id,
+        c.page,
+        c.device,
+        c.referrer
     )
 }
 
@@ -246,4 +274,23 @@ fn write_columnar(a: &GenArgs, ext: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clickstream_record_keeps_its_fields() {
+        let e = Event {
+            user: 7,
+            item: 123,
+            price_cents: 1999,
+            ts: 1_704_067_200_000,
+        };
+        assert_eq!(
+            clickstream_json(&e),
+            r#"{"user_id":"u00007","item_id":"i123","price":19.99,"ts":"2024-01-01T00:00:00.000Z","session_id":"s538a21c7","page":"/item/i123","device":"desktop","referrer":"social"}"#
+        );
+    }
 }

@@ -13,7 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::commands::generate::{Event, Rng, clickstream_json, event};
+use crate::commands::generate::{ClickContext, Event, Rng, clickstream_json, event};
 
 /// Options of `sluice produce`.
 #[derive(clap::Args, Debug, Clone)]
@@ -106,8 +106,6 @@ fn avro_string(s: &str, out: &mut Vec<u8>) {
 /// One event as a Confluent-framed Avro record of [`CLICKSTREAM_AVSC`],
 /// the same values as [`clickstream_json`].
 pub fn clickstream_avro(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
-    const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
-    const REFERRERS: [&str; 5] = ["search", "direct", "email", "social", "ads"];
     out.clear();
     out.push(0);
     out.extend_from_slice(&schema_id.to_be_bytes());
@@ -118,11 +116,11 @@ pub fn clickstream_avro(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
     avro_long(1, out);
     out.extend_from_slice(&(e.price_cents as f64 / 100.0).to_le_bytes());
     avro_long(e.ts, out);
-    let session = (e.user.wrapping_mul(2_654_435_761) ^ (e.ts as u64 / 1_800_000)) & 0xffff_ffff;
-    avro_string(&format!("s{session:08x}"), out);
-    avro_string(&format!("/item/i{}", e.item), out);
-    avro_string(DEVICES[(e.user % 3) as usize], out);
-    avro_string(REFERRERS[(e.item % 5) as usize], out);
+    let c = ClickContext::of(e);
+    avro_string(&c.session_id, out);
+    avro_string(&c.page, out);
+    avro_string(c.device, out);
+    avro_string(c.referrer, out);
 }
 
 struct Counting {
