@@ -58,8 +58,10 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// A view of a state dir opened for reading.
-pub(crate) struct OpenView {
+pub struct OpenView {
+    /// The online store, read-only.
     pub store: Store,
+    /// The view's metadata as the job that wrote the store left it.
     pub meta: ViewMeta,
     /// The committed watermark of the view's source.
     pub wm: Option<i64>,
@@ -87,7 +89,7 @@ impl OpenView {
 
 /// A state dir's online store opened for reading `view`, with the view's
 /// metadata, committed watermark and tile reader.
-pub(crate) fn open_view(state_dir: &Path, view: &str) -> anyhow::Result<OpenView> {
+pub fn open_view(state_dir: &Path, view: &str) -> anyhow::Result<OpenView> {
     let store = Store::open_read_only(state_dir)?;
     // An unversioned name reads what the server would serve.
     let view = &sluice_engine::online::resolve_version(&store, view)?;

@@ -316,11 +316,26 @@ pub fn lake_files(dir: &Path) -> Result<Vec<(PathBuf, Option<String>)>> {
 /// features as of the row's time.
 pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<TrainingSetStats> {
     let spine = read_table(&req.spine, req.time_column.as_deref())?;
+    let what = format!("spine {}", req.spine.display());
+    let (out, stats) = join_spine(plan, req, &spine, &what)?;
+    write_table(&req.out, &out)?;
+    Ok(stats)
+}
+
+/// Joins a spine held in memory (`what` names it in errors): the training
+/// set [`training_set`] would write, returned instead. `req.spine` and
+/// `req.out` are not read.
+pub fn join_spine(
+    plan: &PipelinePlan,
+    req: &TrainingSetRequest,
+    spine: &RecordBatch,
+    what: &str,
+) -> Result<(RecordBatch, TrainingSetStats)> {
     let sschema = spine.schema();
     let time_col = match &req.time_column {
         Some(c) => sschema.index_of(c).map_err(|_| {
             cerr(
-                format!("spine {}", req.spine.display()),
+                what,
                 format!("no column `{c}` (columns: {})", names(&sschema)),
             )
         })?,
@@ -332,7 +347,7 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
                 [one] => *one,
                 _ => {
                     return Err(cerr(
-                        format!("spine {}", req.spine.display()),
+                        what,
                         format!(
                             "{} timestamp columns; name the time column with --time-column (columns: {})",
                             ts.len(),
@@ -376,17 +391,16 @@ pub fn training_set(plan: &PipelinePlan, req: &TrainingSetRequest) -> Result<Tra
     for fr in &req.features {
         select(plan, fr)?;
     }
-    let replayed = replay_views(plan, req, &spine, &ts, &mut stats)?;
+    let replayed = replay_views(plan, req, spine, &ts, &mut stats)?;
     for fr in &req.features {
-        let (f, c, s) = join_view(plan, req, fr, &spine, &ts, &replayed)?;
+        let (f, c, s) = join_view(plan, req, fr, spine, &ts, &replayed)?;
         fields.extend(f);
         cols.extend(c);
         stats.views.push(s);
     }
     let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)
         .map_err(|e| EngineError::arrow("training set", e))?;
-    write_table(&req.out, &out)?;
-    Ok(stats)
+    Ok((out, stats))
 }
 
 fn names(s: &Schema) -> String {

@@ -37,8 +37,26 @@ use crate::time::event_times;
 use crate::view::{OnlineRow, Staged, ViewOp};
 use crate::watermark::WatermarkTracker;
 
+/// A caller's progress display: called about twice a second with the
+/// source's name, the rows read so far and the newest event time (ms), and
+/// once more with `done` set when the source is read.
+pub type ProgressFn = std::sync::Arc<dyn Fn(&ProgressReport<'_>) + Send + Sync>;
+
+/// What a [`ProgressFn`] is told.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgressReport<'a> {
+    /// The source being read.
+    pub source: &'a str,
+    /// Rows read so far.
+    pub rows: u64,
+    /// The newest event time read so far (ms).
+    pub event_time: Option<i64>,
+    /// The source is read to its end.
+    pub done: bool,
+}
+
 /// How progress is shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Progress {
     /// A line redrawn in place twice a second (a terminal).
     Terminal,
@@ -46,6 +64,19 @@ pub enum Progress {
     Log,
     /// Nothing.
     Off,
+    /// The caller's display (a notebook's progress bar).
+    Report(ProgressFn),
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Progress::Terminal => "Terminal",
+            Progress::Log => "Log",
+            Progress::Off => "Off",
+            Progress::Report(_) => "Report",
+        })
+    }
 }
 
 impl Progress {
@@ -469,7 +500,7 @@ fn read_source(
     let mut tracker = WatermarkTracker::new(sp.watermark_delay_ms, None);
     let mut max_in: Option<i64> = None;
     let mut shard_of = Vec::new();
-    let mut progress = ProgressLine::new(&sp.name, opts.progress);
+    let mut progress = ProgressLine::new(&sp.name, opts.progress.clone());
     let rules = SourceRules::new(sp)?;
     src.seek(None)?;
     loop {
@@ -740,7 +771,7 @@ impl ProgressLine {
 
     fn update(&mut self, rows: u64, ts: Option<i64>) {
         let every = match self.mode {
-            Progress::Terminal => Duration::from_millis(500),
+            Progress::Terminal | Progress::Report(_) => Duration::from_millis(500),
             Progress::Log => Duration::from_secs(10),
             Progress::Off => return,
         };
@@ -748,18 +779,35 @@ impl ProgressLine {
             return;
         }
         self.last = Instant::now();
-        let l = self.line(rows, ts);
         let mut e = std::io::stderr();
-        let _ = match self.mode {
-            Progress::Terminal => write!(e, "\r\x1b[2K{l}"),
-            _ => writeln!(e, "{l}"),
+        let _ = match &self.mode {
+            Progress::Terminal => write!(e, "\r\x1b[2K{}", self.line(rows, ts)),
+            Progress::Log => writeln!(e, "{}", self.line(rows, ts)),
+            Progress::Report(f) => {
+                f(&self.report(rows, ts, false));
+                Ok(())
+            }
+            Progress::Off => Ok(()),
         };
     }
 
+    fn report(&self, rows: u64, ts: Option<i64>, done: bool) -> ProgressReport<'_> {
+        ProgressReport {
+            source: &self.source,
+            rows,
+            event_time: ts,
+            done,
+        }
+    }
+
     fn done(&mut self, rows: u64, ts: Option<i64>) {
-        if self.mode == Progress::Terminal {
-            let l = self.line(rows, ts);
-            let _ = writeln!(std::io::stderr(), "\r\x1b[2K{l}");
+        match &self.mode {
+            Progress::Terminal => {
+                let l = self.line(rows, ts);
+                let _ = writeln!(std::io::stderr(), "\r\x1b[2K{l}");
+            }
+            Progress::Report(f) => f(&self.report(rows, ts, true)),
+            Progress::Log | Progress::Off => {}
         }
     }
 }

@@ -341,7 +341,7 @@ impl Live {
     pub fn resolve<'a>(&'a self, view: &'a str) -> &'a str {
         // `name@1` names version 1, whose view keeps the plain name.
         if let Some(base) = view.strip_suffix("@1")
-            && self.versions.contains_key(base)
+            && (self.versions.contains_key(base) || self.views.contains_key(base))
         {
             return base;
         }

@@ -124,6 +124,17 @@ fn backfill_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Runs `sluice backfill`.
 pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
+    let progress = if a.quiet {
+        Progress::Off
+    } else {
+        Progress::auto()
+    };
+    run_with(a, progress)
+}
+
+/// Runs `sluice backfill` with its progress shown by `progress` (the
+/// Python package's progress bar).
+pub fn run_with(a: &BackfillArgs, progress: Progress) -> anyhow::Result<BackfillStats> {
     let plan = crate::plan(&a.pipeline)?;
     let from = a.from.as_deref().map(parse_time).transpose()?;
     let to = a.to.as_deref().map(parse_time).transpose()?;
@@ -217,11 +228,7 @@ pub fn run(a: &BackfillArgs) -> anyhow::Result<BackfillStats> {
         to,
         include_late: a.include_late,
         batch_rows: a.batch_rows.max(1),
-        progress: if a.quiet {
-            Progress::Off
-        } else {
-            Progress::auto()
-        },
+        progress,
         ..BackfillOptions::default()
     };
     if let Some(t) = a.threads {
