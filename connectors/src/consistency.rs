@@ -80,6 +80,9 @@ pub struct ConsistencyReport {
     pub served_found: u64,
     /// See `served_found`.
     pub served_not_found: u64,
+    /// Reads logged before the view had a committed watermark (no `as_of`,
+    /// nothing found): not compared.
+    pub unclocked: u64,
     /// Per feature.
     pub features: Vec<FeatureConsistency>,
     /// The recomputation's own summary.
@@ -124,7 +127,7 @@ fn read_log(
     view: &sluice_sql::ViewPlan,
     from: Option<i64>,
     to: Option<i64>,
-) -> Result<(RecordBatch, usize)> {
+) -> Result<(RecordBatch, usize, u64)> {
     let root = view.offline.as_ref().ok_or_else(|| {
         cerr(
             format!("view {}", view.name),
@@ -145,6 +148,7 @@ fn read_log(
     }
     let schema = served_schema(view);
     let mut batches = Vec::new();
+    let mut unclocked = 0;
     for (f, _) in &files {
         let b = read_table(f, None)?;
         if b.schema().fields() != schema.fields() {
@@ -160,6 +164,9 @@ fn read_log(
                     .map_err(|e| EngineError::arrow("as_of", e))?,
             ),
         )?;
+        // A read served before the view had a committed watermark has no
+        // clock to recompute it at (it found nothing): counted, not compared.
+        unclocked += t.iter().filter(|t| t.is_none()).count() as u64;
         let keep: BooleanArray = t
             .iter()
             .map(|t| {
@@ -169,7 +176,7 @@ fn read_log(
         batches.push(filter_record_batch(&b, &keep).map_err(|e| EngineError::arrow("log", e))?);
     }
     let all = concat_batches(&schema, &batches).map_err(|e| EngineError::arrow("log", e))?;
-    Ok((all, files.len()))
+    Ok((all, files.len(), unclocked))
 }
 
 fn text_of(a: &ArrayRef) -> Result<Vec<Option<String>>> {
@@ -193,7 +200,7 @@ pub fn consistency(plan: &PipelinePlan, req: &ConsistencyRequest) -> Result<Cons
             format!("not in {}", plan.file),
         )
     })?;
-    let (log, files) = read_log(plan, view, req.from, req.to)?;
+    let (log, files, unclocked) = read_log(plan, view, req.from, req.to)?;
     let n = log.num_rows();
     std::fs::create_dir_all(&req.work_dir).map_err(|e| crate::lake::io(&req.work_dir, e))?;
 
@@ -286,6 +293,7 @@ pub fn consistency(plan: &PipelinePlan, req: &ConsistencyRequest) -> Result<Cons
         files,
         served_found: found.iter().filter(|f| *f == Some(true)).count() as u64,
         served_not_found: found.iter().filter(|f| *f != Some(true)).count() as u64,
+        unclocked,
         features: Vec::new(),
         training,
         samples: Vec::new(),

@@ -76,6 +76,7 @@ pub fn run(a: &ConsistencyArgs) -> anyhow::Result<bool> {
             "files": r.files,
             "served_found": r.served_found,
             "served_not_found": r.served_not_found,
+            "served_before_first_watermark": r.unclocked,
             "features": r.features.iter().map(|f| json!({
                 "feature": f.feature, "compared": f.compared, "mismatches": f.mismatches,
                 "mismatch_rate": f.mismatch_rate(), "missing": f.missing, "extra": f.extra,
@@ -91,6 +92,12 @@ pub fn run(a: &ConsistencyArgs) -> anyhow::Result<bool> {
             "view {}: {} logged reads ({} found, {} not found) from {} files\n",
             r.view, r.reads, r.served_found, r.served_not_found, r.files
         ));
+        if r.unclocked > 0 {
+            text.push_str(&format!(
+                "  {} more reads were served before the view's first checkpoint (no as_of, nothing found): not compared\n",
+                r.unclocked
+            ));
+        }
         let rows: Vec<[String; 6]> = std::iter::once(
             [
                 "feature",
