@@ -53,7 +53,7 @@ pub struct BenchKafkaArgs {
     #[arg(long = "kafka", value_name = "NAME=VALUE")]
     kafka: Vec<String>,
     /// Payload formats to measure, each on its own topic: `json` (with the
-    /// archive run) and `avro` (Confluent-framed, the same events).
+    /// archive run), `avro` and `protobuf` (Confluent-framed, the same events).
     #[arg(long, value_delimiter = ',', default_value = "json")]
     formats: Vec<String>,
 }
@@ -395,20 +395,19 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
     for &parts in &a.partitions {
         let mut rates: Vec<(String, f64)> = Vec::new();
         for format in &a.formats {
-            if !matches!(format.as_str(), "json" | "avro") {
-                bail!("--formats takes json and avro, not `{format}`");
+            if !matches!(format.as_str(), "json" | "avro" | "protobuf") {
+                bail!("--formats takes json, avro and protobuf, not `{format}`");
             }
             let rate = measure(a, &dir, parts, format, stamp)?;
             rates.push((format.clone(), rate));
         }
-        if let (Some((_, json)), Some((_, avro))) = (
-            rates.iter().find(|(f, _)| f == "json"),
-            rates.iter().find(|(f, _)| f == "avro"),
-        ) {
-            println!(
-                "  => avro pipeline / json pipeline = {:.1}% ({avro:.0} vs {json:.0} events/s)",
-                avro / json * 100.0
-            );
+        if let Some((_, json)) = rates.iter().find(|(f, _)| f == "json") {
+            for (f, rate) in rates.iter().filter(|(f, _)| f != "json") {
+                println!(
+                    "  => {f} pipeline / json pipeline = {:.1}% ({rate:.0} vs {json:.0} events/s)",
+                    rate / json * 100.0
+                );
+            }
         }
     }
     if a.recovery_keys > 0 {
@@ -446,13 +445,23 @@ fn measure(
 
         let pdir = dir.join(format!("p{parts}-{format}"));
         let mut sql = pipeline_sql(&a.brokers, &topic, &settings(a)?);
+        // The schema beside the run's folder, which the run starts afresh.
         if format == "avro" {
-            // Beside the run's folder, which the run starts afresh.
             let schema = dir.join("clicks.avsc");
             std::fs::write(&schema, produce::CLICKSTREAM_AVSC)?;
             sql = sql.replace(
                 "format = 'json'",
                 &format!("format = 'avro', schema = '{}'", schema.display()),
+            );
+        } else if format == "protobuf" {
+            let schema = dir.join("clicks.proto");
+            std::fs::write(&schema, produce::CLICKSTREAM_PROTO)?;
+            sql = sql.replace(
+                "format = 'json'",
+                &format!(
+                    "format = 'protobuf', schema = '{}', message = 'Click'",
+                    schema.display()
+                ),
             );
         }
         let plain = pipeline_run(a, &pdir, &sql, &format!(" ({format})"))?;

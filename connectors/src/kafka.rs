@@ -36,7 +36,8 @@ use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
 use crate::avro::AvroRecords;
 use crate::error::Error;
-use crate::json::{JsonRecords, Span};
+use crate::json::{JsonRecords, Reject, Span};
+use crate::protobuf::ProtobufRecords;
 
 pub mod options;
 pub use options::{KafkaOptions, PayloadFormat, Start};
@@ -209,16 +210,100 @@ struct MsgMeta {
 enum Payload {
     Json(JsonRecords),
     Avro(Box<AvroRecords>),
+    Protobuf(Box<ProtobufRecords>),
 }
 
-/// A Kafka topic as a source of JSON or Avro records.
+/// What [`PayloadDecoder::decode_records`] returns: the rows that decode,
+/// each with the index of its record, and the dead letters of the others.
+pub type Decoded = (Option<(RecordBatch, Vec<usize>)>, Vec<DeadLetter>);
+
+/// The decoder of a Kafka source's payloads, by its `format` (JSON, Avro
+/// or Protobuf), into batches of its payload columns (metadata columns
+/// left out). [`KafkaSource`] decodes with it; it also runs alone, on
+/// records from anywhere (to measure decoding, say).
+pub struct PayloadDecoder {
+    source: String,
+    payload: Payload,
+}
+
+impl PayloadDecoder {
+    /// The decoder of `plan`'s payload columns (its options parsed and its
+    /// schema files read and checked).
+    pub fn new(plan: &SourcePlan) -> Result<Self> {
+        let o = KafkaOptions::parse(plan)?;
+        Self::of(plan, &o.format)
+    }
+
+    fn of(plan: &SourcePlan, format: &PayloadFormat) -> Result<Self> {
+        let schema = plan.payload_schema();
+        let payload = match format {
+            PayloadFormat::Json => Payload::Json(JsonRecords::new(&plan.name, schema)?),
+            PayloadFormat::Avro(a) => {
+                Payload::Avro(Box::new(AvroRecords::new(&plan.name, schema, a)?))
+            }
+            PayloadFormat::Protobuf(p) => {
+                Payload::Protobuf(Box::new(ProtobufRecords::new(&plan.name, schema, p)?))
+            }
+        };
+        Ok(PayloadDecoder {
+            source: plan.name.clone(),
+            payload,
+        })
+    }
+
+    fn decode(
+        &mut self,
+        buf: &[u8],
+        spans: &[Span],
+        reject: Reject<'_>,
+        rejected: &mut Vec<DeadLetter>,
+    ) -> Result<Option<(RecordBatch, Vec<usize>)>> {
+        match &mut self.payload {
+            Payload::Json(r) => r.decode(buf, spans, reject, rejected),
+            Payload::Avro(r) => r.decode(buf, spans, reject, rejected),
+            Payload::Protobuf(r) => r.decode(buf, spans, reject, rejected),
+        }
+    }
+
+    /// Decodes `records` (one payload each): a batch of those that decode,
+    /// with the index of each row's record, and the dead letters of the
+    /// others (positions are record indexes).
+    pub fn decode_records(&mut self, records: &[&[u8]]) -> Result<Decoded> {
+        let mut buf = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
+        let mut spans = Vec::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            let start = buf.len();
+            buf.extend_from_slice(r);
+            spans.push(Span {
+                start,
+                end: buf.len(),
+                pos: i as u64,
+            });
+            // JSON records end at a newline, as in a poll.
+            buf.push(b'\n');
+        }
+        let source = self.source.clone();
+        let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| DeadLetter {
+            source: source.clone(),
+            position: pos.to_string(),
+            kind,
+            reason,
+            record: String::from_utf8_lossy(bytes).into_owned(),
+        };
+        let mut rejected = Vec::new();
+        let batch = self.decode(&buf, &spans, &reject, &mut rejected)?;
+        Ok((batch, rejected))
+    }
+}
+
+/// A Kafka topic as a source of JSON, Avro or Protobuf records.
 pub struct KafkaSource {
     name: String,
     topic: String,
     brokers: String,
     start: Start,
     schema: SchemaRef,
-    records: Payload,
+    records: PayloadDecoder,
     /// For each schema column: `Ok(payload column index)` or `Err(metadata)`.
     columns: Vec<std::result::Result<usize, MetadataKind>>,
     consumer: BaseConsumer<Context>,
@@ -257,7 +342,6 @@ impl KafkaSource {
             .create_with_context(ctx)
             .map_err(|e| Error::kafka(format!("{}: invalid Kafka client settings", &what), e))?;
         let ctx = Arc::clone(consumer.context());
-        let payload_schema = plan.payload_schema();
         let mut columns = Vec::new();
         let mut pi = 0;
         for i in 0..plan.schema.fields().len() {
@@ -275,12 +359,7 @@ impl KafkaSource {
             brokers: o.brokers,
             start: o.start,
             schema: Arc::clone(&plan.schema),
-            records: match &o.format {
-                PayloadFormat::Json => Payload::Json(JsonRecords::new(&plan.name, payload_schema)?),
-                PayloadFormat::Avro(a) => {
-                    Payload::Avro(Box::new(AvroRecords::new(&plan.name, payload_schema, a)?))
-                }
-            },
+            records: PayloadDecoder::of(plan, &o.format)?,
             columns,
             consumer,
             ctx,
@@ -725,10 +804,7 @@ impl Source for KafkaSource {
         let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| {
             kafka_reject(name, topic, pos, bytes, kind, reason)
         };
-        let decoded = match &mut self.records {
-            Payload::Json(r) => r.decode(&buf, &spans, &reject, &mut rejected),
-            Payload::Avro(r) => r.decode(&buf, &spans, &reject, &mut rejected),
-        };
+        let decoded = self.records.decode(&buf, &spans, &reject, &mut rejected);
         self.buf = buf;
         let Some((payload, rows)) = decoded? else {
             return Ok(Poll::Data {

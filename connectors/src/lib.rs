@@ -15,6 +15,7 @@ mod json;
 pub mod kafka;
 mod lake;
 mod memory;
+pub mod protobuf;
 pub mod served;
 pub mod stats;
 pub mod training;
@@ -30,7 +31,7 @@ pub use deadletter::{DEAD_LETTER_FILE, DeadLetterFile};
 pub use error::Error;
 pub use file::{FileOptions, JsonFileSource};
 pub use files::{FilesSource, expand_paths, file_source};
-pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource};
+pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource, PayloadDecoder};
 pub use lake::{LakeWriter, rfc3339_ms};
 pub use memory::MemorySource;
 

@@ -43,7 +43,7 @@ pub enum DeadLetterKind {
     /// division by zero, a cast out of range); the record still feeds the
     /// source's other views.
     ViewError,
-    /// An Avro payload that does not decode with its writer schema, is
+    /// An Avro or Protobuf payload that does not decode with its schema, is
     /// not framed as the source says, or names a schema id the source does
     /// not map.
     MalformedRecord,

@@ -139,7 +139,7 @@ pub fn event_json(e: &Event) -> String {
 }
 
 /// The clickstream fields of an event beyond [`event_json`]'s: session id,
-/// page, device and referrer (the JSON and Avro records carry the same).
+/// page, device and referrer (the JSON, Avro and Protobuf records carry the same).
 pub struct ClickContext {
     /// `s` and 8 hex digits: the user and the half hour.
     pub session_id: String,

@@ -1,7 +1,8 @@
 //! `sluice produce`: writes a clickstream to a Kafka topic at a chosen rate,
 //! keyed by user, for the examples, the tests and the benchmarks; as JSON,
-//! or as Avro in Confluent's framing (encoded here from the Avro
-//! specification, with the schema [`CLICKSTREAM_AVSC`]).
+//! or as Avro or Protobuf in Confluent's framing (encoded here from the
+//! Avro specification and Protobuf's wire format, with the schemas
+//! [`CLICKSTREAM_AVSC`] and [`CLICKSTREAM_PROTO`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,14 +59,15 @@ pub struct ProduceArgs {
     /// librdkafka options, `name=value` (repeatable), e.g. security settings.
     #[arg(long = "kafka", value_name = "NAME=VALUE")]
     pub kafka: Vec<String>,
-    /// Payload encoding: `json`, or `avro` (the same fields as Avro with
+    /// Payload encoding: `json`, `avro` or `protobuf` (the same fields, in
     /// Confluent framing; `--schema-out` writes the schema).
-    #[arg(long, default_value = "json", value_parser = ["json", "avro"])]
+    #[arg(long, default_value = "json", value_parser = ["json", "avro", "protobuf"])]
     pub format: String,
-    /// The Confluent schema id in front of each Avro record.
+    /// The Confluent schema id in front of each Avro or Protobuf record.
     #[arg(long, default_value_t = 1)]
     pub schema_id: u32,
-    /// Write the Avro schema of the records (`.avsc`) to this file.
+    /// Write the schema of the records (`.avsc` for Avro, `.proto` with
+    /// message `Click` for Protobuf) to this file.
     #[arg(long)]
     pub schema_out: Option<std::path::PathBuf>,
 }
@@ -86,6 +88,27 @@ pub const CLICKSTREAM_AVSC: &str = r#"{
     {"name": "device", "type": "string"},
     {"name": "referrer", "type": "string"}
   ]
+}
+"#;
+
+/// The Protobuf schema of `sluice produce --format protobuf` records (the
+/// message `Click`): the fields of the JSON clickstream, `ts` as a
+/// `google.protobuf.Timestamp`.
+pub const CLICKSTREAM_PROTO: &str = r#"syntax = "proto3";
+
+package sluice.clickstream;
+
+import "google/protobuf/timestamp.proto";
+
+message Click {
+  string user_id = 1;
+  optional string item_id = 2;
+  optional double price = 3;
+  google.protobuf.Timestamp ts = 4;
+  string session_id = 5;
+  string page = 6;
+  string device = 7;
+  string referrer = 8;
 }
 "#;
 
@@ -123,6 +146,52 @@ pub fn clickstream_avro(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
     avro_string(c.referrer, out);
 }
 
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A length-delimited field (wire type 2).
+fn proto_bytes(field: u64, b: &[u8], out: &mut Vec<u8>) {
+    varint(field << 3 | 2, out);
+    varint(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+/// One event as a Confluent-framed Protobuf record of [`CLICKSTREAM_PROTO`]
+/// (message indexes `[0]`, one zero byte), the same values as
+/// [`clickstream_json`].
+pub fn clickstream_protobuf(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.push(0);
+    proto_bytes(1, format!("u{:05}", e.user).as_bytes(), out);
+    proto_bytes(2, format!("i{}", e.item).as_bytes(), out);
+    // Field 3, wire type 1 (64-bit): the double, little-endian.
+    varint(3 << 3 | 1, out);
+    out.extend_from_slice(&(e.price_cents as f64 / 100.0).to_le_bytes());
+    // google.protobuf.Timestamp: seconds (1) and nanos (2) as varints; a
+    // negative int64 is its two's complement.
+    let mut ts = Vec::with_capacity(12);
+    varint(1 << 3, &mut ts);
+    varint(e.ts.div_euclid(1000) as u64, &mut ts);
+    let nanos = e.ts.rem_euclid(1000) * 1_000_000;
+    if nanos != 0 {
+        varint(2 << 3, &mut ts);
+        varint(nanos as u64, &mut ts);
+    }
+    proto_bytes(4, &ts, out);
+    let c = ClickContext::of(e);
+    proto_bytes(5, c.session_id.as_bytes(), out);
+    proto_bytes(6, c.page.as_bytes(), out);
+    proto_bytes(7, c.device.as_bytes(), out);
+    proto_bytes(8, c.referrer.as_bytes(), out);
+}
+
 struct Counting {
     failed: AtomicU64,
 }
@@ -143,9 +212,17 @@ impl ProducerContext for Counting {
 /// Writes the events; returns how many were written.
 pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
     if let Some(p) = &a.schema_out {
-        std::fs::write(p, CLICKSTREAM_AVSC).with_context(|| format!("writing {}", p.display()))?;
+        let schema = match a.format.as_str() {
+            "protobuf" => CLICKSTREAM_PROTO,
+            _ => CLICKSTREAM_AVSC,
+        };
+        std::fs::write(p, schema).with_context(|| format!("writing {}", p.display()))?;
     }
-    let avro = a.format == "avro";
+    let encode: Option<fn(&Event, u32, &mut Vec<u8>)> = match a.format.as_str() {
+        "avro" => Some(clickstream_avro),
+        "protobuf" => Some(clickstream_protobuf),
+        _ => None,
+    };
     let mut bytes = Vec::new();
     let mut options = BTreeMap::new();
     for kv in &a.kafka {
@@ -188,15 +265,15 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
         }
         let key = format!("u{:05}", e.user);
         let bad = a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every);
-        match (avro, bad) {
-            (false, true) => {
+        match (encode, bad) {
+            (None, true) => {
                 bytes = format!("{{\"user_id\":\"{key}\",\"ts\": not json").into_bytes()
             }
-            (false, false) => bytes = clickstream_json(&e).into_bytes(),
-            (true, false) => clickstream_avro(&e, a.schema_id, &mut bytes),
-            (true, true) => {
+            (None, false) => bytes = clickstream_json(&e).into_bytes(),
+            (Some(encode), false) => encode(&e, a.schema_id, &mut bytes),
+            (Some(encode), true) => {
                 // A record cut short.
-                clickstream_avro(&e, a.schema_id, &mut bytes);
+                encode(&e, a.schema_id, &mut bytes);
                 bytes.truncate(bytes.len() - 3);
             }
         }

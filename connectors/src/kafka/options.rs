@@ -6,6 +6,7 @@ use sluice_sql::{OptionReader, PipelineError, SourcePlan};
 
 use crate::avro::{AvroOptions, Framing};
 use crate::file::options::max_record_bytes;
+use crate::protobuf::ProtobufOptions;
 
 /// What the records of a topic hold.
 #[derive(Debug, Clone)]
@@ -14,6 +15,8 @@ pub enum PayloadFormat {
     Json,
     /// An Avro record per record, with its schema options.
     Avro(AvroOptions),
+    /// A Protobuf message per record, with its schema options.
+    Protobuf(ProtobufOptions),
 }
 
 /// Where a source starts in a partition the checkpoint does not know.
@@ -45,8 +48,8 @@ pub struct KafkaOptions {
     pub max_record_bytes: usize,
     /// The `kafka.*` options, keys as written: passed to librdkafka unchanged.
     pub client: BTreeMap<String, String>,
-    /// `format`: 'json' (default) or 'avro' (with `schema`, `framing`,
-    /// `schema.<id>`).
+    /// `format`: 'json' (default), 'avro' (with `schema`, `framing`,
+    /// `schema.<id>`) or 'protobuf' (those and `message`).
     pub format: PayloadFormat,
 }
 
@@ -65,13 +68,14 @@ impl KafkaOptions {
         "archive",
         "schema",
         "framing",
+        "message",
     ];
 
     /// Reads and checks `source`'s options; an error names the option's
     /// line and column in the pipeline file.
     pub fn parse(source: &SourcePlan) -> Result<Self, PipelineError> {
         let r = OptionReader::new(source, "Kafka sources");
-        // `schema.<id>` options name Avro writer schemas.
+        // `schema.<id>` options name Avro or Protobuf writer schemas.
         let mut known: Vec<&str> = Self::KEYS.to_vec();
         known.extend(
             source
@@ -84,19 +88,24 @@ impl KafkaOptions {
         let topic = r.require("topic")?.to_string();
         let brokers = r.require("brokers")?.to_string();
         let format = match r.one_of("format", &["json", "avro", "protobuf"])? {
-            "avro" => PayloadFormat::Avro(avro_options(&r, source)?),
-            "protobuf" => {
-                return Err(r.error(
-                    "format",
-                    "Kafka format 'protobuf' is not supported by this build; it reads 'json' and 'avro'",
-                ));
+            "avro" => {
+                if r.get("message").is_some() {
+                    return Err(r.error(
+                        "message",
+                        "`message` applies to format = 'protobuf'; an Avro schema names its one record",
+                    ));
+                }
+                PayloadFormat::Avro(avro_options(&r, source)?)
             }
+            "protobuf" => PayloadFormat::Protobuf(protobuf_options(&r, source)?),
             _ => {
-                for k in ["schema", "framing"] {
+                for k in ["schema", "framing", "message"] {
                     if r.get(k).is_some() {
                         return Err(r.error(
                             k,
-                            format!("`{k}` applies to format = 'avro'; this source reads JSON"),
+                            format!(
+                                "`{k}` applies to format = 'avro' or 'protobuf'; this source reads JSON"
+                            ),
                         ));
                     }
                 }
@@ -130,12 +139,11 @@ impl KafkaOptions {
     }
 }
 
-/// The Avro options of `source`, its schema files read and checked against
-/// its columns (an error points at the option it is about).
-fn avro_options(r: &OptionReader<'_>, source: &SourcePlan) -> Result<AvroOptions, PipelineError> {
-    let schema = r
-        .path("schema")
-        .map_err(|e| e.with_help("name the reader schema: schema = 'clicks.avsc'"))?;
+/// The `framing` and `schema.<id>` options of an Avro or Protobuf source.
+fn framing_options(
+    r: &OptionReader<'_>,
+    source: &SourcePlan,
+) -> Result<(Framing, BTreeMap<u32, std::path::PathBuf>), PipelineError> {
     let framing = match r.one_of("framing", &["confluent", "none"])? {
         "none" => Framing::None,
         _ => Framing::Confluent,
@@ -158,11 +166,45 @@ fn avro_options(r: &OptionReader<'_>, source: &SourcePlan) -> Result<AvroOptions
             "schema ids come from Confluent framing; with framing = 'none' every record is read with `schema`",
         ));
     }
+    Ok((framing, writers))
+}
+
+/// The Avro options of `source`, its schema files read and checked against
+/// its columns (an error points at the option it is about).
+fn avro_options(r: &OptionReader<'_>, source: &SourcePlan) -> Result<AvroOptions, PipelineError> {
+    let schema = r
+        .path("schema")
+        .map_err(|e| e.with_help("name the reader schema: schema = 'clicks.avsc'"))?;
+    let (framing, writers) = framing_options(r, source)?;
     let o = AvroOptions {
         schema,
         framing,
         writers,
     };
     crate::avro::check(&o, &source.payload_schema()).map_err(|(k, m)| r.error(&k, m))?;
+    Ok(o)
+}
+
+/// The Protobuf options of `source`, its `.proto` files compiled and
+/// checked against its columns (an error points at the option).
+fn protobuf_options(
+    r: &OptionReader<'_>,
+    source: &SourcePlan,
+) -> Result<ProtobufOptions, PipelineError> {
+    let schema = r
+        .path("schema")
+        .map_err(|e| e.with_help("name the .proto file: schema = 'clicks.proto'"))?;
+    let message = r
+        .require("message")
+        .map_err(|e| e.with_help("name the message each record holds: message = 'Click'"))?
+        .to_string();
+    let (framing, writers) = framing_options(r, source)?;
+    let o = ProtobufOptions {
+        schema,
+        message,
+        framing,
+        writers,
+    };
+    crate::protobuf::check(&o, &source.payload_schema()).map_err(|(k, m)| r.error(&k, m))?;
     Ok(o)
 }
