@@ -3,6 +3,7 @@ with Google's protobuf runtime, the .proto files compiled by protoc (from
 grpcio-tools): an encoder independent of the decoder Sluice uses.
 
 usage: python protobuf_encode.py EVENTS.jsonl OUT.hex WRITER_V1.proto WRITER_V2.proto
+(the tests give it examples/protobuf/clicks_v1.proto and clicks.proto)
 
 The first half of the events is written with schema id 1 (WRITER_V1, where
 Click is the second message: message indexes [1]), the rest with id 2

@@ -136,9 +136,12 @@ fn catch_up(p: &Path, state: &Path) {
 struct Case {
     /// The Python module the encoder needs.
     module: &'static str,
-    /// The encoder script in testdata/ and its schema folder there.
+    /// The encoder script in testdata/.
     script: &'static str,
+    /// The format's name (the topic and folder of the run).
     folder: &'static str,
+    /// The folder of the schema files, from the repository's root.
+    schemas: &'static str,
     /// The two writer schemas given to the script (ids 1 and 2).
     files: [&'static str; 2],
     /// The source's format options.
@@ -168,7 +171,7 @@ fn encoded_records_equal_json(case: &Case) {
     }
     std::fs::write(&jsonl, text).expect("events");
     let hex = root.path().join("records.hex");
-    let schemas = testdata().join(case.folder);
+    let schemas = testdata().join("..").join(case.schemas);
     let o = Command::new(py)
         .arg(testdata().join(case.script))
         .args([&jsonl, &hex])
@@ -251,6 +254,7 @@ fn avro_records_equal_the_same_events_as_json() {
         module: "fastavro",
         script: "avro_encode.py",
         folder: "avro",
+        schemas: "testdata/avro",
         files: ["clicks_v1.avsc", "clicks.avsc"],
         options: "format = 'avro', schema = 'clicks.avsc', schema.1 = 'clicks_v1.avsc', schema.2 = 'clicks.avsc'",
         reasons: &["schema id 99", "ends early", "Confluent framing"],
@@ -263,6 +267,8 @@ fn protobuf_records_equal_the_same_events_as_json() {
         module: "google.protobuf, grpc_tools.protoc",
         script: "protobuf_encode.py",
         folder: "protobuf",
+        // The example's files: the example is what the test reads.
+        schemas: "examples/protobuf",
         files: ["clicks_v1.proto", "clicks.proto"],
         options: "format = 'protobuf', schema = 'clicks.proto', message = 'Click', schema.1 = 'clicks_v1.proto', schema.2 = 'clicks.proto'",
         reasons: &[
@@ -272,6 +278,36 @@ fn protobuf_records_equal_the_same_events_as_json() {
             "Confluent framing",
         ],
     });
+}
+
+/// `sluice explain` refuses each source option string of `cases` with an
+/// error holding its text and a position in the pipeline file.
+fn refused_at_the_option(d: &Path, cases: &[(&str, &str)]) {
+    for (opts, want) in cases {
+        let p = pipeline(d, "127.0.0.1:1", "t", opts);
+        let o = sluice(&["explain", &p.display().to_string()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{opts}: accepted");
+        assert!(err.contains(want), "{opts}: {err}");
+        assert!(err.contains("p.sql:"), "{opts}: no position in {err}");
+    }
+}
+
+/// `sluice explain` of a source of these `columns` and options: its error.
+fn explain_error(d: &Path, columns: &str, options: &str) -> String {
+    let p = d.join("p.sql");
+    std::fs::write(
+        &p,
+        format!(
+            "CREATE SOURCE clicks ({columns})
+  WITH (connector = 'kafka', topic = 't', brokers = '127.0.0.1:1', {options});
+CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, price FROM clicks;"
+        ),
+    )
+    .expect("pipeline");
+    let o = sluice(&["explain", &p.display().to_string()]);
+    assert!(!o.status.success(), "{options}: accepted");
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -311,25 +347,13 @@ fn avro_schema_mistakes_are_pipeline_errors() {
             "framing",
         ),
     ];
-    for (opts, want) in cases {
-        let p = pipeline(d, "127.0.0.1:1", "t", opts);
-        let o = sluice(&["explain", &p.display().to_string()]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{opts}: accepted");
-        assert!(err.contains(want), "{opts}: {err}");
-        assert!(err.contains("p.sql:"), "{opts}: no position in {err}");
-    }
+    refused_at_the_option(d, &cases);
     // A declared type the Avro field cannot fill.
-    let p = d.join("p.sql");
-    std::fs::write(
-        &p,
-        "CREATE SOURCE clicks (user_id TEXT NOT NULL, price TEXT, ts TIMESTAMP NOT NULL)
-  WITH (connector = 'kafka', topic = 't', brokers = '127.0.0.1:1', format = 'avro', schema = 'clicks.avsc');
-CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, price FROM clicks;",
-    )
-    .expect("pipeline");
-    let o = sluice(&["explain", &p.display().to_string()]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = explain_error(
+        d,
+        "user_id TEXT NOT NULL, price TEXT, ts TIMESTAMP NOT NULL",
+        "format = 'avro', schema = 'clicks.avsc'",
+    );
     assert!(
         err.contains("column `price` is TEXT in the pipeline but Float64"),
         "{err}"
@@ -341,7 +365,8 @@ fn protobuf_schema_mistakes_are_pipeline_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     for f in ["clicks.proto", "clicks_v1.proto"] {
-        std::fs::copy(testdata().join("protobuf").join(f), d.join(f)).expect("copy schema");
+        std::fs::copy(testdata().join("../examples/protobuf").join(f), d.join(f))
+            .expect("copy schema");
     }
     // A writer whose field 3 is text, not a double.
     std::fs::write(
@@ -388,25 +413,13 @@ fn protobuf_schema_mistakes_are_pipeline_errors() {
             "`message` applies to format = 'protobuf'",
         ),
     ];
-    for (opts, want) in cases {
-        let p = pipeline(d, "127.0.0.1:1", "t", opts);
-        let o = sluice(&["explain", &p.display().to_string()]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{opts}: accepted");
-        assert!(err.contains(want), "{opts}: {err}");
-        assert!(err.contains("p.sql:"), "{opts}: no position in {err}");
-    }
+    refused_at_the_option(d, &cases);
     // A declared type the field cannot fill.
-    let p = d.join("p.sql");
-    std::fs::write(
-        &p,
-        "CREATE SOURCE clicks (user_id TEXT NOT NULL, price TEXT, ts TIMESTAMP NOT NULL)
-  WITH (connector = 'kafka', topic = 't', brokers = '127.0.0.1:1', format = 'protobuf', schema = 'clicks.proto', message = 'Click');
-CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, price FROM clicks;",
-    )
-    .expect("pipeline");
-    let o = sluice(&["explain", &p.display().to_string()]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = explain_error(
+        d,
+        "user_id TEXT NOT NULL, price TEXT, ts TIMESTAMP NOT NULL",
+        "format = 'protobuf', schema = 'clicks.proto', message = 'Click'",
+    );
     assert!(
         err.contains(
             "column `price` is TEXT in the pipeline but double in message sluice.test.Click"

@@ -498,6 +498,7 @@ fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::{spans_of, test_reject};
     use arrow::datatypes::{Field, TimeUnit};
 
     fn zigzag(v: i64, out: &mut Vec<u8>) {
@@ -556,31 +557,6 @@ mod tests {
         }
     }
 
-    fn reject(pos: u64, _: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
-        DeadLetter {
-            source: "s".into(),
-            position: pos.to_string(),
-            kind,
-            reason,
-            record: String::new(),
-        }
-    }
-
-    fn spans_of(records: &[Vec<u8>]) -> (Vec<u8>, Vec<Span>) {
-        let mut buf = Vec::new();
-        let mut spans = Vec::new();
-        for (i, r) in records.iter().enumerate() {
-            let start = buf.len();
-            buf.extend_from_slice(r);
-            spans.push(Span {
-                start,
-                end: buf.len(),
-                pos: i as u64,
-            });
-        }
-        (buf, spans)
-    }
-
     #[test]
     fn bad_records_are_rejected_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -602,7 +578,7 @@ mod tests {
         let (buf, spans) = spans_of(&[good1, truncated, good2, extra, unframed, good3]);
         let mut rejected = Vec::new();
         let (b, rows) = a
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!(rows, vec![0, 2, 5]);
@@ -644,7 +620,7 @@ mod tests {
         // The next poll decodes on.
         let (buf, spans) = spans_of(&[framed(record("u7", Some(3.0), 7000))]);
         let (b, _) = a
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!(b.num_rows(), 1);
@@ -658,7 +634,7 @@ mod tests {
         let (buf, spans) = spans_of(&[record("u1", None, 1), vec![0xff, 0xff]]);
         let mut rejected = Vec::new();
         let (b, rows) = a
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!((b.num_rows(), rows), (1, vec![0]));
@@ -680,7 +656,7 @@ mod tests {
         ]);
         let mut rejected = Vec::new();
         let (b, _) = a
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!(b.num_rows(), 1);

@@ -29,6 +29,36 @@ pub struct Span {
 /// Builds a dead letter for a record: `(position, bytes, kind, reason)`.
 pub type Reject<'a> = &'a dyn Fn(u64, &[u8], DeadLetterKind, String) -> DeadLetter;
 
+/// `records` laid out in one buffer, each followed by a newline (where a
+/// JSON record ends), with their spans; positions are record indexes.
+pub(crate) fn spans_of<R: AsRef<[u8]>>(records: &[R]) -> (Vec<u8>, Vec<Span>) {
+    let mut buf = Vec::with_capacity(records.iter().map(|r| r.as_ref().len() + 1).sum());
+    let mut spans = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let start = buf.len();
+        buf.extend_from_slice(r.as_ref());
+        spans.push(Span {
+            start,
+            end: buf.len(),
+            pos: i as u64,
+        });
+        buf.push(b'\n');
+    }
+    (buf, spans)
+}
+
+/// A dead letter that keeps only what the decoder tests look at.
+#[cfg(test)]
+pub(crate) fn test_reject(pos: u64, _: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
+    DeadLetter {
+        source: "s".into(),
+        position: pos.to_string(),
+        kind,
+        reason,
+        record: String::new(),
+    }
+}
+
 /// Decodes JSON objects into a declared schema.
 pub struct JsonRecords {
     name: String,

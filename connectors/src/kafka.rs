@@ -36,7 +36,7 @@ use sluice_sql::{MetadataKind, SourcePlan, ViewPlan};
 
 use crate::avro::AvroRecords;
 use crate::error::Error;
-use crate::json::{JsonRecords, Reject, Span};
+use crate::json::{JsonRecords, Reject, Span, spans_of};
 use crate::protobuf::ProtobufRecords;
 
 pub mod options;
@@ -269,19 +269,7 @@ impl PayloadDecoder {
     /// with the index of each row's record, and the dead letters of the
     /// others (positions are record indexes).
     pub fn decode_records(&mut self, records: &[&[u8]]) -> Result<Decoded> {
-        let mut buf = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
-        let mut spans = Vec::with_capacity(records.len());
-        for (i, r) in records.iter().enumerate() {
-            let start = buf.len();
-            buf.extend_from_slice(r);
-            spans.push(Span {
-                start,
-                end: buf.len(),
-                pos: i as u64,
-            });
-            // JSON records end at a newline, as in a poll.
-            buf.push(b'\n');
-        }
+        let (buf, spans) = spans_of(records);
         let source = self.source.clone();
         let reject = |pos: u64, bytes: &[u8], kind: DeadLetterKind, reason: String| DeadLetter {
             source: source.clone(),

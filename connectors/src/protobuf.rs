@@ -837,6 +837,7 @@ impl ProtobufRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::{spans_of, test_reject};
     use arrow::array::{Array, AsArray, Float64Array, StringArray};
     use arrow::datatypes::{Field, Float32Type, TimeUnit};
     use prost::Message as _;
@@ -912,31 +913,6 @@ message Click {
         Value::Message(m)
     }
 
-    fn reject(pos: u64, _: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
-        DeadLetter {
-            source: "s".into(),
-            position: pos.to_string(),
-            kind,
-            reason,
-            record: String::new(),
-        }
-    }
-
-    fn spans_of(records: &[Vec<u8>]) -> (Vec<u8>, Vec<Span>) {
-        let mut buf = Vec::new();
-        let mut spans = Vec::new();
-        for (i, r) in records.iter().enumerate() {
-            let start = buf.len();
-            buf.extend_from_slice(r);
-            spans.push(Span {
-                start,
-                end: buf.len(),
-                pos: i as u64,
-            });
-        }
-        (buf, spans)
-    }
-
     fn framed(id: u32, indexes: &[u8], body: Vec<u8>) -> Vec<u8> {
         let mut v = vec![0];
         v.extend_from_slice(&id.to_be_bytes());
@@ -997,7 +973,7 @@ message Click {
         let (buf, spans) = spans_of(&records);
         let mut rejected = Vec::new();
         let (b, rows) = p
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!(rows, vec![0, 1], "{rejected:#?}");
@@ -1063,7 +1039,7 @@ message Click {
         );
         let (buf, spans) = spans_of(&[framed(7, &[2, 2], again)]);
         let (b, _) = p
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!(b.num_rows(), 1);
@@ -1101,7 +1077,7 @@ message Click {
         let (buf, spans) = spans_of(&[no_ts, too_big, short_vector, vec![0xff, 0xff], good]);
         let mut rejected = Vec::new();
         let (b, rows) = p
-            .decode(&buf, &spans, &reject, &mut rejected)
+            .decode(&buf, &spans, &test_reject, &mut rejected)
             .expect("decode")
             .expect("rows");
         assert_eq!((rows, b.num_rows()), (vec![4], 1));
