@@ -1,8 +1,6 @@
 //! Criterion micro-benchmarks of the kernels the whole-system benchmarks
 //! spend their time in: merging the panes of a hopping window, reading a
-//! key from the online store, decoding JSON records from a file, and
-//! decoding the same clickstream records from Kafka as JSON, Avro and
-//! Protobuf (one core each). Inputs come from
+//! key from the online store, decoding JSON records. Inputs come from
 //! seeded generators; run by hand (`cargo bench -p sluice-benchmarks`),
 //! with `-- --save-baseline NAME` / `-- --baseline NAME` to compare commits.
 
@@ -18,11 +16,7 @@ use arrow::array::{
     UInt32Array,
 };
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use sluice_cli::commands::generate::{Rng as EventRng, clickstream_json, event};
-use sluice_cli::commands::produce::{
-    CLICKSTREAM_AVSC, CLICKSTREAM_PROTO, clickstream_avro, clickstream_protobuf,
-};
-use sluice_connectors::{JsonFileSource, PayloadDecoder};
+use sluice_connectors::JsonFileSource;
 use sluice_engine::online::read_feature;
 use sluice_engine::store::{Commit, Store};
 use sluice_engine::view::ViewOp;
@@ -181,65 +175,5 @@ fn json_decode(c: &mut Criterion) {
     }
 }
 
-/// 8192 clickstream records (all eight fields declared) decoded by a Kafka
-/// source's decoder, as JSON, Confluent-framed Avro and Protobuf: the
-/// same events, encoded as `sluice produce` writes them.
-fn payload_decode(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("clicks.avsc"), CLICKSTREAM_AVSC).expect("avsc");
-    std::fs::write(dir.path().join("clicks.proto"), CLICKSTREAM_PROTO).expect("proto");
-    let mut rng = EventRng::new(42);
-    let events: Vec<_> = (0..8192)
-        .map(|i| event(&mut rng, i, 8192, 100_000, 180))
-        .collect();
-    for (format, options) in [
-        ("json", "format = 'json'"),
-        ("avro", "format = 'avro', schema = 'clicks.avsc'"),
-        (
-            "protobuf",
-            "format = 'protobuf', schema = 'clicks.proto', message = 'Click'",
-        ),
-    ] {
-        let sql = format!(
-            "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
-                session_id TEXT, page TEXT, device TEXT, referrer TEXT)
-             WITH (connector = 'kafka', topic = 'clicks', brokers = '127.0.0.1:1', {options});
-             CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, price FROM clicks;"
-        );
-        let plan = sluice_sql::plan_pipeline("bench.sql", &sql, dir.path()).expect("plans");
-        let mut decoder = PayloadDecoder::new(&plan.sources[0]).expect("decoder");
-        let records: Vec<Vec<u8>> = events
-            .iter()
-            .map(|e| {
-                let mut out = Vec::new();
-                match format {
-                    "avro" => clickstream_avro(e, 1, &mut out),
-                    "protobuf" => clickstream_protobuf(e, 1, &mut out),
-                    _ => out = clickstream_json(e).into_bytes(),
-                }
-                out
-            })
-            .collect();
-        let refs: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-        c.bench_function(
-            &format!("payload_decode/{format}/8192_clickstream_records"),
-            |b| {
-                b.iter(|| {
-                    let (batch, rejected) =
-                        decoder.decode_records(black_box(&refs)).expect("decode");
-                    assert!(rejected.is_empty(), "{rejected:?}");
-                    assert_eq!(batch.map(|(b, _)| b.num_rows()), Some(8192));
-                })
-            },
-        );
-    }
-}
-
-criterion_group!(
-    kernels,
-    pane_merge,
-    online_read,
-    json_decode,
-    payload_decode
-);
+criterion_group!(kernels, pane_merge, online_read, json_decode);
 criterion_main!(kernels);

@@ -56,6 +56,88 @@ pub struct BenchKafkaArgs {
     /// archive run), `avro` and `protobuf` (Confluent-framed, the same events).
     #[arg(long, value_delimiter = ',', default_value = "json")]
     formats: Vec<String>,
+    /// Before the broker runs: decode this many clickstream records of each
+    /// of `--formats` on one thread, with the Kafka source's own decoder
+    /// (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    decode_records: u64,
+    /// Only the decoding measurement; no broker needed.
+    #[arg(long)]
+    decode_only: bool,
+}
+
+/// Decoding alone, one thread: `n` clickstream records of each format
+/// (encoded as `sluice produce` writes them, all eight fields declared)
+/// through [`sluice_connectors::PayloadDecoder`] in polls of 8192, best of 3.
+fn decode_only(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
+    use sluice_cli::commands::generate::{Rng, event};
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("clicks.avsc"), produce::CLICKSTREAM_AVSC)?;
+    std::fs::write(dir.join("clicks.proto"), produce::CLICKSTREAM_PROTO)?;
+    println!(
+        "decoding alone, one thread: {} clickstream records per format, polls of 8192, best of 3",
+        a.decode_records
+    );
+    let mut json_rate = None;
+    for format in &a.formats {
+        let options = match format.as_str() {
+            "avro" => "format = 'avro', schema = 'clicks.avsc'",
+            "protobuf" => "format = 'protobuf', schema = 'clicks.proto', message = 'Click'",
+            _ => "format = 'json'",
+        };
+        let sql = format!(
+            "CREATE SOURCE clicks (user_id TEXT NOT NULL, item_id TEXT, price DOUBLE, ts TIMESTAMP NOT NULL,
+                session_id TEXT, page TEXT, device TEXT, referrer TEXT)
+             WITH (connector = 'kafka', topic = 'clicks', brokers = '127.0.0.1:1', {options});
+             CREATE FEATURE VIEW v KEY user_id AS SELECT user_id, price FROM clicks;"
+        );
+        let plan = sluice_sql::plan_pipeline("decode.sql", &sql, dir)?;
+        let mut decoder = sluice_connectors::PayloadDecoder::new(&plan.sources[0])?;
+        let mut rng = Rng::new(42);
+        let records: Vec<Vec<u8>> = (0..a.decode_records)
+            .map(|i| {
+                let e = event(&mut rng, i, a.decode_records, a.keys, a.minutes);
+                let mut out = Vec::new();
+                produce::clickstream_record(format, &e, 1, &mut out);
+                out
+            })
+            .collect();
+        let bytes: usize = records.iter().map(Vec::len).sum();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let mut rows = 0;
+            for chunk in records.chunks(8192) {
+                let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+                let (batch, rejected) = decoder.decode_records(&refs)?;
+                if let Some(d) = rejected.first() {
+                    bail!(
+                        "{format}: {} records rejected, first: {d:?}",
+                        rejected.len()
+                    );
+                }
+                rows += batch.map_or(0, |(b, _)| b.num_rows());
+            }
+            if rows != records.len() {
+                bail!("{format}: {rows} rows from {} records", records.len());
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let rate = records.len() as f64 / best;
+        let vs = match (format.as_str(), json_rate) {
+            ("json", _) => {
+                json_rate = Some(rate);
+                String::new()
+            }
+            (_, Some(j)) => format!(" ({:.2}x JSON)", rate / j),
+            _ => String::new(),
+        };
+        println!(
+            "  {format:>8}: {rate:>10.0} records/s{vs}, {:.0} B/record, {best:.2} s",
+            bytes as f64 / records.len() as f64,
+        );
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system) of a process, from /proc.
@@ -286,6 +368,8 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         dir: a.dir.clone(),
         kafka: a.kafka.clone(),
         formats: vec!["json".into()],
+        decode_records: 0,
+        decode_only: false,
     };
     preload(&args, &topic, 1, a.recovery_events, a.recovery_keys, "json")?;
     let _ = saved_minutes;
@@ -387,6 +471,17 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
             "release"
         }
     );
+    for format in &a.formats {
+        if !matches!(format.as_str(), "json" | "avro" | "protobuf") {
+            bail!("--formats takes json, avro and protobuf, not `{format}`");
+        }
+    }
+    if a.decode_records > 0 {
+        decode_only(a, &dir.join("decode"))?;
+    }
+    if a.decode_only {
+        return Ok(());
+    }
     // Fresh topics per run: every measurement reads exactly what it wrote.
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -395,9 +490,6 @@ pub fn run(a: &BenchKafkaArgs) -> anyhow::Result<()> {
     for &parts in &a.partitions {
         let mut rates: Vec<(String, f64)> = Vec::new();
         for format in &a.formats {
-            if !matches!(format.as_str(), "json" | "avro" | "protobuf") {
-                bail!("--formats takes json, avro and protobuf, not `{format}`");
-            }
             let rate = measure(a, &dir, parts, format, stamp)?;
             rates.push((format.clone(), rate));
         }

@@ -192,6 +192,19 @@ pub fn clickstream_protobuf(e: &Event, schema_id: u32, out: &mut Vec<u8>) {
     proto_bytes(8, c.referrer.as_bytes(), out);
 }
 
+/// One event as a record of `format` (`json`, `avro` or `protobuf`; the
+/// two binary ones framed with `schema_id`), as `sluice produce` writes it.
+pub fn clickstream_record(format: &str, e: &Event, schema_id: u32, out: &mut Vec<u8>) {
+    match format {
+        "avro" => clickstream_avro(e, schema_id, out),
+        "protobuf" => clickstream_protobuf(e, schema_id, out),
+        _ => {
+            out.clear();
+            out.extend_from_slice(clickstream_json(e).as_bytes());
+        }
+    }
+}
+
 struct Counting {
     failed: AtomicU64,
 }
@@ -218,11 +231,7 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
         };
         std::fs::write(p, schema).with_context(|| format!("writing {}", p.display()))?;
     }
-    let encode: Option<fn(&Event, u32, &mut Vec<u8>)> = match a.format.as_str() {
-        "avro" => Some(clickstream_avro),
-        "protobuf" => Some(clickstream_protobuf),
-        _ => None,
-    };
+    let json = a.format == "json";
     let mut bytes = Vec::new();
     let mut options = BTreeMap::new();
     for kv in &a.kafka {
@@ -265,15 +274,12 @@ pub fn run(a: &ProduceArgs) -> anyhow::Result<u64> {
         }
         let key = format!("u{:05}", e.user);
         let bad = a.bad_every > 0 && (i + 1).is_multiple_of(a.bad_every);
-        match (encode, bad) {
-            (None, true) => {
-                bytes = format!("{{\"user_id\":\"{key}\",\"ts\": not json").into_bytes()
-            }
-            (None, false) => bytes = clickstream_json(&e).into_bytes(),
-            (Some(encode), false) => encode(&e, a.schema_id, &mut bytes),
-            (Some(encode), true) => {
+        clickstream_record(&a.format, &e, a.schema_id, &mut bytes);
+        if bad {
+            if json {
+                bytes = format!("{{\"user_id\":\"{key}\",\"ts\": not json").into_bytes();
+            } else {
                 // A record cut short.
-                encode(&e, a.schema_id, &mut bytes);
                 bytes.truncate(bytes.len() - 3);
             }
         }
