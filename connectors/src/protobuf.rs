@@ -802,12 +802,10 @@ impl FieldMap {
 }
 
 impl Column {
-    /// The wire type this column's field takes, as a name for errors.
+    /// Why a value of this column's field cannot be read with `wire`.
     fn wrong_wire(&self, wire: u8) -> String {
         format!(
-            "field {} (`{}`, {}) arrives with wire type {wire}",
-            self.field.number(),
-            self.field.name(),
+            "a {} arrives with wire type {wire}",
             proto_type(&self.field)
         )
     }
@@ -1447,7 +1445,17 @@ message Click {
                 ("ts", timestamp(&o, 6)),
             ],
         );
-        let (buf, spans) = spans_of(&[no_ts, too_big, short_vector, vec![0xff, 0xff], good]);
+        // Field 3 (`price`, a double) written as a varint.
+        let mut wire_mismatch = good.clone();
+        wire_mismatch.extend_from_slice(&[3 << 3, 1]);
+        let (buf, spans) = spans_of(&[
+            no_ts,
+            too_big,
+            short_vector,
+            vec![0xff, 0xff],
+            good,
+            wire_mismatch,
+        ]);
         let mut rejected = Vec::new();
         let (b, rows) = p
             .decode(&buf, &spans, &test_reject, &mut rejected)
@@ -1458,7 +1466,14 @@ message Click {
             .iter()
             .map(|d| (d.kind, d.reason.as_str()))
             .collect();
-        assert_eq!(reasons.len(), 4, "{reasons:#?}");
+        assert_eq!(reasons.len(), 5, "{reasons:#?}");
+        assert_eq!(reasons[4].0, DeadLetterKind::MalformedRecord);
+        assert!(
+            reasons[4]
+                .1
+                .ends_with("field 3 (`price`): a double arrives with wire type 0"),
+            "{reasons:?}"
+        );
         assert_eq!(reasons[0].0, DeadLetterKind::MissingField);
         assert!(
             reasons[0].1.contains("column `ts` is NOT NULL"),
