@@ -456,7 +456,7 @@ fn duckdb_same(a: &Path, b: &Path, views: &[&str]) {
             "no Python with duckdb (pip install duckdb, or set SLUICE_PYTHON; SLUICE_SKIP_DUCKDB=1 skips)"
         );
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/lake_diff.py");
+    let script = common::repo_root().join("testdata/lake_diff.py");
     let mut args = vec![
         script.display().to_string(),
         a.display().to_string(),

@@ -118,7 +118,7 @@ fn python_with(module: &str) -> Option<PathBuf> {
 }
 
 fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
+    common::repo_root().join("testdata")
 }
 
 fn catch_up(p: &Path, state: &Path) {

@@ -399,7 +399,7 @@ fn run_records(file: &str, records: &[Record], mode: Mode) -> Result<(), String>
 }
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden")
+    common::repo_root().join("testdata/golden")
 }
 
 fn scripts() -> Vec<PathBuf> {

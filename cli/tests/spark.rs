@@ -116,7 +116,7 @@ fn spark_reads_the_lake_as_duckdb_does_with_signed_integers() {
             "no Python with pyspark and duckdb (pip install pyspark duckdb, or set SLUICE_PYTHON; SLUICE_SKIP_SPARK=1 skips)"
         );
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/lake_spark.py");
+    let script = common::repo_root().join("testdata/lake_spark.py");
     let o = Command::new(py)
         .args([
             script.display().to_string(),

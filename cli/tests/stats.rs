@@ -115,7 +115,7 @@ fn statistics_equal_duckdb_and_drift_sets_the_exit_code() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let lake = d.join("lake").join("shop");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/lake_stats.py");
+    let script = common::repo_root().join("testdata/lake_stats.py");
     let mut args = vec![
         script.display().to_string(),
         lake.display().to_string(),

@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::process::Command;
 
 use arrow::array::AsArray;
@@ -367,7 +366,7 @@ fn training_set_errors_name_the_fix() {
 fn training_example_runs() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/training");
+    let ex = common::repo_root().join("examples/training");
     let events = d.join("history/date=2024-01-01/events.parquet");
     let o = common::sluice(&[
         "gen",

@@ -14,10 +14,9 @@ use common::{bin, dead_letters, sluice};
 use sluice_engine::online::{read_row, read_view_meta, watermark_key};
 use sluice_engine::store::Store;
 
-const EXAMPLE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/recsys/pipeline.sql"
-);
+fn example() -> PathBuf {
+    common::repo_root().join("examples/recsys/pipeline.sql")
+}
 
 /// Generates the recsys data into `dir`, with a malformed embedding every
 /// `bad_every` clicks and, first in the file, early clicks of ten users who
@@ -49,7 +48,7 @@ fn make_data(dir: &Path, clicks: u64, bad_every: u64) {
         early.push('\n');
     }
     std::fs::write(&path, early + &text).expect("clicks");
-    std::fs::copy(EXAMPLE, dir.join("pipeline.sql")).expect("pipeline");
+    std::fs::copy(example(), dir.join("pipeline.sql")).expect("pipeline");
 }
 
 fn run_args(dir: &Path) -> Vec<String> {

@@ -253,7 +253,12 @@ mod tests {
     /// one described here is documented in `docs/operations.md`.
     #[test]
     fn every_metric_is_described_and_documented() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // The checkout the test runs in (cargo sets the variable), not
+        // only the one it was compiled in: CI shares a target dir.
+        let root = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("..");
         let mut used = std::collections::BTreeSet::new();
         for dir in ["engine/src", "connectors/src", "cli/src"] {
             let mut stack = vec![root.join(dir)];

@@ -13,6 +13,17 @@ use arrow::array::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+/// The root of the checkout the tests run in. Cargo runs a test with
+/// `CARGO_MANIFEST_DIR` set to the package it tests, so a test binary
+/// reused from another checkout (CI shares one target dir between clones)
+/// still reads this checkout's files; the path compiled in is the fallback.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("..")
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sluice"))
 }
