@@ -693,10 +693,7 @@ fn scalar<'a>(kind: &Kind, v: &'a [u8]) -> std::result::Result<Scalar<'a>, Strin
             let z = var()? as u32;
             Scalar::Int(i128::from((z >> 1) as i32 ^ -((z & 1) as i32)))
         }
-        Kind::Sint64 => {
-            let z = var()?;
-            Scalar::Int(i128::from((z >> 1) as i64 ^ -((z & 1) as i64)))
-        }
+        Kind::Sint64 => Scalar::Int(i128::from(unzigzag(var()?))),
         Kind::Fixed32 => Scalar::Int(i128::from(u32::from_le_bytes([v[0], v[1], v[2], v[3]]))),
         Kind::Sfixed32 => Scalar::Int(i128::from(i32::from_le_bytes([v[0], v[1], v[2], v[3]]))),
         Kind::Fixed64 => Scalar::Int(i128::from(u64::from_le_bytes(fixed(8)))),
@@ -983,16 +980,12 @@ impl Column {
 
 /// Reads Confluent's zig-zag varint from `b` at `*at`.
 fn zigzag(b: &[u8], at: &mut usize) -> Option<i64> {
-    let mut v: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*at)?;
-        *at += 1;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(((v >> 1) as i64) ^ -((v & 1) as i64));
-        }
-    }
-    None
+    varint(b, at).ok().map(unzigzag)
+}
+
+/// A zig-zag encoded value (`sint64`, Confluent's indexes) as signed.
+fn unzigzag(z: u64) -> i64 {
+    (z >> 1) as i64 ^ -((z & 1) as i64)
 }
 
 /// Decodes a source's Protobuf records into batches of its payload columns.

@@ -112,13 +112,9 @@ message Click {
 }
 "#;
 
+/// Avro's `long`: zig-zag, then a varint.
 fn avro_long(v: i64, out: &mut Vec<u8>) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
+    varint(((v << 1) ^ (v >> 63)) as u64, out);
 }
 
 fn avro_string(s: &str, out: &mut Vec<u8>) {
