@@ -2,6 +2,7 @@
 
 pub mod backfill;
 pub mod consistency;
+pub mod daily_stats;
 pub mod demo;
 pub mod explain;
 pub mod gen_recsys;

@@ -46,6 +46,14 @@ pub fn init_tracing(default: &str) {
 /// Installs the Prometheus recorder (once per process).
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let h = PrometheusBuilder::new()
+        // Served values' ages: a second to a week (a full match wins over the suffix).
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_served_value_age_seconds".into()),
+            &[
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0,
+                86400.0, 604800.0,
+            ],
+        )?
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[

@@ -300,3 +300,110 @@ fn bad_input_is_counted_in_metrics() {
     assert!(dl.iter().all(|d| d["source"] == "clicks" && d["reason"].as_str().is_some_and(|r| !r.is_empty())));
     assert_eq!(dl[0]["position"], "events.jsonl:20001");
 }
+
+/// `name{view="view"}` (or `name{view="view",le="le"}`) from a metrics text.
+fn served_age(metrics: &str, suffix: &str, view: &str, le: Option<&str>) -> Option<f64> {
+    let labels = match le {
+        Some(le) => format!("{{view=\"{view}\",le=\"{le}\"}} "),
+        None => format!("{{view=\"{view}\"}} "),
+    };
+    let prefix = format!("sluice_served_value_age_seconds{suffix}{labels}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+}
+
+/// Each served value's age is its clock minus the newest event it holds:
+/// the newest in the key's window for a windowed view, the row's event time
+/// for a lifetime view. Reads that find nothing record nothing.
+#[test]
+fn served_values_report_their_age() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("p.sql"),
+        "CREATE SOURCE clicks (user_id TEXT NOT NULL, price DOUBLE, ts TIMESTAMP NOT NULL,
+    WATERMARK FOR ts AS ts)
+  WITH (connector = 'file', path = 'events.jsonl');
+CREATE FEATURE VIEW w KEY user_id AS
+    SELECT user_id, COUNT(*) AS n FROM clicks
+    GROUP BY user_id, HOP(ts, INTERVAL '1' MINUTE, INTERVAL '10' MINUTE);
+CREATE FEATURE VIEW life KEY user_id AS
+    SELECT user_id, SUM(price) AS spend FROM clicks GROUP BY user_id;",
+    )
+    .expect("sql");
+    // The watermark ends at 10:01:00, so z's event is not yet in w's tiles,
+    // and c's click left w's window long ago.
+    let events = [
+        ("c", "09:40:00"),
+        ("a", "10:00:00"),
+        ("b", "10:00:10"),
+        ("a", "10:00:30"),
+        ("z", "10:01:00"),
+    ];
+    let lines: String = events
+        .iter()
+        .map(|(k, t)| {
+            format!("{{\"user_id\": \"{k}\", \"price\": 1.0, \"ts\": \"2024-01-01T{t}Z\"}}\n")
+        })
+        .collect();
+    std::fs::write(dir.path().join("events.jsonl"), lines).expect("events");
+    let srv = start(dir.path(), &[]);
+    let (_, before) = http(&srv.addr, "GET", "/metrics", None, &[]);
+    assert_eq!(
+        served_age(&before, "_count", "w", None),
+        None,
+        "no reads yet"
+    );
+    for (k, want) in [
+        ("a", 200),
+        ("b", 200),
+        ("c", 404),
+        ("z", 404),
+        ("never", 404),
+    ] {
+        let (status, body) = http(&srv.addr, "GET", &format!("/v1/features/w/{k}"), None, &[]);
+        assert_eq!(status, want, "w/{k}: {body}");
+    }
+    for (k, want) in [
+        ("a", 200),
+        ("b", 200),
+        ("c", 200),
+        ("z", 200),
+        ("never", 404),
+    ] {
+        let (status, body) = http(
+            &srv.addr,
+            "GET",
+            &format!("/v1/features/life/{k}"),
+            None,
+            &[],
+        );
+        assert_eq!(status, want, "life/{k}: {body}");
+    }
+    let (_, m) = http(&srv.addr, "GET", "/metrics", None, &[]);
+    // w: a is 30 s old (its click at 10:00:30), b 50 s.
+    assert_eq!(served_age(&m, "_count", "w", None), Some(2.0), "{m}");
+    assert_eq!(served_age(&m, "_sum", "w", None), Some(80.0), "{m}");
+    assert_eq!(served_age(&m, "_bucket", "w", Some("30")), Some(1.0), "{m}");
+    assert_eq!(served_age(&m, "_bucket", "w", Some("60")), Some(2.0), "{m}");
+    // life: a 30 s, b 50 s, c 21 minutes, z 0 (its event is at the watermark).
+    assert_eq!(served_age(&m, "_count", "life", None), Some(4.0), "{m}");
+    assert_eq!(served_age(&m, "_sum", "life", None), Some(1340.0), "{m}");
+    assert_eq!(
+        served_age(&m, "_bucket", "life", Some("1")),
+        Some(1.0),
+        "{m}"
+    );
+    // A batch read records each key it finds.
+    let (status, _) = http(
+        &srv.addr,
+        "POST",
+        "/v1/features/w",
+        Some(r#"{"keys": ["a", "never"]}"#),
+        &[],
+    );
+    assert_eq!(status, 200);
+    let (_, m) = http(&srv.addr, "GET", "/metrics", None, &[]);
+    assert_eq!(served_age(&m, "_count", "w", None), Some(3.0), "{m}");
+    assert_eq!(served_age(&m, "_sum", "w", None), Some(110.0), "{m}");
+}

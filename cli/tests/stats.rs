@@ -308,3 +308,244 @@ fn statistics_equal_duckdb_and_drift_sets_the_exit_code() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+/// `sluice run` with `--serve` until its bounded input is done; returns
+/// the child and its address.
+fn serve_run(p: &str, state: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(common::bin())
+        .args(["run", p, "--state-dir", state, "--serve", "127.0.0.1:0"])
+        .env("SLUICE_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut addr = None;
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(a) = line.strip_prefix("serving on http://") {
+            addr = Some(a.trim().to_string());
+        }
+        if line.contains("still serving") {
+            break;
+        }
+    }
+    let addr = addr.expect("serving address");
+    (child, addr)
+}
+
+fn stats_file(d: &Path, day: &str) -> std::path::PathBuf {
+    d.join("lake/_stats/shop")
+        .join(format!("date={day}"))
+        .join("stats.json")
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .expect("stats JSON")
+}
+
+/// `stats = 'daily'`: each day is described once the watermark has passed
+/// its end, with the numbers `sluice stats` gives for that day, measured
+/// against `stats_reference`; the newest day's figures are in `/metrics`;
+/// a later run describes the days it completes and leaves the others; a
+/// backfill describes every day again.
+#[test]
+fn daily_statistics_describe_each_closed_day() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The clicks up to noon of day 2: day 1 is whole, day 2 is not.
+    events(&d.join("all.jsonl"));
+    let all = std::fs::read_to_string(d.join("all.jsonl")).expect("events");
+    let lines: Vec<&str> = all.lines().collect();
+    let cut = lines
+        .iter()
+        .position(|l| l.contains("2024-01-02T12:"))
+        .expect("a click at noon on day 2");
+    std::fs::write(d.join("events.jsonl"), lines[..cut].join("\n") + "\n").expect("events");
+    let sql = PIPELINE.replace(
+        "WITH (online = true, offline = 'lake')",
+        "WITH (online = true, offline = 'lake', stats = 'daily', stats_reference = '2024-01-01..2024-01-02')",
+    );
+    let p = d.join("pipeline.sql");
+    std::fs::write(&p, sql).expect("pipeline");
+    let p = p.display().to_string();
+    let state = d.join("state").display().to_string();
+
+    let (mut child, addr) = serve_run(&p, &state);
+    // The final checkpoint completed day 1; the thread looks every 2 s.
+    let day1 = stats_file(d, "2024-01-01");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !day1.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no statistics of day 1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (_, metrics) = common::http(&addr, "GET", "/metrics", None, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !stats_file(d, "2024-01-02").exists(),
+        "day 2 is not over at the watermark"
+    );
+    let j = read_json(&day1);
+    assert_eq!(j["day"], "2024-01-01");
+    let (code, want, err) = stats(&[
+        &p,
+        "--view",
+        "shop",
+        "--from",
+        "2024-01-01",
+        "--to",
+        "2024-01-02",
+        "--reference",
+        "2024-01-01..2024-01-02",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(j["groups"], want["groups"], "the day's statistics");
+    let g = &j["groups"][0];
+    assert!(g["rows"].as_u64().is_some_and(|r| r > 1000), "{g}");
+    for f in FEATURES {
+        assert_eq!(feature(g, f)["psi"], 0.0, "{f} against itself");
+    }
+    // /metrics: the newest day's figures.
+    let metric = |name: &str, labels: &str| -> Option<f64> {
+        let prefix = format!("{name}{{{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    };
+    assert_eq!(
+        metric("sluice_stats_day_ms", "view=\"shop\""),
+        Some(T0 as f64),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric("sluice_stats_days_total", "view=\"shop\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric("sluice_stats_rows", "view=\"shop\""),
+        g["rows"].as_f64()
+    );
+    let spend = feature(g, "spend");
+    assert_eq!(
+        metric(
+            "sluice_feature_null_rate",
+            "view=\"shop\",feature=\"spend\""
+        ),
+        spend["null_rate"].as_f64()
+    );
+    // Prometheus prints the double in its shortest form.
+    let mean = metric("sluice_feature_mean", "view=\"shop\",feature=\"spend\"").expect("mean");
+    assert!(
+        close(mean, spend["mean"].as_f64().expect("mean"), 1e-12),
+        "{mean}"
+    );
+    assert_eq!(
+        metric("sluice_feature_psi", "view=\"shop\",feature=\"top_item\""),
+        Some(0.0)
+    );
+
+    // The rest of the clicks and one on day 3: a second run completes day 2
+    // and leaves day 1.
+    let rest = format!(
+        "{all}{}\n",
+        r#"{"user_id":"u001","item_id":"i001","price":5.0,"ts":"2024-01-03T06:00:00Z"}"#
+    );
+    std::fs::write(d.join("events.jsonl"), rest).expect("events");
+    let o = common::sluice(&["run", &p, "--state-dir", &state]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_json(&day1), j, "day 1 is described once");
+    let day2 = read_json(&stats_file(d, "2024-01-02"));
+    let (_, want2, _) = stats(&[
+        &p,
+        "--view",
+        "shop",
+        "--from",
+        "2024-01-02",
+        "--to",
+        "2024-01-03",
+        "--reference",
+        "2024-01-01..2024-01-02",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(day2["groups"], want2["groups"]);
+    // Day 2 against day 1: the same process, so a small index.
+    let psi = feature(&day2["groups"][0], "spend")["psi"]
+        .as_f64()
+        .expect("psi");
+    assert!(psi > 0.0 && psi < 0.2, "{psi}");
+
+    // A backfill of the same pipeline into another lake describes every
+    // whole day, with the run's numbers; a second one describes them again.
+    let p2 = d.join("backfill.sql");
+    std::fs::write(
+        &p2,
+        std::fs::read_to_string(&p)
+            .expect("pipeline")
+            .replace("offline = 'lake'", "offline = 'lake2'"),
+    )
+    .expect("pipeline");
+    let p2 = p2.display().to_string();
+    let day1b = d.join("lake2/_stats/shop/date=2024-01-01/stats.json");
+    let mut first = Value::Null;
+    for round in 0..2 {
+        let bstate = d.join("backfill-state").display().to_string();
+        let o = common::sluice(&[
+            "backfill",
+            &p2,
+            "--replace",
+            "--to",
+            "2024-01-03",
+            "--state-dir",
+            &bstate,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("view shop: statistics of 2 day(s) (2024-01-01 .. 2024-01-02)"),
+            "{err}"
+        );
+        let b = read_json(&day1b);
+        same_day(&b, &j);
+        if round == 1 {
+            assert_ne!(b["described_at"], first["described_at"], "described again");
+        }
+        first = b;
+    }
+    same_day(
+        &read_json(&d.join("lake2/_stats/shop/date=2024-01-02/stats.json")),
+        &day2,
+    );
+}
+
+/// Two days' statistics over the same rows written in another order:
+/// counts, NULLs, min, max and distinct equal, mean and stddev to 1e-9
+/// (sums in another order), quantiles within the sketch's spread.
+fn same_day(a: &Value, b: &Value) {
+    let (ga, gb) = (&a["groups"][0], &b["groups"][0]);
+    assert_eq!(ga["rows"], gb["rows"]);
+    for f in FEATURES {
+        let (fa, fb) = (feature(ga, f), feature(gb, f));
+        for k in ["count", "nulls", "min", "max", "distinct"] {
+            assert_eq!(fa[k], fb[k], "{f} {k}");
+        }
+        for k in ["mean", "stddev"] {
+            if let (Some(x), Some(y)) = (fa[k].as_f64(), fb[k].as_f64()) {
+                assert!(close(x, y, 1e-9), "{f} {k}: {x} {y}");
+            }
+        }
+        if let (Some(x), Some(y)) = (fa["psi"].as_f64(), fb["psi"].as_f64()) {
+            assert!((x - y).abs() < 1e-3, "{f} psi: {x} {y}");
+        }
+    }
+}

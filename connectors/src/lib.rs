@@ -32,7 +32,7 @@ pub use error::Error;
 pub use file::{FileOptions, JsonFileSource};
 pub use files::{FilesSource, expand_paths, file_source};
 pub use kafka::{DeadLetterTopic, FeatureTopic, KafkaOptions, KafkaSource, PayloadDecoder};
-pub use lake::{LakeWriter, rfc3339_ms};
+pub use lake::{LakeWriter, day_start_ms, rfc3339_ms};
 pub use memory::MemorySource;
 
 /// Checks a source's connector options (each connector owns and parses its

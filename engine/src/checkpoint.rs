@@ -23,7 +23,7 @@ const CHECKPOINT_KEY: &str = "checkpoint";
 const LEGACY_EPOCH_KEY: &str = "epoch";
 
 /// Version of the state layout; a state dir of another version is refused.
-pub const STATE_FORMAT: u32 = 3;
+pub const STATE_FORMAT: u32 = 4;
 
 /// What one checkpoint committed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -48,6 +48,46 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "The view's committed watermark, ms (label: view)",
     ),
     (
+        "sluice_stats_days_total",
+        "counter",
+        "Days of the view's lake described by its daily statistics (stats = 'daily') (label: view)",
+    ),
+    (
+        "sluice_stats_errors_total",
+        "counter",
+        "Days whose daily statistics could not be computed or written; see the log (label: view)",
+    ),
+    (
+        "sluice_stats_day_ms",
+        "gauge",
+        "Start (ms, UTC) of the newest day the view's daily statistics describe (label: view)",
+    ),
+    (
+        "sluice_stats_rows",
+        "gauge",
+        "Lake rows of the newest day described (label: view)",
+    ),
+    (
+        "sluice_feature_null_rate",
+        "gauge",
+        "NULL share of a feature on the newest day described (labels: view, feature)",
+    ),
+    (
+        "sluice_feature_mean",
+        "gauge",
+        "Mean of a numeric feature on the newest day described (labels: view, feature)",
+    ),
+    (
+        "sluice_feature_psi",
+        "gauge",
+        "Population stability index of a feature on the newest day described against the view's stats_reference (labels: view, feature)",
+    ),
+    (
+        "sluice_served_value_age_seconds",
+        "histogram",
+        "Age of each served value: its read clock (as_of) minus the newest event in the key's window (lifetime and per-event views: the watermark minus the row's event time) (label: view)",
+    ),
+    (
         "sluice_view_event_lag_seconds",
         "gauge",
         "Wall clock minus the view's committed watermark, seconds, computed at each scrape (label: view)",

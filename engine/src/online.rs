@@ -140,6 +140,21 @@ pub fn read_feature(
     wm: Option<i64>,
     mode: Option<ReadMode>,
 ) -> Result<Option<Value>> {
+    Ok(read_feature_aged(store, meta, tiles, key, wm, mode)?.0)
+}
+
+/// [`read_feature`], and the age of the value in ms: its clock minus the
+/// newest event it holds (a tiled view: the newest event in the key's
+/// window; a lifetime or per-event view: the watermark minus the row's
+/// event time). `None` when not found or when the value holds no events.
+pub fn read_feature_aged(
+    store: &Store,
+    meta: &ViewMeta,
+    tiles: Option<&TileReader>,
+    key: &str,
+    wm: Option<i64>,
+    mode: Option<ReadMode>,
+) -> Result<(Option<Value>, Option<i64>)> {
     if let Some(t) = tiles {
         let mode = mode.unwrap_or(t.layout().default_mode());
         if !t.layout().offers(mode) {
@@ -156,7 +171,7 @@ pub fn read_feature(
                 mode.as_str()
             )));
         }
-        return t.read(store, key, mode);
+        return t.read_aged(store, key, mode);
     }
     if let Some(m) = mode {
         return Err(EngineError::BadRequest(format!(
@@ -166,7 +181,16 @@ pub fn read_feature(
             m.as_str()
         )));
     }
-    read_row(store, meta, key, wm)
+    let row = read_row(store, meta, key, wm)?;
+    let age = match (&row, wm) {
+        (Some(v), Some(w)) if v.get("valid_until").is_none_or(Value::is_null) => v
+            .get("window_end")
+            .and_then(Value::as_str)
+            .and_then(crate::served::parse_utc_ms)
+            .map(|end| w.saturating_sub(end).max(0)),
+        _ => None,
+    };
+    Ok((row, age))
 }
 
 /// The stored online row of `key`: the row while it is valid at watermark

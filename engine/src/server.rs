@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::job::Live;
-use crate::online::read_feature;
+use crate::online::read_feature_aged;
 use crate::tiles::ReadMode;
 
 /// What the server needs.
@@ -89,7 +89,7 @@ fn lookup(
         ));
     };
     let tiles = s.live.readers.get(view).map(|r| r.as_ref());
-    read_feature(
+    read_feature_aged(
         &s.live.store,
         meta,
         tiles,
@@ -97,6 +97,13 @@ fn lookup(
         s.live.watermark(view),
         mode,
     )
+    .map(|(value, age)| {
+        if let Some(ms) = age {
+            metrics::histogram!("sluice_served_value_age_seconds", "view" => view.to_string())
+                .record(ms as f64 / 1000.0);
+        }
+        value
+    })
     .map_err(|e| match e {
         crate::error::EngineError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
         e => (

@@ -19,6 +19,11 @@
 //! committed watermark and a read at that clock counts each accepted event
 //! once. A tile leaves the store when the watermark passes the end of the
 //! last window that holds it.
+//!
+//! A stored tile is the state row followed by 8 bytes: the newest event time
+//! it holds (little-endian ms). A read takes the newest over the tiles it
+//! merges, the newest event in the key's window, which is how old a served
+//! value is (`sluice_served_value_age_seconds`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -501,16 +506,19 @@ impl TileAgg {
         let groups: Vec<usize> = (0..old.len()).filter(|g| old[*g].is_some()).collect();
         let total = step.tiles.len();
         if !groups.is_empty() {
+            let mut old_states = Vec::with_capacity(groups.len());
+            for g in &groups {
+                if let Some(b) = old[*g].as_deref() {
+                    let (state, newest) = split_tile(&self.view, b)?;
+                    step.newest[*g] = step.newest[*g].max(newest);
+                    old_states.push(state);
+                }
+            }
             let parser = self.kernel.state_conv.parser();
             let states = self
                 .kernel
                 .state_conv
-                .convert_rows(
-                    groups
-                        .iter()
-                        .filter_map(|g| old[*g].as_deref())
-                        .map(|b| parser.parse(b)),
-                )
+                .convert_rows(old_states.iter().map(|b| parser.parse(b)))
                 .map_err(|e| EngineError::arrow("decoding tile states", e))?;
             merge_into(
                 &self.kernel,
@@ -533,7 +541,7 @@ impl TileAgg {
                 // Already out of every window: never written.
                 continue;
             }
-            let state = rows.row(g).as_ref().to_vec();
+            let state = join_tile(rows.row(g).as_ref(), step.newest[g]);
             if old[g].is_none() {
                 out.expiry.push(expiry_key(at, &k));
             }
@@ -625,6 +633,32 @@ fn times<'a>(view: &str, r: &'a Rows) -> Result<&'a Int64Array> {
     })
 }
 
+/// Bytes after a tile's state row: the newest event time it holds.
+const NEWEST_BYTES: usize = 8;
+
+/// A stored tile's state row and the newest event time it holds.
+fn split_tile<'a>(view: &str, bytes: &'a [u8]) -> Result<(&'a [u8], i64)> {
+    let cut = bytes
+        .len()
+        .checked_sub(NEWEST_BYTES)
+        .ok_or_else(|| EngineError::Incompatible {
+            path: format!("tiles of view `{view}`"),
+            reason: format!("a tile of {} bytes has no event time", bytes.len()),
+        })?;
+    let (state, newest) = bytes.split_at(cut);
+    let mut b = [0u8; NEWEST_BYTES];
+    b.copy_from_slice(newest);
+    Ok((state, i64::from_le_bytes(b)))
+}
+
+/// A tile as stored: its state row, then the newest event time it holds.
+fn join_tile(state: &[u8], newest: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state.len() + NEWEST_BYTES);
+    out.extend_from_slice(state);
+    out.extend_from_slice(&newest.to_le_bytes());
+    out
+}
+
 fn merge_into(
     kernel: &AggKernel,
     view: &str,
@@ -649,6 +683,8 @@ struct FlushStep {
     accs: Vec<Box<dyn datafusion::logical_expr::GroupsAccumulator>>,
     index: HashMap<(u32, u8, i64), usize, ahash::RandomState>,
     tiles: Vec<(u32, u8, i64)>,
+    /// Per tile, the newest event time folded in this step.
+    newest: Vec<i64>,
     ids: Vec<u32>,
     groups: Vec<usize>,
 }
@@ -660,6 +696,7 @@ impl FlushStep {
             accs: kernel.new_accs()?,
             index: HashMap::with_hasher(ahash::RandomState::new()),
             tiles: Vec::new(),
+            newest: Vec::new(),
             ids: Vec::new(),
             groups: Vec::new(),
         })
@@ -688,6 +725,9 @@ impl FlushStep {
                 let g = *self.index.entry(tile).or_insert(next);
                 if g == next {
                     self.tiles.push(tile);
+                    self.newest.push(*t);
+                } else if self.newest[g] < *t {
+                    self.newest[g] = *t;
                 }
                 self.groups.push(g);
             }
@@ -765,14 +805,32 @@ impl TileReader {
     /// The value of `key` at the view's committed clock: `None` for a key
     /// without tiles (never seen, or all expired) or one `HAVING` drops.
     pub fn read(&self, store: &dyn StateStore, key: &str, mode: ReadMode) -> Result<Option<Value>> {
+        Ok(self.read_aged(store, key, mode)?.0)
+    }
+
+    /// [`TileReader::read`], and how old the value is: the clock minus the
+    /// newest event in the key's window, in ms (`None` when not found or
+    /// the window holds no events).
+    pub fn read_aged(
+        &self,
+        store: &dyn StateStore,
+        key: &str,
+        mode: ReadMode,
+    ) -> Result<(Option<Value>, Option<i64>)> {
         let v = self.read_many(store, &[key], mode)?;
         let (Some(t), Some(Some(row))) = (v.clock, v.rows.first()) else {
-            return Ok(None);
+            return Ok((None, None));
         };
+        let age = v
+            .newest
+            .first()
+            .copied()
+            .flatten()
+            .map(|n| t.saturating_sub(n).max(0));
         let Some(features) =
             emitted_features(&self.schema, &self.feature_idx, &v.batch.slice(*row, 1))?
         else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let layout = &self.layout;
         let (from, to) = layout.bounds(mode, t);
@@ -787,7 +845,7 @@ impl TileReader {
             }
             o.insert("features".into(), features);
         }
-        Ok(Some(out))
+        Ok((Some(out), age))
     }
 
     /// The values of several keys at the view's committed clock, merged in
@@ -806,6 +864,7 @@ impl TileReader {
         // Per key: its group among merged keys, or the empty-set value.
         let mut slot: Vec<Option<Option<usize>>> = Vec::with_capacity(keys.len());
         let mut merged_keys: Vec<&str> = Vec::new();
+        let mut newest: Vec<Option<i64>> = Vec::with_capacity(keys.len());
         for key in keys {
             let r = store.read_tiles(&self.view, key, &clock_key(&self.view), &|t| {
                 let (from, to) = layout.bounds(mode, t);
@@ -816,12 +875,19 @@ impl TileReader {
             }
             if r.clock.is_none() || !r.exists {
                 slot.push(None);
+                newest.push(None);
             } else if r.states.is_empty() {
                 slot.push(Some(None));
+                newest.push(None);
             } else {
                 let g = merged_keys.len();
                 merged_keys.push(key);
                 groups.extend(std::iter::repeat_n(g, r.states.len()));
+                let mut n = i64::MIN;
+                for b in &r.states {
+                    n = n.max(split_tile(&self.view, b)?.1);
+                }
+                newest.push(Some(n));
                 states.extend(r.states);
                 slot.push(Some(Some(g)));
             }
@@ -834,7 +900,11 @@ impl TileReader {
             let arrays = self
                 .kernel
                 .state_conv
-                .convert_rows(states.iter().map(|b| parser.parse(b)))
+                .convert_rows(
+                    states
+                        .iter()
+                        .map(|b| parser.parse(&b[..b.len() - NEWEST_BYTES])),
+                )
                 .map_err(|e| EngineError::arrow("decoding tile states", e))?;
             let mut accs = self.kernel.new_accs()?;
             merge_into(
@@ -890,7 +960,12 @@ impl TileReader {
                     .map_err(|e| EngineError::arrow("feature rows", e))?
             }
         };
-        Ok(KeyValues { clock, batch, rows })
+        Ok(KeyValues {
+            clock,
+            batch,
+            rows,
+            newest,
+        })
     }
 }
 
@@ -904,6 +979,9 @@ pub struct KeyValues {
     /// Per requested key, its row in `batch`; `None` for a key without
     /// tiles (never seen, or all expired) or one `HAVING` drops.
     pub rows: Vec<Option<usize>>,
+    /// Per requested key, the newest event time in its window (`None`
+    /// when the window holds no events).
+    pub newest: Vec<Option<i64>>,
 }
 
 /// Key columns (one row per key) from keys as the API spells them: columns

@@ -2,7 +2,8 @@
 //! (several keys, disorder within the watermark delay, late events), random
 //! checkpoints, and at each one every key read in every mode its window
 //! offers, compared with DataFusion running the same aggregates over the raw
-//! accepted events in the read's time bounds.
+//! accepted events in the read's time bounds (and each read's age with the
+//! newest of those events).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -314,7 +315,18 @@ fn differential_in(
                 .map(|k| format!("k{k}"))
                 .chain(["never".to_string()])
             {
-                let got = reader.read(store, &k, mode).expect("read");
+                let (got, age) = reader.read_aged(store, &k, mode).expect("read");
+                // The age: the clock minus the key's newest accepted event in the read's bounds.
+                let newest = accepted
+                    .iter()
+                    .filter(|e| e.key == k && e.ts >= from && e.ts < to.min(wm))
+                    .map(|e| e.ts)
+                    .max();
+                assert_eq!(
+                    age,
+                    newest.map(|n| wm - n),
+                    "{window} {mode:?} key {k} at {wm}: age"
+                );
                 // The key still has tiles: some accepted event before the clock in a tile not yet expired.
                 let live = accepted.iter().any(|e| {
                     e.key == k

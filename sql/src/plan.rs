@@ -348,6 +348,26 @@ pub struct ViewPlan {
     /// Share of keys whose online reads are logged to the lake's
     /// `_served/{view}` folder (`log_served`), chosen by key hash.
     pub log_served: Option<f64>,
+    /// Describe each day of the view's lake once it is complete, into the
+    /// lake's `_stats/{view}` folder and `/metrics` (`stats = 'daily'`).
+    pub stats_daily: bool,
+    /// What each described day is measured against (`stats_reference`).
+    pub stats_reference: Option<StatsReference>,
+}
+
+/// The rows a view's daily statistics are measured against.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatsReference {
+    /// A range of the view's own lake, as written (`FROM..TO`, either end
+    /// may be empty; times as `sluice stats --reference` takes them).
+    Range {
+        /// First `window_end` included, as written.
+        from: String,
+        /// First `window_end` excluded, as written.
+        to: String,
+    },
+    /// A training set or another table file.
+    File(std::path::PathBuf),
 }
 
 impl ViewPlan {

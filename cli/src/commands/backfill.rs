@@ -270,5 +270,31 @@ pub fn run_with(a: &BackfillArgs, progress: Progress) -> anyhow::Result<Backfill
             eprintln!("    expect {rule}: {n} of {} rows fail it", v.rows);
         }
     }
+    // Daily statistics of every day the backfill's lake now holds whole:
+    // those ending at or before the later of `--to` and the data's watermark.
+    for mut dv in crate::commands::daily_stats::DailyView::all(&plan)? {
+        let Some(vp) = plan.view(dv.name()) else {
+            continue;
+        };
+        if !views.iter().any(|v| v.name == vp.name) {
+            continue;
+        }
+        let wm = stats
+            .watermarks
+            .iter()
+            .find(|(s, _)| *s == vp.source)
+            .and_then(|(_, w)| *w);
+        let Some(clock) = wm.max(to) else { continue };
+        let days = dv.describe_through(clock, true);
+        if !days.is_empty() {
+            eprintln!(
+                "  view {}: statistics of {} day(s) ({} .. {})",
+                vp.name,
+                days.len(),
+                days.first().map_or("", String::as_str),
+                days.last().map_or("", String::as_str)
+            );
+        }
+    }
     Ok(stats)
 }

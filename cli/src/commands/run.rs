@@ -108,6 +108,7 @@ pub fn run_job(
         start_server(&rt, addr, job.live(), token, handle)?;
     }
     let served = ServedFlusher::start(p, &job.live())?;
+    let daily = crate::commands::daily_stats::DailyStats::start(p, &job.live())?;
     tracing::info!(epoch = job.epoch(), state_dir = %state_dir.display(), "pipeline started");
     let stats = job.run(&stop)?;
     let rate = stats.events as f64 / stats.elapsed.as_secs_f64().max(1e-9);
@@ -129,6 +130,7 @@ pub fn run_job(
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    daily.finish()?;
     served.finish()
 }
 

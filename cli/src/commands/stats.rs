@@ -60,7 +60,9 @@ pub struct StatsArgs {
     pub threads: Option<usize>,
 }
 
-fn lake_input(
+/// The rows of `view`'s lake whose `window_end` is in `[from, to)` (times
+/// as `--from` takes them; an empty or missing end is open).
+pub fn lake_input(
     p: &sluice_sql::PipelinePlan,
     view: &str,
     from: Option<&str>,

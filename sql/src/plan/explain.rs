@@ -71,6 +71,7 @@ impl fmt::Display for PipelinePlan {
                     + &v.log_served
                         .map(|f| format!(" log_served={f}"))
                         .unwrap_or_default()
+                    + if v.stats_daily { " stats=daily" } else { "" }
             )?;
             let versions: Vec<&super::ViewPlan> = self
                 .views

@@ -36,6 +36,8 @@ const VIEW_OPTIONS: &[&str] = &[
     "freshness_slo",
     "expect",
     "log_served",
+    "stats",
+    "stats_reference",
 ];
 
 /// Refuses a key given twice and, when `known` is given, a key not in it
@@ -258,6 +260,10 @@ pub(super) struct ViewOptions<'a> {
     pub(super) log_served: Option<(f64, &'a OptionDef)>,
     /// `expect = '…'` (no name) and `expect.NAME = '…'` rules, in order.
     pub(super) expect: Vec<(Option<String>, &'a OptionDef)>,
+    /// `stats = 'daily'`, with where it is written.
+    pub(super) stats: Option<&'a OptionDef>,
+    /// `stats_reference = 'FROM..TO' | 'FILE'`.
+    pub(super) stats_reference: Option<(crate::plan::StatsReference, &'a OptionDef)>,
 }
 
 impl<'a> ViewOptions<'a> {
@@ -365,6 +371,30 @@ impl<'a> ViewOptions<'a> {
                         ));
                     };
                     out.log_served = Some((f, o));
+                }
+                "stats" => {
+                    if !o.value.trim().eq_ignore_ascii_case("daily") {
+                        return Err(at(
+                            o,
+                            format!(
+                                "stats describes each day of the view's lake: write stats = 'daily', found `{}`",
+                                o.value
+                            ),
+                        ));
+                    }
+                    out.stats = Some(o);
+                }
+                "stats_reference" => {
+                    let value = env(o)?;
+                    let file = base_dir.join(&value);
+                    let r = match value.split_once("..") {
+                        Some((from, to)) if !file.exists() => crate::plan::StatsReference::Range {
+                            from: from.trim().to_string(),
+                            to: to.trim().to_string(),
+                        },
+                        _ => crate::plan::StatsReference::File(file),
+                    };
+                    out.stats_reference = Some((r, o));
                 }
                 "freshness_slo" => {
                     let ms = crate::interval::duration_ms(&env(o)?)

@@ -27,6 +27,16 @@ pub(super) fn lower_view(
     ctx: &SessionContext,
     base_dir: &Path,
 ) -> Result<ViewPlan, PipelineError> {
+    if v.name.value.starts_with('_') {
+        return Err(PipelineError::at(
+            file,
+            Some(v.name.pos),
+            format!(
+                "view `{}`: names starting with `_` are the lake's own folders (`_served`, `_stats`); rename the view",
+                v.name.value
+            ),
+        ));
+    }
     let opts = ViewOptions::parse(file, v, base_dir)?;
     let source = view_source(file, v, plan)?;
     let mut query = v.query.clone();
@@ -66,6 +76,27 @@ pub(super) fn lower_view(
             ));
         }
     }
+    if let Some(o) = opts.stats
+        && opts.offline.is_none()
+    {
+        return Err(PipelineError::at(
+            file,
+            Some(o.value_pos),
+            format!(
+                "stats = 'daily' describes the view's lake: view `{}` needs offline = 'DIR'",
+                v.name.value
+            ),
+        ));
+    }
+    if let Some((_, o)) = &opts.stats_reference
+        && opts.stats.is_none()
+    {
+        return Err(PipelineError::at(
+            file,
+            Some(o.key.pos),
+            "stats_reference is what daily statistics are measured against: add stats = 'daily'",
+        ));
+    }
     let kafka_brokers = feature_topic_brokers(file, v, &opts, source)?;
     if let Some((_, o)) = opts.freshness_slo
         && source.event_time.is_none()
@@ -103,6 +134,8 @@ pub(super) fn lower_view(
         freshness_slo_ms: opts.freshness_slo.map(|(ms, _)| ms),
         expectations,
         log_served: opts.log_served.map(|(f, _)| f),
+        stats_daily: opts.stats.is_some(),
+        stats_reference: opts.stats_reference.map(|(r, _)| r),
     })
 }
 
