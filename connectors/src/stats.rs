@@ -940,9 +940,76 @@ fn largest_shift(cur: &FeatureStats, reference: &FeatureStats) -> Option<Quantil
     best
 }
 
+/// The reference side of a comparison, computed once: its statistics,
+/// each feature's bins (its deciles, or its most frequent values) and its
+/// counts in them. A daily job measuring many days against one fixed
+/// reference computes it once.
+#[derive(Debug, Clone)]
+pub struct ReferenceProfile {
+    input: String,
+    fields: Vec<Field>,
+    stats: GroupStats,
+    bins: Vec<Bins>,
+    counts: Vec<Vec<u64>>,
+}
+
+/// Profiles `reference` for the features `features` of `view` (all when empty).
+pub fn reference_profile(
+    view: &ViewPlan,
+    features: &[String],
+    reference: &StatsInput,
+    threads: usize,
+) -> Result<ReferenceProfile> {
+    let fields = feature_fields(view, features)?;
+    let threads = threads.max(1);
+    let rt = runtime(threads)?;
+    let ctx = session(threads);
+    rt.block_on(async {
+        let (fields, _) = register(&ctx, "ref", view, &fields, reference, false, threads)?;
+        let stats = describe(&ctx, &view.name, "ref", &fields, false)
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(GroupStats {
+                day: None,
+                rows: 0,
+                features: Vec::new(),
+            });
+        let bins = reference_bins(&ctx, &view.name, "ref", &fields).await?;
+        let counts = bin_counts(&ctx, &view.name, "ref", &fields, &bins)
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, c)| c)
+            .unwrap_or_else(|| bins.iter().map(|_| Vec::new()).collect());
+        Ok(ReferenceProfile {
+            input: reference.to_string(),
+            fields,
+            stats,
+            bins,
+            counts,
+        })
+    })
+}
+
 /// Describes the features of `view` over `req.input`, and measures them
 /// against `req.reference` when there is one.
 pub fn feature_stats(view: &ViewPlan, req: &StatsRequest) -> Result<StatsReport> {
+    let profile = req
+        .reference
+        .as_ref()
+        .map(|r| reference_profile(view, &req.features, r, req.threads))
+        .transpose()?;
+    feature_stats_against(view, req, profile.as_ref())
+}
+
+/// [`feature_stats`] against a reference profiled before (`req.reference`
+/// is not read).
+pub fn feature_stats_against(
+    view: &ViewPlan,
+    req: &StatsRequest,
+    reference: Option<&ReferenceProfile>,
+) -> Result<StatsReport> {
     let fields = feature_fields(view, &req.features)?;
     let threads = req.threads.max(1);
     let rt = runtime(threads)?;
@@ -959,11 +1026,16 @@ pub fn feature_stats(view: &ViewPlan, req: &StatsRequest) -> Result<StatsReport>
             reference: None,
             drift: Vec::new(),
         };
-        let Some(reference) = &req.reference else {
+        let Some(r) = reference else {
             return Ok(report);
         };
-        let (rfields, _) = register(&ctx, "ref", view, &fields, reference, false, threads)?;
-        for (a, b) in fields.iter().zip(&rfields) {
+        if r.fields.len() != fields.len() {
+            return Err(cerr(
+                format!("view {}", view.name),
+                "the reference was profiled for other features",
+            ));
+        }
+        for (a, b) in fields.iter().zip(&r.fields) {
             if FeatureKind::of(a.data_type()) != FeatureKind::of(b.data_type()) {
                 return Err(cerr(
                     format!("view {}", view.name),
@@ -976,20 +1048,8 @@ pub fn feature_stats(view: &ViewPlan, req: &StatsRequest) -> Result<StatsReport>
                 ));
             }
         }
-        let rstats = describe(&ctx, &view.name, "ref", &rfields, false)
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or(GroupStats {
-                day: None,
-                rows: 0,
-                features: Vec::new(),
-            });
-        let bins = reference_bins(&ctx, &view.name, "ref", &rfields).await?;
-        let rcounts = bin_counts(&ctx, &view.name, "ref", &rfields, &bins).await?;
-        let ccounts = bin_counts(&ctx, &view.name, "cur", &fields, &bins).await?;
-        let empty: Vec<Vec<u64>> = bins.iter().map(|_| Vec::new()).collect();
-        let rc = rcounts.first().map(|(_, c)| c).unwrap_or(&empty);
+        let ccounts = bin_counts(&ctx, &view.name, "cur", &fields, &r.bins).await?;
+        let empty: Vec<Vec<u64>> = r.bins.iter().map(|_| Vec::new()).collect();
         for g in &report.groups {
             let key = g.day.clone().unwrap_or_default();
             let cc = ccounts
@@ -999,17 +1059,17 @@ pub fn feature_stats(view: &ViewPlan, req: &StatsRequest) -> Result<StatsReport>
                 .unwrap_or(&empty);
             let mut drifts = Vec::new();
             for (k, f) in g.features.iter().enumerate() {
-                let shift = rstats.features.get(k).and_then(|r| largest_shift(f, r));
+                let shift = r.stats.features.get(k).and_then(|x| largest_shift(f, x));
                 drifts.push(Drift {
                     feature: f.name.clone(),
-                    psi: psi(&cc[k], &rc[k]),
-                    bins: rc[k].len(),
+                    psi: psi(&cc[k], &r.counts[k]),
+                    bins: r.counts[k].len(),
                     shift,
                 });
             }
             report.drift.push(drifts);
         }
-        report.reference = Some((reference.to_string(), rstats));
+        report.reference = Some((r.input.clone(), r.stats.clone()));
         Ok(report)
     })
 }

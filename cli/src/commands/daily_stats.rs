@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
-use sluice_connectors::stats::{FeatureKind, StatsInput, StatsRequest, feature_stats};
+use sluice_connectors::stats::{
+    FeatureKind, ReferenceProfile, StatsInput, StatsRequest, feature_stats_against,
+    reference_profile,
+};
 use sluice_connectors::{day_start_ms, rfc3339_ms};
 use sluice_engine::job::Live;
 use sluice_sql::{PipelinePlan, StatsReference, ViewPlan};
@@ -38,6 +41,9 @@ pub struct DailyView {
     plan: ViewPlan,
     root: PathBuf,
     reference: Option<StatsInput>,
+    /// The reference, profiled once it can no longer change (a file, or a
+    /// range of the lake that ends at or before the clock).
+    profile: Option<ReferenceProfile>,
     /// Days that failed in this process (not tried again until a restart).
     failed: HashSet<String>,
     /// The newest day described so far (its figures are the ones in `/metrics`).
@@ -63,6 +69,7 @@ impl DailyView {
                 plan: v.clone(),
                 root: root.clone(),
                 reference,
+                profile: None,
                 failed: HashSet::new(),
                 newest: None,
             });
@@ -113,11 +120,29 @@ impl DailyView {
                 to: Some(start + DAY_MS),
             },
             by_day: false,
-            reference: self.reference.clone(),
+            reference: None,
             // One worker: the stream keeps the other cores.
             threads: 1,
         };
-        let report = feature_stats(&self.plan, &req)?;
+        let fresh;
+        let profile = match (&self.reference, &self.profile) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p),
+            (Some(r), None) => {
+                let p = reference_profile(&self.plan, &[], r, 1)?;
+                let fixed = match r {
+                    StatsInput::File(_) => true,
+                    StatsInput::Lake { to, .. } => to.is_some_and(|t| t <= clock),
+                };
+                if fixed {
+                    Some(&*self.profile.insert(p))
+                } else {
+                    fresh = p;
+                    Some(&fresh)
+                }
+            }
+        };
+        let report = feature_stats_against(&self.plan, &req, profile)?;
         let mut j = report_json(&report);
         j["day"] = json!(day);
         j["watermark"] = json!(rfc3339_ms(clock));
@@ -156,6 +181,16 @@ impl DailyView {
     }
 }
 
+/// Statistics are background work: on Linux the thread (and the
+/// DataFusion workers it starts, which inherit it) runs at nice 10, so the
+/// stream and the serving API come first when the cores are busy.
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, 10) {
+        tracing::debug!("daily statistics at normal priority: {e}");
+    }
+}
+
 /// The `date=` folders of a view's lake, with each day's start (ms).
 fn lake_days(dir: &Path) -> Vec<(i64, String)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -191,6 +226,7 @@ impl DailyStats {
         let thread = std::thread::Builder::new()
             .name("daily-stats".into())
             .spawn(move || {
+                background_priority();
                 loop {
                     let last = flag.load(Ordering::SeqCst);
                     for v in &mut views {
