@@ -43,6 +43,10 @@ pub struct BenchQualityArgs {
     /// Runs of each variant (the best is reported).
     #[arg(long, default_value_t = 2)]
     repeat: usize,
+    /// Run only the baseline and the variants whose names contain one of
+    /// these (`--only daily,CHECK`); default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Working directory.
     #[arg(long, default_value = "sluice-bench-quality")]
     dir: PathBuf,
@@ -235,6 +239,9 @@ pub fn run(a: &BenchQualityArgs) -> anyhow::Result<()> {
     let mut best: Vec<RunFigures> = vec![RunFigures::default(); variants.len()];
     for round in 0..a.repeat.max(1) {
         for (i, (name, sql)) in variants.iter().enumerate() {
+            if i > 0 && !a.only.is_empty() && !a.only.iter().any(|o| name.contains(o.as_str())) {
+                continue;
+            }
             let f = one_run(a, &dir.join(format!("run-{i}")), &events, sql)?;
             let days = if sql.contains("stats = 'daily'") {
                 format!(
@@ -255,6 +262,9 @@ pub fn run(a: &BenchQualityArgs) -> anyhow::Result<()> {
     }
     for (i, (name, _)) in variants.iter().enumerate() {
         let (rate, rps) = (best[i].events_per_sec, best[i].reads_per_sec);
+        if rate == 0.0 {
+            continue;
+        }
         if i == 0 {
             base = rate;
             println!("{name} (baseline): {rate:.0} events/s while serving {rps:.0} reads/s");

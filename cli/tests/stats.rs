@@ -309,32 +309,15 @@ fn statistics_equal_duckdb_and_drift_sets_the_exit_code() {
     }
 }
 
-/// `sluice run` with `--serve` until its bounded input is done; returns
-/// the child and its address.
-fn serve_run(p: &str, state: &str) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(common::bin())
-        .args(["run", p, "--state-dir", state, "--serve", "127.0.0.1:0"])
-        .env("SLUICE_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut addr = None;
-    for line in std::io::BufReader::new(stderr)
-        .lines()
-        .map_while(Result::ok)
-    {
-        if let Some(a) = line.strip_prefix("serving on http://") {
-            addr = Some(a.trim().to_string());
-        }
-        if line.contains("still serving") {
-            break;
-        }
-    }
-    let addr = addr.expect("serving address");
-    (child, addr)
+/// `sluice run` with `--serve` until its bounded input is done.
+fn serve_run(p: &str, state: &str) -> common::ServingRun {
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["run", p, "--state-dir", state, "--serve", "127.0.0.1:0"]);
+    let run = common::spawn_serving(cmd);
+    run.done
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the run finished its input");
+    run
 }
 
 fn stats_file(d: &Path, day: &str) -> std::path::PathBuf {
@@ -375,7 +358,8 @@ fn daily_statistics_describe_each_closed_day() {
     let p = p.display().to_string();
     let state = d.join("state").display().to_string();
 
-    let (mut child, addr) = serve_run(&p, &state);
+    let mut run = serve_run(&p, &state);
+    let addr = run.addr.clone();
     // The final checkpoint completed day 1; the thread looks every 2 s.
     let day1 = stats_file(d, "2024-01-01");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -387,8 +371,8 @@ fn daily_statistics_describe_each_closed_day() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let (_, metrics) = common::http(&addr, "GET", "/metrics", None, &[]);
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = run.child.kill();
+    let _ = run.child.wait();
     assert!(
         !stats_file(d, "2024-01-02").exists(),
         "day 2 is not over at the watermark"

@@ -182,11 +182,11 @@ impl DailyView {
 }
 
 /// Statistics are background work: on Linux the thread (and the
-/// DataFusion workers it starts, which inherit it) runs at nice 10, so the
+/// DataFusion workers it starts, which inherit it) runs at nice 19, so the
 /// stream and the serving API come first when the cores are busy.
 fn background_priority() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, 10) {
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
         tracing::debug!("daily statistics at normal priority: {e}");
     }
 }
