@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-    UInt64Array,
 };
 use sluice_connectors::stats::{StatsInput, StatsRequest, feature_stats};
 use sluice_engine::OfflineSink;
@@ -79,10 +78,11 @@ fn write_lake(
             .iter()
             .map(|r| (mix(r * 3) % 10_000) as f64 / 100.0)
             .collect();
-        let distinct: Vec<u64> = clicks
+        // APPROX_DISTINCT is cast to BIGINT in the view's output.
+        let distinct: Vec<i64> = clicks
             .iter()
             .zip(&idx)
-            .map(|(c, r)| 1 + mix(r * 5) % (*c as u64))
+            .map(|(c, r)| 1 + (mix(r * 5) % (*c as u64)) as i64)
             .collect();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(
@@ -100,7 +100,7 @@ fn write_lake(
             Arc::new(Int64Array::from(clicks)),
             Arc::new(Float64Array::from(spend)),
             Arc::new(Float64Array::from(avg)),
-            Arc::new(UInt64Array::from(distinct)),
+            Arc::new(Int64Array::from(distinct)),
         ];
         let batch = RecordBatch::try_new(Arc::clone(&schema), cols)?;
         epoch += 1;

@@ -16,6 +16,7 @@ pub mod kafka;
 mod lake;
 mod memory;
 pub mod protobuf;
+mod quantiles;
 pub mod served;
 pub mod stats;
 pub mod training;

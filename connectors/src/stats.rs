@@ -1,7 +1,8 @@
 //! Feature statistics and drift: per feature of a view, over its lake rows
 //! (optionally one group per `date=` day and a time range) or over a
 //! training-set file, computed by DataFusion aggregates (`COUNT`, `MIN`,
-//! `MAX`, `AVG`, `STDDEV`, `approx_percentile_cont`, `APPROX_DISTINCT`).
+//! `MAX`, `AVG`, `STDDEV`, `APPROX_DISTINCT`, and `approx_percentile_cont`'s
+//! t-digest, one per feature for all its quantiles).
 //! Against a reference (another range, or a training set) each feature
 //! gets a population stability index over the reference's deciles (or its
 //! most frequent values, for text) and its largest quantile shift.
@@ -14,7 +15,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, ListArray, RecordBatch, StringArray,
+};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
@@ -34,6 +37,7 @@ use sluice_engine::{EngineError, Result};
 use sluice_sql::ViewPlan;
 
 use crate::lake::io;
+use crate::quantiles::digest_quantiles;
 use crate::training::{lake_files, read_table};
 
 /// Quantiles every numeric feature reports.
@@ -41,6 +45,10 @@ pub const QUANTILES: [f64; 9] = [0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95,
 /// Reference quantiles whose values bound the bins of a numeric feature's
 /// population stability index (ten bins of about equal reference mass).
 const DECILES: [f64; 9] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+/// The aggregates that answer [`QUANTILES`] and [`DECILES`] from one
+/// t-digest per feature (see [`crate::quantiles`]).
+const QUANTILES_FN: &str = "sluice_quantiles";
+const DECILES_FN: &str = "sluice_deciles";
 /// A text feature's bins: the reference's most frequent values, then one
 /// bin for every other value (and one for NULL, as for numbers).
 const TOP_VALUES: usize = 20;
@@ -527,7 +535,12 @@ fn register(
 }
 
 fn session(threads: usize) -> SessionContext {
-    SessionContext::new_with_config(SessionConfig::new().with_target_partitions(threads.max(1)))
+    let ctx = SessionContext::new_with_config(
+        SessionConfig::new().with_target_partitions(threads.max(1)),
+    );
+    ctx.register_udaf(digest_quantiles(QUANTILES_FN, &QUANTILES));
+    ctx.register_udaf(digest_quantiles(DECILES_FN, &DECILES));
+    ctx
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
@@ -601,6 +614,20 @@ fn f64_of(a: &ArrayRef, row: usize) -> Option<f64> {
     }
 }
 
+/// The doubles of one list result (empty when NULL).
+fn list_of(a: &ArrayRef, row: usize) -> Vec<Option<f64>> {
+    match a.as_any().downcast_ref::<ListArray>() {
+        Some(l) if l.is_valid(row) => {
+            let v = l.value(row);
+            v.as_any()
+                .downcast_ref::<Float64Array>()
+                .map(|v| v.iter().collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn u64_of(a: &ArrayRef, row: usize) -> u64 {
     match ScalarValue::try_from_array(a, row) {
         Ok(ScalarValue::Int64(Some(v))) => v.max(0) as u64,
@@ -636,11 +663,7 @@ async fn describe(
                 sel.push(format!("MAX({c})"));
                 sel.push(format!("AVG({d})"));
                 sel.push(format!("STDDEV({d})"));
-                for q in QUANTILES {
-                    sel.push(format!(
-                        "approx_percentile_cont({q}) WITHIN GROUP (ORDER BY {d})"
-                    ));
-                }
+                sel.push(format!("{QUANTILES_FN}({d})"));
             }
             FeatureKind::Text => {
                 sel.push(format!("COUNT({c})"));
@@ -700,10 +723,10 @@ async fn describe(
                     FeatureKind::Numeric => {
                         s.mean = f64_of(b.column(i), row);
                         s.stddev = f64_of(b.column(i + 1), row);
-                        i += 2;
-                        for q in QUANTILES {
-                            s.quantiles.push((q, f64_of(b.column(i), row)));
-                            i += 1;
+                        let qs = list_of(b.column(i + 2), row);
+                        i += 3;
+                        for (k, q) in QUANTILES.into_iter().enumerate() {
+                            s.quantiles.push((q, qs.get(k).copied().flatten()));
                         }
                     }
                     FeatureKind::Text => {
@@ -750,15 +773,10 @@ async fn reference_bins(
         .collect();
     let mut deciles: Vec<Vec<f64>> = Vec::new();
     if !numeric.is_empty() {
-        let mut sel = Vec::new();
-        for f in &numeric {
-            for q in DECILES {
-                sel.push(format!(
-                    "approx_percentile_cont({q}) WITHIN GROUP (ORDER BY CAST({} AS DOUBLE))",
-                    ident(f.name())
-                ));
-            }
-        }
+        let sel: Vec<String> = numeric
+            .iter()
+            .map(|f| format!("{DECILES_FN}(CAST({} AS DOUBLE))", ident(f.name())))
+            .collect();
         let b = query(
             ctx,
             view,
@@ -766,12 +784,13 @@ async fn reference_bins(
         )
         .await?;
         for (k, _) in numeric.iter().enumerate() {
-            let mut edges: Vec<f64> = (0..DECILES.len())
-                .filter_map(|j| {
-                    b.first()
-                        .filter(|b| b.num_rows() > 0)
-                        .and_then(|b| f64_of(b.column(k * DECILES.len() + j), 0))
-                })
+            let mut edges: Vec<f64> = b
+                .first()
+                .filter(|b| b.num_rows() > 0)
+                .map(|b| list_of(b.column(k), 0))
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
                 .filter(|v| v.is_finite())
                 .collect();
             edges.sort_by(f64::total_cmp);

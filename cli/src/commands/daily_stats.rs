@@ -182,12 +182,25 @@ impl DailyView {
 }
 
 /// Statistics are background work: on Linux the thread (and the
-/// DataFusion workers it starts, which inherit it) runs at nice 19, so the
-/// stream and the serving API come first when the cores are busy.
+/// DataFusion workers it starts, which inherit its policy) runs under
+/// `SCHED_IDLE`. It gets a core only when no other thread wants one, and a
+/// thread of the stream or the server that wakes takes the core from it at
+/// once. Nice 19 was not enough: a niced thread keeps the core for its
+/// slice, and the stream and the server wake thousands of times a second.
 fn background_priority() {
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, 19) {
-        tracing::debug!("daily statistics at normal priority: {e}");
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid `sched_param` for the whole call, and
+        // pid 0 names the calling thread; nothing else is touched.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if rc != 0 {
+            tracing::debug!(
+                "daily statistics at normal priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
