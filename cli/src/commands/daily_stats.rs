@@ -185,8 +185,8 @@ impl DailyView {
 /// DataFusion workers it starts, which inherit its policy) runs under
 /// `SCHED_IDLE`. It gets a core only when no other thread wants one, and a
 /// thread of the stream or the server that wakes takes the core from it at
-/// once. Nice 19 was not enough: a niced thread keeps the core for its
-/// slice, and the stream and the server wake thousands of times a second.
+/// once. At nice 19 the same work slowed the stream more in
+/// `sluice-bench quality` (see docs/benchmarks.md).
 fn background_priority() {
     #[cfg(target_os = "linux")]
     {
