@@ -171,6 +171,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
         replace: true,
         threads: None,
         batch_rows: 8192,
+        dead_letter_limit: sluice_engine::DEFAULT_DEAD_LETTER_LIMIT,
         quiet: true,
     };
     let t = Instant::now();
@@ -254,6 +255,7 @@ pub fn run(a: &BenchBackfillArgs) -> anyhow::Result<()> {
         closed_windows: true,
         sources: Default::default(),
         dead_letters: dir.join("training_dead_letters.jsonl"),
+        archive_writers: Default::default(),
     };
     // The lake of the synthetic view.
     let mut p2 = plan.clone();
@@ -336,6 +338,7 @@ fn replayed_training_set(
         .into_iter()
         .collect(),
         dead_letters: dir.join("training_replay_dead_letters.jsonl"),
+        archive_writers: Default::default(),
     };
     let t = Instant::now();
     let st = sluice_connectors::training::training_set(&plan, &req)?;

@@ -220,7 +220,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
 
     // 3. Serving: GETs of random keys over loopback keep-alive connections.
     // The server runs as long as `_rt` lives.
-    let (_rt, addr) = crate::serve_local(live)?;
+    let (_rt, addr) = crate::serve_local(live, sluice_engine::server::ServeLimits::default())?;
     let _ = load(addr.clone(), a.keys, 2000, 1)?; // warm-up
     let per = a.requests / a.clients.max(1);
     let t = Instant::now();

@@ -8,6 +8,7 @@ mod hop;
 mod kafka;
 mod quality;
 mod scripts;
+mod serve;
 mod stats;
 mod tiles;
 mod vectors;
@@ -40,6 +41,8 @@ enum Cmd {
     Tiles(tiles::BenchTilesArgs),
     /// The cost of log_served, CHECK and expect rules under a read load, against the run without.
     Quality(quality::BenchQualityArgs),
+    /// GET latency at a fixed rate with the serving limits against without; the time to refuse a filter bomb and a flood.
+    Serve(serve::BenchServeArgs),
 }
 
 fn main() {
@@ -52,6 +55,7 @@ fn main() {
         Cmd::Tiles(a) => tiles::run(&a),
         Cmd::Stats(a) => stats::run(&a),
         Cmd::Quality(a) => quality::run(&a),
+        Cmd::Serve(a) => serve::run(&a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -59,27 +63,22 @@ fn main() {
     }
 }
 
-/// Serves `live` with the engine's router on 127.0.0.1 (a free port) from
-/// a one-worker runtime; returns the runtime (the server stops with it)
-/// and the address.
+/// Serves `live` with the engine's server on 127.0.0.1 (a free port), with
+/// `limits`, from a runtime of two async threads (as `sluice run` on this
+/// machine); returns the runtime (the server stops with it) and the address.
 pub(crate) fn serve_local(
     live: std::sync::Arc<sluice_engine::Live>,
+    limits: sluice_engine::server::ServeLimits,
 ) -> anyhow::Result<(tokio::runtime::Runtime, String)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?.to_string();
-    let app = sluice_engine::server::router(sluice_engine::server::ServeState {
-        live,
-        metrics: None,
-        token: None,
-    });
-    rt.spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok((rt, addr))
+    let bound = listener.local_addr()?;
+    let state = sluice_engine::server::ServeState::new(live, None, None, limits, bound);
+    rt.spawn(sluice_engine::server::serve(listener, state));
+    Ok((rt, bound.to_string()))
 }
 
 /// The job `sluice run` makes of `dir/pipeline.sql`: its sources (Kafka

@@ -154,7 +154,10 @@ fn one_run(
     std::fs::write(dir.join("pipeline.sql"), sql)?;
     let (plan, mut job) = crate::open_run_job(dir, Duration::from_secs(1), false)?;
     let live = job.live();
-    let (_rt, addr) = crate::serve_local(Arc::clone(&live))?;
+    let (_rt, addr) = crate::serve_local(
+        Arc::clone(&live),
+        sluice_engine::server::ServeLimits::default(),
+    )?;
     let served = ServedFlusher::start(&plan, &live)?;
     let daily = DailyStats::start(&plan, &live)?;
     let stop = Arc::new(AtomicBool::new(false));

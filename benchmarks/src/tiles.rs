@@ -603,7 +603,7 @@ fn fresh_part(dir: &Path) -> anyhow::Result<()> {
     let st = Arc::clone(&stop);
     let runner = std::thread::spawn(move || job.run(&st));
     // The server runs as long as `_rt` lives.
-    let (_rt, addr) = crate::serve_local(live)?;
+    let (_rt, addr) = crate::serve_local(live, sluice_engine::server::ServeLimits::default())?;
     let batch = |users: Vec<String>, ts: Vec<i64>| -> anyhow::Result<RecordBatch> {
         let n = users.len();
         let cols: Vec<ArrayRef> = vec![

@@ -272,7 +272,7 @@ fn over_http(
         versions: Default::default(),
         catch_up: Default::default(),
     });
-    let (rt, addr) = crate::serve_local(live)?;
+    let (rt, addr) = crate::serve_local(live, sluice_engine::server::ServeLimits::default())?;
     let s = TcpStream::connect(&addr)?;
     s.set_nodelay(true)?;
     let mut w = s.try_clone()?;

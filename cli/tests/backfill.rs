@@ -402,9 +402,10 @@ fn bad_rows_in_parquet_and_csv_are_dead_lettered() {
     assert_eq!(
         kinds,
         BTreeMap::from([
-            ("bad.csv:2".to_string(), "wrong_type".to_string()),
-            ("bad.csv:3".to_string(), "missing_field".to_string()),
-            ("bad.csv:4".to_string(), "wrong_type".to_string()),
+            // Lines of the file: the header is line 1.
+            ("bad.csv:3".to_string(), "wrong_type".to_string()),
+            ("bad.csv:4".to_string(), "missing_field".to_string()),
+            ("bad.csv:5".to_string(), "wrong_type".to_string()),
         ]),
         "{dead:?}"
     );

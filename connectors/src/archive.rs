@@ -2,11 +2,14 @@
 //! each checkpoint (`archive = 'path'` on `CREATE SOURCE`), and read back in
 //! arrival order for training-set replays.
 //!
-//! Layout: `{archive}/date=YYYY-MM-DD/part-{epoch}-{n}.parquet`, by the UTC
-//! date of the event time, the source's columns followed by
-//! [`sluice_engine::replay::archive_columns`]. Files of a checkpoint that did
-//! not commit are removed when the job restarts, so every accepted event is
-//! in the archive once.
+//! Layout: `{archive}/date=YYYY-MM-DD/part-{epoch}-{writer}-{n}.parquet`,
+//! by the UTC date of the event time, the source's columns followed by
+//! [`sluice_engine::replay::archive_columns`]; `writer` is the id of the
+//! state dir whose job archived the file. Files of a checkpoint that did
+//! not commit are removed when that job restarts, so every accepted event
+//! is in its writer's archive once. An archive that several state dirs
+//! wrote into (a new `--state-dir` after a view changed) holds one stream
+//! per writer: a replay reads one of them.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -21,7 +24,7 @@ use sluice_engine::replay::{archive_columns, archive_schema};
 use sluice_engine::{EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::{OptionReader, PipelineError, SourcePlan};
 
-use crate::lake::{LakeWriter, io};
+use crate::lake::{LakeWriter, PartName, io};
 
 /// Bits of a row position that hold the offset (the partition above them).
 const OFFSET_BITS: u32 = 40;
@@ -69,12 +72,44 @@ pub struct ArchiveSource {
     next: Option<u64>,
     /// The epoch the last poll returned.
     last: Option<u64>,
+    /// The writer read.
+    writer: String,
+    /// Every writer with its checkpoints.
+    writers: Vec<(String, usize)>,
+}
+
+/// `id (N checkpoints), …` of an archive's writers (`""`: files of builds
+/// before writer ids).
+pub fn describe_writers(writers: &[(String, usize)]) -> String {
+    writers
+        .iter()
+        .map(|(w, n)| {
+            let w = if w.is_empty() {
+                "(unnamed)"
+            } else {
+                w.as_str()
+            };
+            format!("{w} ({n} checkpoints)")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One writer's files in an archive.
+#[derive(Debug, Default)]
+struct WriterFiles {
+    epochs: BTreeMap<u64, Vec<PathBuf>>,
+    /// Modification time of its newest file.
+    newest: Option<std::time::SystemTime>,
 }
 
 impl ArchiveSource {
     /// The archive of `source` in `dir`; an error when it holds no files.
-    pub fn open(source: &SourcePlan, dir: &Path) -> Result<Self> {
-        let mut epochs: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+    /// With files of several writers, it reads `writer`'s, or by default
+    /// the writer whose newest file is the newest (the stream that wrote
+    /// last); [`ArchiveSource::writers`] tells which there are.
+    pub fn open(source: &SourcePlan, dir: &Path, writer: Option<&str>) -> Result<Self> {
+        let mut writers: BTreeMap<String, WriterFiles> = BTreeMap::new();
         let parts = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
         for p in parts.flatten() {
             let Ok(files) = std::fs::read_dir(p.path()) else {
@@ -82,18 +117,16 @@ impl ArchiveSource {
             };
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                let Some(epoch) = name
-                    .strip_prefix("part-")
-                    .filter(|_| name.ends_with(".parquet"))
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|e| e.parse::<u64>().ok())
-                else {
+                let Some(part) = PartName::parse(&name) else {
                     continue;
                 };
-                epochs.entry(epoch).or_default().push(f.path());
+                let w = writers.entry(part.writer.to_string()).or_default();
+                w.epochs.entry(part.epoch).or_default().push(f.path());
+                let mtime = f.metadata().and_then(|m| m.modified()).ok();
+                w.newest = w.newest.max(mtime);
             }
         }
-        if epochs.is_empty() {
+        if writers.is_empty() {
             return Err(EngineError::Connector {
                 what: format!("event archive {}", dir.display()),
                 message: format!(
@@ -102,14 +135,47 @@ impl ArchiveSource {
                 ),
             });
         }
+        let chosen = match writer {
+            Some(w) => w.to_string(),
+            None => writers
+                .iter()
+                .max_by_key(|(_, f)| f.newest)
+                .map(|(w, _)| w.clone())
+                .unwrap_or_default(),
+        };
+        let all: Vec<(String, usize)> = writers
+            .iter()
+            .map(|(w, f)| (w.clone(), f.epochs.len()))
+            .collect();
+        let Some(files) = writers.remove(&chosen) else {
+            return Err(EngineError::Connector {
+                what: format!("event archive {}", dir.display()),
+                message: format!(
+                    "holds no files of writer `{chosen}`; its writers: {}",
+                    describe_writers(&all)
+                ),
+            });
+        };
         Ok(ArchiveSource {
             name: source.name.clone(),
             dir: dir.to_path_buf(),
             schema: archive_schema(&source.schema),
-            next: epochs.keys().next().copied(),
+            next: files.epochs.keys().next().copied(),
             last: None,
-            epochs,
+            epochs: files.epochs,
+            writer: chosen,
+            writers: all,
         })
+    }
+
+    /// The writer (state dir id) whose stream this reads.
+    pub fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    /// Every writer of the archive, with its checkpoints.
+    pub fn writers(&self) -> &[(String, usize)] {
+        &self.writers
     }
 
     /// Checkpoints (epochs) in the archive.

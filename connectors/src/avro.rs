@@ -339,7 +339,9 @@ impl AvroRecords {
                         format!("does not decode with {}: {reason}", self.writer_label(key)),
                     ));
                     // The decoder may hold part of the record: a fresh one
-                    // takes the records before it again.
+                    // takes the records before it again and hands them on
+                    // at once, so no record is decoded more than twice
+                    // however the bad ones are spread (linear in the poll).
                     let mut fresh = self.fresh(key)?;
                     for &j in held.iter() {
                         let r = &buf[spans[j].start..spans[j].end];
@@ -350,6 +352,7 @@ impl AvroRecords {
                         })?;
                     }
                     *d = fresh;
+                    flush(d, held, &mut batches, &mut rows)?;
                 }
             }
         }
@@ -407,6 +410,7 @@ impl AvroRecords {
                 None => new_null_array(f.data_type(), n),
             };
             mark_bad_rows(f, src, &col, &mut bad);
+            crate::files::mark_non_finite(f, &col, &mut bad);
             cols.push(col);
         }
         let ctx = format!("source {}", self.source);

@@ -240,6 +240,7 @@ pub fn consistency(plan: &PipelinePlan, req: &ConsistencyRequest) -> Result<Cons
             closed_windows: false,
             sources: req.sources.clone(),
             dead_letters: req.work_dir.join("dead_letters.jsonl"),
+            archive_writers: Default::default(),
         },
     )?;
     let offline = read_table(&out, None)?;
@@ -278,11 +279,8 @@ pub fn consistency(plan: &PipelinePlan, req: &ConsistencyRequest) -> Result<Cons
         .map(|k| text_of(log.column_by_name(k).unwrap_or(log.column(0))))
         .collect::<Result<_>>()?;
     let key_of = |r: usize| {
-        keys_text
-            .iter()
-            .map(|c| show(&c[r]))
-            .collect::<Vec<_>>()
-            .join("|")
+        let cols: Vec<Option<&str>> = keys_text.iter().map(|c| c[r].as_deref()).collect();
+        sluice_engine::keys::key_text(&cols)
     };
     let as_of = time_millis(log.column_by_name("as_of").unwrap_or(log.column(0)))?;
     let rid = text_of(log.column_by_name("request_id").unwrap_or(log.column(0)))?;

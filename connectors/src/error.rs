@@ -22,6 +22,23 @@ pub enum Error {
 impl Error {
     /// A librdkafka error while doing `what`.
     pub fn kafka(what: impl Into<String>, source: rdkafka::error::KafkaError) -> Self {
+        use rdkafka::error::KafkaError;
+        // librdkafka's refusal of a setting quotes its value: not a secret's.
+        let source = match source {
+            KafkaError::ClientConfig(code, desc, key, value) => {
+                if sluice_sql::is_secret_option(&format!("kafka.{key}")) {
+                    let desc = if value.is_empty() {
+                        desc
+                    } else {
+                        desc.replace(&value, sluice_sql::MASKED)
+                    };
+                    KafkaError::ClientConfig(code, desc, key, sluice_sql::MASKED.to_string())
+                } else {
+                    KafkaError::ClientConfig(code, desc, key, value)
+                }
+            }
+            other => other,
+        };
         Error::Kafka {
             what: what.into(),
             source,

@@ -13,6 +13,7 @@ use sluice_sql::SourcePlan;
 
 use crate::json::{JsonRecords, Span, preview};
 
+pub(crate) mod csv;
 pub mod options;
 pub use options::FileOptions;
 
@@ -72,6 +73,72 @@ impl JsonFileSource {
     fn reject(&self, line: u64, bytes: &[u8], kind: DeadLetterKind, reason: String) -> DeadLetter {
         file_reject(&self.name, &self.label, line, bytes, kind, reason)
     }
+}
+
+/// What [`read_line_bounded`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LineRead {
+    /// Bytes consumed from the reader, newline included (0: end of input).
+    pub consumed: u64,
+    /// The line was longer than the limit: only its first bytes (up to
+    /// the dead letter's preview) were kept.
+    pub oversized: bool,
+}
+
+/// Reads one line (through its newline, or to the end of input) onto
+/// `buf`, keeping at most `max` bytes of it plus the newline: a longer
+/// line is read through and dropped but for a preview, so a line of any
+/// length costs bounded memory.
+pub(crate) fn read_line_bounded(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    let start = buf.len();
+    let keep = max.saturating_add(2);
+    let mut consumed = 0u64;
+    let mut oversized = false;
+    loop {
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let have = buf.len() - start;
+        if !oversized {
+            let room = keep.saturating_sub(have);
+            buf.extend_from_slice(&chunk[..take.min(room)]);
+            if take > room {
+                oversized = true;
+            }
+        }
+        r.consume(take);
+        consumed += take as u64;
+        if done {
+            break;
+        }
+    }
+    let mut len = buf.len() - start;
+    while len > 0 && matches!(buf[start + len - 1], b'\n' | b'\r') {
+        len -= 1;
+    }
+    if len > max {
+        oversized = true;
+    }
+    if oversized {
+        buf.truncate(start + len.min(crate::json::RECORD_PREVIEW));
+    }
+    Ok(LineRead {
+        consumed,
+        oversized,
+    })
 }
 
 fn file_reject(
@@ -139,39 +206,39 @@ impl Source for JsonFileSource {
             let Some(reader) = self.reader.as_mut() else {
                 break;
             };
-            let n = reader
-                .read_until(b'\n', &mut self.buf)
-                .map_err(|e| EngineError::Io {
-                    path: self.path.display().to_string(),
-                    source: e,
+            let got =
+                read_line_bounded(reader, &mut self.buf, self.max_record_bytes).map_err(|e| {
+                    EngineError::Io {
+                        path: self.path.display().to_string(),
+                        source: e,
+                    }
                 })?;
-            if n == 0 {
+            if got.consumed == 0 {
                 eof = true;
                 break;
             }
-            self.offset += n as u64;
+            self.offset += got.consumed;
             self.line += 1;
             let mut end = self.buf.len();
             while end > start && matches!(self.buf[end - 1], b'\n' | b'\r') {
                 end -= 1;
             }
             let line = &self.buf[start..end];
-            if line.iter().all(u8::is_ascii_whitespace) {
-                self.buf.truncate(start);
-                continue;
-            }
-            if line.len() > self.max_record_bytes {
+            if got.oversized {
                 let d = self.reject(
                     self.line,
                     line,
                     DeadLetterKind::Oversized,
                     format!(
                         "record of {} bytes exceeds max_record_bytes = {}",
-                        line.len(),
-                        self.max_record_bytes
+                        got.consumed, self.max_record_bytes
                     ),
                 );
                 rejected.push(d);
+                self.buf.truncate(start);
+                continue;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
                 self.buf.truncate(start);
                 continue;
             }

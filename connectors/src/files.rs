@@ -4,7 +4,6 @@
 //! the other in path order.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -323,6 +322,11 @@ fn wildcard(p: &[u8], s: &[u8]) -> bool {
 
 enum Reader {
     Json(Box<JsonFileSource>),
+    Csv {
+        records: Box<crate::file::csv::CsvRecords>,
+        /// Records of this file read so far (rows and bad ones).
+        row: u64,
+    },
     Columnar {
         batches: Box<dyn Iterator<Item = Result<RecordBatch>> + Send>,
         /// Rows of this file read so far.
@@ -340,17 +344,23 @@ pub struct FilesSource {
     cur: usize,
     reader: Option<Reader>,
     batch_rows: usize,
+    /// Longest CSV record kept (`max_record_bytes`, default 1 MiB).
+    max_record_bytes: usize,
 }
 
 impl FilesSource {
     /// A source reading `files` as the rows of `plan`'s source.
     pub fn new(plan: &SourcePlan, files: Vec<InputFile>) -> Self {
+        let r = sluice_sql::OptionReader::new(plan, "sources");
+        let max_record_bytes = crate::file::options::max_record_bytes(&r)
+            .unwrap_or(crate::file::options::DEFAULT_MAX_RECORD_BYTES);
         FilesSource {
             plan: plan.clone(),
             files,
             cur: 0,
             reader: None,
             batch_rows: 8192,
+            max_record_bytes,
         }
     }
 
@@ -362,9 +372,12 @@ impl FilesSource {
     fn open(&self, f: &InputFile) -> Result<Reader> {
         match f.format {
             FileFormat::JsonLines => {
+                // The path as given (relative to the current directory, as a
+                // command line's paths are), never re-read against the
+                // pipeline file's folder.
                 let mut p = self.plan.clone();
-                p.options
-                    .insert("path".into(), f.path.display().to_string());
+                let path = std::path::absolute(&f.path).map_err(|e| io(&f.path, e))?;
+                p.options.insert("path".into(), path.display().to_string());
                 let mut s = JsonFileSource::new(&p)?;
                 s.seek(None)?;
                 Ok(Reader::Json(Box::new(s.with_label(&f.label))))
@@ -400,40 +413,21 @@ impl FilesSource {
                 })
             }
             FileFormat::Csv => {
-                let file = File::open(&f.path).map_err(|e| io(&f.path, e))?;
-                let mut header = String::new();
-                BufReader::new(&file)
-                    .read_line(&mut header)
-                    .map_err(|e| io(&f.path, e))?;
-                let names = csv_header(&header);
-                if names.is_empty() {
-                    return Err(EngineError::Connector {
-                        what: format!("input {}", f.label),
-                        message: "no header line".into(),
-                    });
-                }
-                // Every column read as text, then cast to its declared type
-                // row by row, so a bad value rejects its row only.
-                let schema = Arc::new(Schema::new(
-                    names
-                        .iter()
-                        .map(|n| Field::new(n, DataType::Utf8, true))
-                        .collect::<Vec<_>>(),
-                ));
-                let file = File::open(&f.path).map_err(|e| io(&f.path, e))?;
-                let r = arrow::csv::ReaderBuilder::new(schema)
-                    .with_header(true)
-                    .with_batch_size(self.batch_rows)
-                    .with_truncated_rows(true)
-                    .build(file)
-                    .map_err(|e| EngineError::arrow(format!("reading {}", f.label), e))?;
-                let label = f.label.clone();
-                Ok(Reader::Columnar {
-                    batches: Box::new(r.map(move |b| {
-                        b.map_err(|e| EngineError::arrow(format!("reading {label}"), e))
-                    })),
+                let records =
+                    match crate::file::csv::CsvRecords::open(&f.path, self.max_record_bytes)
+                        .map_err(|e| io(&f.path, e))?
+                    {
+                        Ok(r) => r,
+                        Err(why) => {
+                            return Err(EngineError::Connector {
+                                what: format!("input {}", f.label),
+                                message: why,
+                            });
+                        }
+                    };
+                Ok(Reader::Csv {
+                    records: Box::new(records),
                     row: 0,
-                    skip: 0,
                 })
             }
         }
@@ -441,12 +435,14 @@ impl FilesSource {
 
     /// Casts a file's columns to the declared schema; rows whose values do
     /// not fit are rejected with their position and reason.
+    /// `locals` are the rows' positions in the file (row numbers from 1,
+    /// or a CSV row's line).
     fn conform(
         &self,
         raw: &RecordBatch,
         file: &InputFile,
         file_idx: usize,
-        first_row: u64,
+        locals: &[u64],
         rejected: &mut Vec<DeadLetter>,
     ) -> Result<Option<SourceBatch>> {
         let n = raw.num_rows();
@@ -488,10 +484,12 @@ impl FilesSource {
                 None => new_null_array(field.data_type(), n),
             };
             mark_bad_rows(field, src.as_ref(), &col, &mut bad);
+            mark_non_finite(field, &col, &mut bad);
             cols.push(col);
         }
-        let positions: Vec<u64> = (0..n as u64)
-            .map(|i| ((file_idx as u64) << FILE_SHIFT) | (first_row + i + 1))
+        let positions: Vec<u64> = locals
+            .iter()
+            .map(|l| ((file_idx as u64) << FILE_SHIFT) | l)
             .collect();
         let ctx = || format!("rows of {}", file.label);
         if bad.iter().all(Option::is_none) {
@@ -511,7 +509,7 @@ impl FilesSource {
                     .unwrap_or_default();
                 rejected.push(DeadLetter {
                     source: self.plan.name.clone(),
-                    position: format!("{}:{}", file.label, first_row + i as u64 + 1),
+                    position: format!("{}:{}", file.label, locals.get(i).copied().unwrap_or(0)),
                     kind: *kind,
                     reason: reason.clone(),
                     record: preview(&rec),
@@ -574,6 +572,49 @@ pub(crate) fn mark_bad_rows(
     }
 }
 
+/// Marks the rows of a vector column (`FLOAT[n]`) holding an element that
+/// is NaN or infinite: `wrong_type`, whatever format the record came in
+/// (the index and the distances it serves are undefined for them). A row
+/// already marked keeps its first reason.
+pub(crate) fn mark_non_finite(field: &Field, col: &ArrayRef, bad: &mut BadRows) {
+    let DataType::FixedSizeList(_, dims) = field.data_type() else {
+        return;
+    };
+    let Some(list) = col
+        .as_any()
+        .downcast_ref::<arrow::array::FixedSizeListArray>()
+    else {
+        return;
+    };
+    let values = list.values();
+    let dims = (*dims).max(0) as usize;
+    let check = |row: usize, get: &dyn Fn(usize) -> f64| -> Option<usize> {
+        let start = list.value_offset(row).max(0) as usize;
+        (0..dims).find(|j| !get(start + j).is_finite())
+    };
+    for (r, b) in bad.iter_mut().enumerate() {
+        if b.is_some() || list.is_null(r) {
+            continue;
+        }
+        let hit = if let Some(v) = values.as_any().downcast_ref::<arrow::array::Float32Array>() {
+            check(r, &|i| f64::from(v.value(i)))
+        } else if let Some(v) = values.as_any().downcast_ref::<arrow::array::Float64Array>() {
+            check(r, &|i| v.value(i))
+        } else {
+            None
+        };
+        if let Some(j) = hit {
+            *b = Some((
+                DeadLetterKind::WrongType,
+                format!(
+                    "column `{}`: element {j} of the vector is not finite (NaN or infinity)",
+                    field.name()
+                ),
+            ));
+        }
+    }
+}
+
 /// The rows of `cols` no entry of `bad` marks, as a batch of `schema`
 /// (`None`: none left); `what` names the rows in errors.
 pub(crate) fn keep_good_rows(
@@ -600,17 +641,6 @@ pub(crate) fn keep_good_rows(
     RecordBatch::try_new(Arc::clone(schema), kept.columns().to_vec())
         .map(Some)
         .map_err(|e| EngineError::arrow(what, e))
-}
-
-/// Column names of a CSV header line (quotes removed).
-fn csv_header(line: &str) -> Vec<String> {
-    let line = line.trim_end_matches(['\n', '\r']);
-    if line.is_empty() {
-        return Vec::new();
-    }
-    line.split(',')
-        .map(|c| c.trim().trim_matches('"').to_string())
-        .collect()
 }
 
 /// Casts a column to a declared type. Text becomes a millisecond timestamp
@@ -680,6 +710,11 @@ impl Source for FilesSource {
             (Reader::Columnar { skip, .. }, None) => {
                 *skip = pos.get("row").and_then(|v| v.as_u64()).unwrap_or(0);
             }
+            (Reader::Csv { records, row }, None) => {
+                let n = pos.get("row").and_then(|v| v.as_u64()).unwrap_or(0);
+                records.skip(n).map_err(|e| io(Path::new(file), e))?;
+                *row = n;
+            }
             (Reader::Json(_), None) if pos.get("row").and_then(|v| v.as_u64()) == Some(0) => {}
             _ => {
                 return Err(bad(format!(
@@ -732,12 +767,53 @@ impl Source for FilesSource {
                         }
                         let first = *row;
                         *row += raw.num_rows() as u64;
+                        let locals: Vec<u64> =
+                            (first + 1..=first + raw.num_rows() as u64).collect();
                         let mut rejected = Vec::new();
-                        let batch = self.conform(&raw, &file, idx, first, &mut rejected)?;
+                        let batch = self.conform(&raw, &file, idx, &locals, &mut rejected)?;
                         Some(Poll::Data { batch, rejected })
                     }
                     None => None,
                 },
+                Some(Reader::Csv { records, row }) => {
+                    match records
+                        .next_chunk(max_rows)
+                        .map_err(|e| io(&file.path, e))?
+                    {
+                        None => None,
+                        Some(chunk) => {
+                            *row += chunk.records;
+                            let mut rejected: Vec<DeadLetter> = chunk
+                                .bad
+                                .iter()
+                                .map(|b| DeadLetter {
+                                    source: self.plan.name.clone(),
+                                    position: format!("{}:{}", file.label, b.line),
+                                    kind: b.kind,
+                                    reason: b.reason.clone(),
+                                    record: preview(&b.bytes),
+                                })
+                                .collect();
+                            let batch = if chunk.lines.is_empty() {
+                                None
+                            } else {
+                                let schema = Arc::new(Schema::new(
+                                    records
+                                        .header()
+                                        .iter()
+                                        .map(|n| Field::new(n, DataType::Utf8, true))
+                                        .collect::<Vec<_>>(),
+                                ));
+                                let raw =
+                                    RecordBatch::try_new(schema, chunk.columns).map_err(|e| {
+                                        EngineError::arrow(format!("reading {}", file.label), e)
+                                    })?;
+                                self.conform(&raw, &file, idx, &chunk.lines, &mut rejected)?
+                            };
+                            Some(Poll::Data { batch, rejected })
+                        }
+                    }
+                }
                 None => None,
             };
             match step {
@@ -762,6 +838,9 @@ impl Source for FilesSource {
             }),
             (Some(f), Some(Reader::Columnar { row, skip, .. })) => {
                 serde_json::json!({"file": path(f), "row": row + skip})
+            }
+            (Some(f), Some(Reader::Csv { row, .. })) => {
+                serde_json::json!({"file": path(f), "row": row})
             }
             (Some(f), None) => serde_json::json!({"file": path(f), "row": 0}),
             (None, _) => serde_json::json!({

@@ -208,7 +208,7 @@ struct MsgMeta {
 
 /// The decoder of a topic's records.
 enum Payload {
-    Json(JsonRecords),
+    Json(Box<JsonRecords>),
     Avro(Box<AvroRecords>),
     Protobuf(Box<ProtobufRecords>),
 }
@@ -237,7 +237,7 @@ impl PayloadDecoder {
     fn of(plan: &SourcePlan, format: &PayloadFormat) -> Result<Self> {
         let schema = plan.payload_schema();
         let payload = match format {
-            PayloadFormat::Json => Payload::Json(JsonRecords::new(&plan.name, schema)?),
+            PayloadFormat::Json => Payload::Json(Box::new(JsonRecords::new(&plan.name, schema)?)),
             PayloadFormat::Avro(a) => {
                 Payload::Avro(Box::new(AvroRecords::new(&plan.name, schema, a)?))
             }
@@ -1090,7 +1090,7 @@ impl OfflineSink for FeatureTopic {
         Ok(n)
     }
 
-    fn recover(&mut self, _committed: u64) -> Result<()> {
+    fn recover(&mut self, _writer: &str, _committed: u64) -> Result<()> {
         // Records of an uncommitted epoch cannot be taken back; they are
         // sent again with the same key, window and values (at least once).
         Ok(())

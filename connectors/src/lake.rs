@@ -1,7 +1,11 @@
 //! The offline lake: Hive-partitioned Parquet,
-//! `{root}/{view}/date=YYYY-MM-DD/part-{epoch}-{n}.parquet`. A file is written
-//! under a hidden temporary name, fsynced, then renamed, so readers never see
-//! a partial file; files of epochs that never committed are removed on recovery.
+//! `{root}/{view}/date=YYYY-MM-DD/part-{epoch}-{writer}-{n}.parquet`, where
+//! `writer` is the id of the state dir whose job wrote the file. A file is
+//! written under a hidden temporary name, fsynced, then renamed, so readers
+//! never see a partial file. On recovery a job removes the files of epochs
+//! its own state dir never committed, and nothing else: another state dir's
+//! files (a new `--state-dir` over the same lake, a second pipeline, a
+//! backfill) are never its to delete.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -31,6 +35,37 @@ pub struct LakeWriter {
     date_column: usize,
     /// An event archive (its own metrics), not a view's lake.
     archive: bool,
+    /// The id of the state dir whose files these are (set by
+    /// [`OfflineSink::recover`]); `None` for writers that never recover
+    /// (backfills, whose files are unique by their run).
+    writer: Option<String>,
+}
+
+/// The parts of a lake or archive file name written by a streaming job:
+/// `part-{epoch}-{writer}-{n}.parquet`, or `part-{epoch}-{n}.parquet` of
+/// builds before writer ids (writer `""`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartName<'a> {
+    /// The checkpoint that committed the file.
+    pub epoch: u64,
+    /// The writing state dir's id.
+    pub writer: &'a str,
+}
+
+impl<'a> PartName<'a> {
+    /// Parses a file name (`None` for anything else, temporary files included).
+    pub fn parse(name: &'a str) -> Option<Self> {
+        let rest = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+        let mut it = rest.split('-');
+        let epoch = it.next()?.parse().ok()?;
+        let (writer, n) = match (it.next()?, it.next(), it.next()) {
+            (n, None, None) => ("", n),
+            (w, Some(n), None) => (w, n),
+            _ => return None,
+        };
+        n.parse::<u64>().ok()?;
+        Some(PartName { epoch, writer })
+    }
 }
 
 /// An I/O error on `p`.
@@ -104,6 +139,7 @@ impl LakeWriter {
             prefix: "part".into(),
             date_column: 1,
             archive: false,
+            writer: None,
         }
     }
 
@@ -117,6 +153,7 @@ impl LakeWriter {
             prefix: "part".into(),
             date_column: event_time,
             archive: true,
+            writer: None,
         }
     }
 
@@ -205,17 +242,19 @@ impl OfflineSink for LakeWriter {
                 Some(d) => format!("date={}", day_string(d)),
                 None => format!("date={NULL_PARTITION}"),
             };
-            let path = self
-                .dir
-                .join(pdir)
-                .join(format!("{}-{epoch:010}-{part}.parquet", self.prefix));
+            let name = match &self.writer {
+                Some(w) => format!("{}-{epoch:010}-{w}-{part}.parquet", self.prefix),
+                None => format!("{}-{epoch:010}-{part}.parquet", self.prefix),
+            };
+            let path = self.dir.join(pdir).join(name);
             self.write_file(&path, &b)?;
             metrics::counter!("sluice_lake_files_total").increment(1);
         }
         Ok(n)
     }
 
-    fn recover(&mut self, committed: u64) -> Result<()> {
+    fn recover(&mut self, writer: &str, committed: u64) -> Result<()> {
+        self.writer = Some(writer.to_string());
         let Ok(parts) = std::fs::read_dir(&self.dir) else {
             return Ok(());
         };
@@ -225,13 +264,16 @@ impl OfflineSink for LakeWriter {
             };
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                let stale = name.ends_with(".tmp")
-                    || name
-                        .strip_prefix("part-")
-                        .and_then(|r| r.split('-').next())
-                        .and_then(|e| e.parse::<u64>().ok())
-                        .is_some_and(|e| e > committed);
-                if stale {
+                // `.{name}.tmp`: a file this writer was writing when it stopped.
+                let (name, tmp) = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"))
+                {
+                    Some(n) => (n, true),
+                    None => (name.as_str(), false),
+                };
+                let Some(part) = PartName::parse(name) else {
+                    continue;
+                };
+                if part.writer == writer && (tmp || part.epoch > committed) {
                     std::fs::remove_file(f.path()).map_err(|e| io(&f.path(), e))?;
                 }
             }

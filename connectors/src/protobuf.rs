@@ -892,7 +892,8 @@ impl Column {
                         Scalar::Float(x) => x,
                         _ => 0.0,
                     };
-                    if !x.is_finite() {
+                    // A double past f32's range is as infinite as inf.
+                    if !(x as f32).is_finite() {
                         return Err(wrong(format!("vector value {x}")));
                     }
                     out.push(x as f32);

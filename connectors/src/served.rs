@@ -75,13 +75,12 @@ impl ServedWriter {
 
     fn row_json(&self, r: &ServedRow) -> Value {
         let mut o = Map::new();
-        let parts: Vec<&str> = if self.view.keys.len() == 1 {
-            vec![r.key.as_str()]
-        } else {
-            r.key.splitn(self.view.keys.len(), '|').collect()
-        };
+        // The key's columns from its text (a NULL column is JSON null).
+        let parts = sluice_engine::keys::KeyText::parse(&r.key)
+            .map(|k| k.0)
+            .unwrap_or_else(|_| vec![Some(r.key.clone())]);
         for (k, p) in self.view.keys.iter().zip(parts) {
-            o.insert(k.clone(), Value::String(p.to_string()));
+            o.insert(k.clone(), p.map_or(Value::Null, Value::String));
         }
         o.insert("as_of".into(), r.as_of.map_or(Value::Null, Value::from));
         o.insert("found".into(), Value::Bool(r.features.is_some()));

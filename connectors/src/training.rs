@@ -78,6 +78,10 @@ pub struct TrainingSetRequest {
     pub sources: HashMap<String, Vec<InputFile>>,
     /// Where replays dead-letter undecodable and late events.
     pub dead_letters: PathBuf,
+    /// Per source, the writer (state dir id) whose event archive a replay
+    /// reads when several state dirs archived into it (default: the one
+    /// that wrote last).
+    pub archive_writers: HashMap<String, String>,
 }
 
 /// What a training-set join did, per view.
@@ -423,6 +427,27 @@ fn replays(req: &TrainingSetRequest, vp: &sluice_sql::ViewPlan) -> bool {
         )
 }
 
+/// Per spine row: a key column held a value that its cast to the view's
+/// key type turned into NULL.
+fn unfit_keys(
+    vp: &sluice_sql::ViewPlan,
+    req: &TrainingSetRequest,
+    spine: &RecordBatch,
+    cast: &[ArrayRef],
+) -> Vec<bool> {
+    let mut bad = vec![false; spine.num_rows()];
+    for (k, c) in vp.keys.iter().zip(cast) {
+        let col = req.keys.get(k).unwrap_or(k);
+        let Some(orig) = spine.column_by_name(col) else {
+            continue;
+        };
+        for (i, b) in bad.iter_mut().enumerate() {
+            *b |= orig.is_valid(i) && c.is_null(i);
+        }
+    }
+    bad
+}
+
 /// The spine's key columns for `vp`, cast to the view's key types.
 fn spine_keys(
     vp: &sluice_sql::ViewPlan,
@@ -481,12 +506,25 @@ fn history_of(
     let archive = crate::archive::archive_dir(sp)
         .map_err(|e| cerr(format!("source {}", sp.name), e.to_string()))?;
     if let Some(dir) = archive {
-        let a = crate::archive::ArchiveSource::open(sp, &dir)?;
-        let label = format!(
-            "event archive {} ({} checkpoints)",
+        let a = crate::archive::ArchiveSource::open(
+            sp,
+            &dir,
+            req.archive_writers.get(&sp.name).map(String::as_str),
+        )?;
+        let mut label = format!(
+            "event archive {} ({} checkpoints",
             dir.display(),
             a.epochs()
         );
+        if a.writers().len() > 1 {
+            label.push_str(&format!(
+                " of writer {}; the archive's writers: {}; choose with --archive-writer {}=ID",
+                a.writer(),
+                crate::archive::describe_writers(a.writers()),
+                sp.name
+            ));
+        }
+        label.push(')');
         return Ok((
             History {
                 source: Box::new(a),
@@ -536,11 +574,14 @@ fn replay_views(
         }
         let what = format!("--features {}", fr.view);
         let keys = spine_keys(vp, req, spine, &what)?;
-        let strings = sluice_engine::keys::key_strings(&keys)?;
-        let keys: Vec<Option<String>> = strings
+        // A NULL key column is the key's `\N`, as the view's GROUP BY
+        // groups it and an online read of `\N` answers it.
+        // A spine value its key type cannot hold matches no key.
+        let unfit = unfit_keys(vp, req, spine, &keys);
+        let keys: Vec<Option<String>> = sluice_engine::keys::key_strings(&keys)?
             .into_iter()
-            .enumerate()
-            .map(|(i, k)| (!keys.iter().any(|c| c.is_null(i))).then_some(k))
+            .zip(unfit)
+            .map(|(k, bad)| (!bad).then_some(k))
             .collect();
         let rows = SpineRows {
             view: vp.name.clone(),

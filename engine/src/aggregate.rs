@@ -849,12 +849,21 @@ impl WindowAgg {
         if entries.is_empty() {
             return Ok(());
         }
-        let parser = self.kernel.state_conv.parser();
-        let states = self
-            .kernel
-            .state_conv
-            .convert_rows(entries.iter().map(|(_, v)| parser.parse(v)))
-            .map_err(|e| EngineError::arrow("decoding checkpointed state", e))?;
+        let what = format!(
+            "pane state of view `{}` (column family `state`)",
+            self.kernel.view
+        );
+        let states = decode_rows(
+            &self.kernel.state_conv,
+            &what,
+            entries.iter().map(|(_, v)| v.as_slice()),
+        )?;
+        // The keys are checked now, not when the pane fires.
+        decode_rows(
+            self.keys.converter(),
+            &what,
+            entries.iter().map(|(k, _)| k.as_slice()),
+        )?;
         let keys = entries
             .iter()
             .map(|(k, _)| self.keys.intern_bytes(k))
@@ -920,6 +929,36 @@ pub fn emitted_schema(output: &Schema) -> SchemaRef {
     ];
     fields.extend(output.fields().iter().map(|f| f.as_ref().clone()));
     Arc::new(Schema::new(fields))
+}
+
+/// Decodes stored rows (Arrow's row format) with `conv`. Bytes that are
+/// not rows of `conv` (a corrupt or foreign value) are an error naming
+/// `what`, never a panic: Arrow's decoder trusts its input, so the decode
+/// runs behind a panic guard after the rows' lengths are checked.
+pub fn decode_rows<'a>(
+    conv: &arrow::row::RowConverter,
+    what: &str,
+    rows: impl Iterator<Item = &'a [u8]>,
+) -> Result<Vec<ArrayRef>> {
+    let rows: Vec<&[u8]> = rows.collect();
+    let corrupt = |why: String| EngineError::Incompatible {
+        path: what.to_string(),
+        reason: format!(
+            "a stored value is corrupt ({why}); restore the state dir from a backup or rebuild it with `sluice backfill --online`"
+        ),
+    };
+    if let Some(r) = rows.iter().find(|r| r.is_empty()) {
+        return Err(corrupt(format!("a row of {} bytes", r.len())));
+    }
+    let parser = conv.parser();
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conv.convert_rows(rows.iter().map(|r| parser.parse(r)))
+    }));
+    match decoded {
+        Ok(Ok(cols)) => Ok(cols),
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(_) => Err(corrupt("not a row of this view's state".into())),
+    }
 }
 
 #[cfg(test)]

@@ -232,6 +232,12 @@ pub fn backfill(
         };
         store.commit(c)?;
         store.flush()?;
+        // Tiled views seed tiles, not rows: their keys are the tiles' keys.
+        for v in plan.views.iter().filter(|v| crate::tiles::is_tiled(v)) {
+            if let Some(s) = stats.views.iter_mut().find(|s| s.name == v.name) {
+                s.online_keys = store.tile_keys(&v.name)?;
+            }
+        }
     }
     stats.elapsed = started.elapsed();
     Ok(stats)

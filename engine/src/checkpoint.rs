@@ -23,7 +23,9 @@ const CHECKPOINT_KEY: &str = "checkpoint";
 const LEGACY_EPOCH_KEY: &str = "epoch";
 
 /// Version of the state layout; a state dir of another version is refused.
-pub const STATE_FORMAT: u32 = 4;
+/// Version 5: key texts escape `|` and `\` and spell NULL `\N`;
+/// lake and archive files carry the state dir's id.
+pub const STATE_FORMAT: u32 = 5;
 
 /// What one checkpoint committed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -38,6 +40,9 @@ pub struct Checkpoint {
     pub views: BTreeMap<String, ViewProgress>,
     /// Bytes of the dead-letter file that belong to committed checkpoints.
     pub dead_letter_len: u64,
+    /// Bytes of dead letters written per source (the `--dead-letter-limit` budget used).
+    #[serde(default)]
+    pub dead_letter_bytes: BTreeMap<String, u64>,
 }
 
 /// Where a source was at a checkpoint.
@@ -79,8 +84,13 @@ impl Checkpoint {
         let c: Checkpoint = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("unreadable checkpoint metadata: {e}")))?;
         if c.format != STATE_FORMAT {
+            let why = match c.format {
+                3 => " (tiles without their newest event time)",
+                4 => " (keys joined by `|` without escapes, lake files without the state dir's id)",
+                _ => "",
+            };
             return Err(bad(format!(
-                "state layout version {} is not this build's ({STATE_FORMAT}); run with a new --state-dir",
+                "state layout version {}{why} is not this build's ({STATE_FORMAT}); rebuild it with `sluice backfill --online` into a new --state-dir, or run from the source's start with a new --state-dir",
                 c.format
             )));
         }
@@ -107,6 +117,43 @@ impl Checkpoint {
         }
         Ok(out)
     }
+}
+
+/// Metadata key of the state dir's id.
+const STATE_ID_KEY: &str = "state_id";
+
+/// The id of a state dir: 16 hex digits made when the state dir is first
+/// opened by a job and committed at once, before any file is written. It
+/// names the lake and archive files the state dir's job writes
+/// (`part-{epoch}-{id}-{n}.parquet`), so its recovery removes its own
+/// uncommitted files and nobody else's.
+pub fn state_id(store: &Store, dir: &Path) -> Result<String> {
+    if let Some(b) = store.meta(STATE_ID_KEY)? {
+        return String::from_utf8(b)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|c| c.is_ascii_hexdigit()))
+            .ok_or_else(|| EngineError::Incompatible {
+                path: dir.display().to_string(),
+                reason: "unreadable state dir id".into(),
+            });
+    }
+    let id = new_state_id(dir);
+    store.commit(crate::store::Commit {
+        meta: vec![(STATE_ID_KEY.to_string(), id.as_bytes().to_vec())],
+        ..Default::default()
+    })?;
+    Ok(id)
+}
+
+/// 64 bits from the process's randomly seeded hasher over the path, the
+/// process id and the time, as 16 hex digits.
+fn new_state_id(dir: &Path) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = ahash::RandomState::new().hash_one((dir, std::process::id(), nanos));
+    format!("{h:016x}")
 }
 
 /// Metadata key of a source's committed watermark (for readers).

@@ -93,6 +93,10 @@ pub enum EngineError {
     /// A request a client can fix (wrong vector length, unknown view).
     #[error("{0}")]
     BadRequest(String),
+    /// A request past a limit of the moment (its deadline, a full queue):
+    /// the same request may succeed later.
+    #[error("{0}")]
+    Overloaded(String),
     /// I/O on a path.
     #[error("{path}: {source}")]
     Io {
@@ -115,6 +119,7 @@ impl EngineError {
             | EngineError::External(_)
             | EngineError::Connector { .. }
             | EngineError::Index { .. }
+            | EngineError::Overloaded(_)
             | EngineError::Io { .. } => ErrorDomain::External,
             EngineError::DataFusion { .. }
             | EngineError::Arrow { .. }

@@ -116,6 +116,9 @@ pub struct JobOptions {
     /// Bytes the job's state may hold in memory (tile caches, pending rows,
     /// RocksDB's caches and memtables); the rest of the state stays on disk.
     pub memory_budget: u64,
+    /// Bytes of dead letters written per source over the state dir's life
+    /// (`--dead-letter-limit`); past it letters are counted, not written.
+    pub dead_letter_limit: u64,
 }
 
 /// The memory budget of a job that names none.
@@ -153,6 +156,7 @@ impl JobOptions {
             batch_rows: 8192,
             throttle: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            dead_letter_limit: crate::source::DEFAULT_DEAD_LETTER_LIMIT,
         }
     }
 }
@@ -531,7 +535,7 @@ pub struct Job {
     sources: Vec<SourceRt>,
     views: Vec<ViewOp>,
     lakes: Vec<Vec<Box<dyn OfflineSink>>>,
-    dead: Box<dyn DeadLetterSink>,
+    dead: crate::source::CappedDeadLetters,
     epoch: u64,
     live: Arc<Live>,
     opts: JobOptions,
@@ -540,6 +544,8 @@ pub struct Job {
     /// The pipeline's text, kept with the state for readers.
     pipeline_text: String,
     tile_memory: TileMemory,
+    /// The state dir's id: the owner name of the files this job writes.
+    state_id: String,
 }
 
 impl Job {
@@ -562,6 +568,7 @@ impl Job {
         )?);
         let cp = Checkpoint::load(&store, &opts.state_dir)?.unwrap_or_default();
         let epoch = cp.epoch;
+        let state_id = crate::checkpoint::state_id(&store, &opts.state_dir)?;
         let mut views = Vec::new();
         let mut metas = HashMap::new();
         let mut catch_up = HashMap::new();
@@ -642,11 +649,16 @@ impl Job {
         for vp in &plan.views {
             let mut sinks = lakes.remove(&vp.name).unwrap_or_default();
             for l in sinks.iter_mut() {
-                l.recover(epoch)?;
+                l.recover(&state_id, epoch)?;
             }
             lake_vec.push(sinks);
         }
         dead.recover(cp.dead_letter_len)?;
+        let dead = crate::source::CappedDeadLetters::new(
+            dead,
+            opts.dead_letter_limit,
+            cp.dead_letter_bytes.clone(),
+        );
         let mut rts = Vec::new();
         let now = Instant::now();
         for (sp, mut src) in plan.sources.iter().zip(sources) {
@@ -762,6 +774,7 @@ impl Job {
             stats: RunStats::default(),
             pipeline_text: plan.text.clone(),
             tile_memory,
+            state_id,
         })
     }
 
@@ -773,6 +786,11 @@ impl Job {
     /// The last committed epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The state dir's id, which names the lake and archive files it writes.
+    pub fn state_id(&self) -> &str {
+        &self.state_id
     }
 
     /// `(view, rule, emitted rows failing it)` for every `expect` rule,
@@ -802,7 +820,7 @@ impl Job {
                 what: format!("archive of source {source}"),
                 message: "no such source in the pipeline".into(),
             })?;
-        sink.recover(epoch)?;
+        sink.recover(&self.state_id, epoch)?;
         s.archive = Some(Archive {
             sink,
             schema: crate::replay::archive_schema(&s.src.schema()),
@@ -1134,6 +1152,7 @@ impl Job {
             format: STATE_FORMAT,
             epoch,
             dead_letter_len: dl_len,
+            dead_letter_bytes: self.dead.used().clone(),
             ..Checkpoint::default()
         };
         for v in self.views.iter_mut() {

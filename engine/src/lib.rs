@@ -28,5 +28,6 @@ pub use error::{EngineError, ErrorDomain, Result, RetryHint};
 pub use exec::Rows;
 pub use job::{Job, JobOptions, Live, RunStats};
 pub use source::{
-    DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source, SourceBatch,
+    CappedDeadLetters, DEFAULT_DEAD_LETTER_LIMIT, DeadLetter, DeadLetterKind, DeadLetterSink,
+    OfflineSink, Poll, Source, SourceBatch,
 };

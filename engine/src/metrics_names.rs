@@ -3,6 +3,36 @@
 /// `(name, kind, help)` of every metric.
 pub const METRICS: &[(&str, &str, &str)] = &[
     (
+        "sluice_serving_rejected_total",
+        "counter",
+        "Requests the serving limits turned away: every slot of the route busy, the deadline passed, or a Host not served (labels: route, reason)",
+    ),
+    (
+        "sluice_serving_connections",
+        "gauge",
+        "Open connections of the serving API",
+    ),
+    (
+        "sluice_serving_connections_refused_total",
+        "counter",
+        "Connections past --max-connections, answered 503 and closed",
+    ),
+    (
+        "sluice_serving_accept_errors_total",
+        "counter",
+        "Connections the server failed to accept (out of file descriptors)",
+    ),
+    (
+        "sluice_dead_letters_dropped_total",
+        "counter",
+        "Dead letters past --dead-letter-limit: counted, not written (labels: source, kind)",
+    ),
+    (
+        "sluice_index_rejected_total",
+        "counter",
+        "Vectors the index cannot hold (wrong length, not finite); the key leaves the index (label: view)",
+    ),
+    (
         "sluice_events_in_total",
         "counter",
         "Rows decoded from a source (label: source)",

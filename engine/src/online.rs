@@ -2,8 +2,6 @@
 //! per-view facts a reader needs (kept in the state dir so `sluice get`
 //! needs nothing else).
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -70,11 +68,10 @@ pub fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
         path: "state dir".into(),
         reason: format!("unreadable pipeline text: {e}"),
     })?;
-    let plan = sluice_sql::plan_pipeline("pipeline.sql", &text, std::path::Path::new("."))
-        .map_err(|e| EngineError::Incompatible {
-            path: "state dir".into(),
-            reason: format!("the pipeline kept with the state no longer plans: {e}"),
-        })?;
+    let plan = sluice_sql::plan_stored(&text).map_err(|e| EngineError::Incompatible {
+        path: "state dir".into(),
+        reason: format!("the pipeline kept with the state no longer plans: {e}"),
+    })?;
     TileReader::for_view(&plan, view)
 }
 
@@ -87,7 +84,7 @@ pub fn resolve_version(store: &Store, view: &str) -> Result<String> {
     let plan = match store.meta(crate::job::PIPELINE_KEY)? {
         Some(text) => String::from_utf8(text)
             .ok()
-            .and_then(|t| sluice_sql::plan_pipeline("pipeline.sql", &t, Path::new(".")).ok()),
+            .and_then(|t| sluice_sql::plan_stored(&t).ok()),
         None => None,
     };
     let Some(plan) = plan else {
@@ -155,6 +152,7 @@ pub fn read_feature_aged(
     wm: Option<i64>,
     mode: Option<ReadMode>,
 ) -> Result<(Option<Value>, Option<i64>)> {
+    crate::keys::KeyText::parse_for(key, &meta.keys).map_err(EngineError::BadRequest)?;
     if let Some(t) = tiles {
         let mode = mode.unwrap_or(t.layout().default_mode());
         if !t.layout().offers(mode) {

@@ -1,12 +1,23 @@
 //! The serving API: features by key over HTTP, plus `/metrics`, `/healthz`
-//! and `/readyz`. Reads go straight to RocksDB; the clock of the valid-until
-//! rule is the view's committed watermark.
+//! and `/readyz`. Reads go straight to RocksDB, on the blocking pool and
+//! never on the async threads; the clock of the valid-until rule is the
+//! view's committed watermark.
+//!
+//! Every request passes, in order: the host check ([`HostPolicy`]), the
+//! bearer token, its deadline (`request_timeout`), and a slot of its
+//! route's [`Gate`]; what it asks for is bounded by [`ServeLimits`].
+//! Connections are accepted by [`serve`] (header and idle timeouts, a cap
+//! on open connections). Errors of this machine (paths, store messages)
+//! go to the log with the request id, never into an answer.
+
+mod limits;
+mod listen;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,6 +26,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub use limits::{
+    Busy, DEFAULT_CONCURRENCY, Gate, Gates, HostPolicy, RouteConcurrency, ServeLimits,
+    token_matches,
+};
+pub use listen::{ConnLimits, default_max_connections, raise_fd_limit};
+
+use crate::error::EngineError;
 use crate::job::Live;
 use crate::online::read_feature_aged;
 use crate::tiles::ReadMode;
@@ -26,8 +44,48 @@ pub struct ServeState {
     pub live: Arc<Live>,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
-    /// Required bearer token for `/v1/…`, if set.
+    /// Required bearer token for `/v1/…` (and `/metrics` with
+    /// `auth_metrics`), if set.
     pub token: Option<Arc<str>>,
+    /// What a client may ask.
+    pub limits: Arc<ServeLimits>,
+    /// The routes' slots.
+    pub gates: Gates,
+    /// The hosts answered.
+    pub hosts: Arc<HostPolicy>,
+}
+
+impl ServeState {
+    /// The state of a server of `live` bound to `addr`.
+    pub fn new(
+        live: Arc<Live>,
+        metrics: Option<PrometheusHandle>,
+        token: Option<Arc<str>>,
+        limits: ServeLimits,
+        addr: std::net::SocketAddr,
+    ) -> Self {
+        let hosts = HostPolicy::new(addr, limits.allowed_hosts.as_deref());
+        ServeState {
+            live,
+            metrics,
+            token,
+            gates: Gates::new(&limits),
+            limits: Arc::new(limits),
+            hosts: Arc::new(hosts),
+        }
+    }
+}
+
+/// Serves `state` on `listener` (bound already) until the runtime stops:
+/// the router of [`router`] behind the connection limits of its
+/// [`ServeLimits`].
+pub async fn serve(listener: tokio::net::TcpListener, state: ServeState) {
+    let limits = ConnLimits {
+        max_connections: state.limits.max_connections,
+        header_timeout: state.limits.header_timeout,
+        idle_timeout: state.limits.idle_timeout,
+    };
+    listen::serve(listener, router(state), limits).await
 }
 
 /// The router.
@@ -35,14 +93,94 @@ pub fn router(state: ServeState) -> Router {
     let api = Router::new()
         .route("/v1/features/{view}/{key}", get(get_feature))
         .route("/v1/features/{view}", post(post_features))
-        .route("/v1/features/{view}/nearest", post(post_nearest))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route("/v1/features/{view}/nearest", post(post_nearest));
+    let metrics = Router::new().route("/metrics", get(metrics_text));
+    let metrics = if state.limits.auth_metrics {
+        metrics.route_layer(middleware::from_fn_with_state(state.clone(), auth))
+    } else {
+        metrics
+    };
     Router::new()
-        .merge(api)
-        .route("/metrics", get(metrics_text))
+        .merge(api.route_layer(middleware::from_fn_with_state(state.clone(), auth)))
+        .merge(metrics)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(middleware::from_fn_with_state(state.clone(), hosts))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
+}
+
+/// 503 with `Retry-After`: the server is at a limit, not broken.
+fn busy(route: &str, why: Busy) -> Response {
+    metrics::counter!("sluice_serving_rejected_total", "route" => route.to_string(), "reason" => match why {
+        Busy::Saturated => "saturated",
+        Busy::Deadline => "deadline",
+    })
+    .increment(1);
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+        Json(json!({"error": why.message(route)})),
+    )
+        .into_response()
+}
+
+/// Answers only the hosts of the [`HostPolicy`] (421 otherwise).
+async fn hosts(State(s): State<ServeState>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}"));
+    if !s.hosts.allows(host) {
+        metrics::counter!("sluice_serving_rejected_total", "route" => "any", "reason" => "host")
+            .increment(1);
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(json!({"error": "this server does not answer that Host (a server bound to a loopback address answers localhost, 127.0.0.1 and [::1]; see --allowed-hosts)"})),
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// The request's deadline: the whole of it (body read, wait for a slot,
+/// work) within `request_timeout`, else 503.
+async fn deadline(State(s): State<ServeState>, req: Request, next: Next) -> Response {
+    let route = route_of(req.uri().path());
+    // A body announced past the limit is refused before it is read (a
+    // body without a length is cut off at the limit as it is read).
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = announced
+        && n > s.limits.max_body_bytes as u64
+    {
+        metrics::counter!("sluice_serving_rejected_total", "route" => route, "reason" => "body")
+            .increment(1);
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [(header::CONNECTION, HeaderValue::from_static("close"))],
+            Json(json!({"error": format!("a body of {n} bytes; the server takes at most {} (--max-body-bytes)", s.limits.max_body_bytes)})),
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(s.limits.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => busy(route, Busy::Deadline),
+    }
+}
+
+fn route_of(path: &str) -> &'static str {
+    if path.ends_with("/nearest") {
+        "nearest"
+    } else if path.starts_with("/v1/") {
+        "get"
+    } else {
+        "other"
+    }
 }
 
 async fn auth(
@@ -52,12 +190,12 @@ async fn auth(
     next: Next,
 ) -> Response {
     if let Some(t) = &s.token {
-        let ok = headers
+        let presented = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|v| v.trim() == t.as_ref());
-        if !ok {
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(<[u8]>::trim_ascii)
+            .unwrap_or_default();
+        if !token_matches(presented, t.as_bytes()) {
             return (
                 StatusCode::UNAUTHORIZED,
                 Json(json!({"error": "missing or wrong bearer token"})),
@@ -68,17 +206,65 @@ async fn auth(
     next.run(req).await
 }
 
+/// An error as its answer: a client's mistake says what it was; anything
+/// else is logged with the request id and answered without its message,
+/// which may name this machine's paths.
+fn error_answer(e: EngineError, rid: &str) -> (StatusCode, Value) {
+    match e {
+        EngineError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
+        EngineError::Overloaded(m) => (StatusCode::SERVICE_UNAVAILABLE, json!({"error": m})),
+        e => {
+            tracing::error!(request_id = %rid, error = %e, "request failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": format!("{} error; the server's log has it under request id {rid}", match e.domain() {
+                    crate::error::ErrorDomain::Internal => "internal",
+                    _ => "storage",
+                }), "request_id": rid}),
+            )
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool in a slot of `gate`, within `deadline`.
+async fn blocking<T: Send + 'static>(
+    gate: &Gate,
+    route: &'static str,
+    deadline: Instant,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    let slot = gate.enter(deadline).await.map_err(|b| busy(route, b))?;
+    let task = tokio::task::spawn_blocking(move || {
+        // The slot is held until the work ends, even if the client left.
+        let _slot = slot;
+        work()
+    });
+    match task.await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            tracing::error!(route, error = %e, "a request's work failed");
+            Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": "internal error: the request's work failed; see the server's log"})),
+            )
+                .into_response())
+        }
+    }
+}
+
 fn observe(route: &'static str, status: StatusCode, t0: Instant) {
     metrics::counter!("sluice_serving_requests_total", "route" => route, "status" => status.as_u16().to_string()).increment(1);
     metrics::histogram!("sluice_serving_latency_seconds", "route" => route)
         .record(t0.elapsed().as_secs_f64());
 }
 
+/// Reads `key` of `view` (on a blocking thread).
 fn lookup(
     s: &ServeState,
     view: &str,
     key: &str,
     mode: Option<ReadMode>,
+    rid: &str,
 ) -> Result<Option<Value>, (StatusCode, Value)> {
     let view = s.live.resolve(view);
     let Some(meta) = s.live.views.get(view) else {
@@ -104,13 +290,7 @@ fn lookup(
         }
         value
     })
-    .map_err(|e| match e {
-        crate::error::EngineError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!({"error": m})),
-        e => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-    })
+    .map_err(|e| error_answer(e, rid))
 }
 
 /// The `window` query parameter: which value of a windowed view to read.
@@ -196,11 +376,32 @@ async fn get_feature(
 ) -> Response {
     let t0 = Instant::now();
     let rid = request_id(&headers);
-    let read = read_mode(&q).and_then(|m| lookup(&s, &view, &key, m).map(|v| (m, v)));
-    if let Ok((m, v)) = &read {
-        log_read(&s, &view, &key, *m, v.as_ref(), &rid);
-    }
-    let (status, body) = match read.map(|(_, v)| v) {
+    let mode = match read_mode(&q) {
+        Ok(m) => m,
+        Err((status, body)) => {
+            observe("get", status, t0);
+            return (status, Json(body)).into_response();
+        }
+    };
+    let deadline = t0 + s.limits.request_timeout;
+    let st = s.clone();
+    let r = rid.clone();
+    let read = blocking(&s.gates.get, "get", deadline, move || {
+        let read = lookup(&st, &view, &key, mode, &r);
+        if let Ok(v) = &read {
+            log_read(&st, &view, &key, mode, v.as_ref(), &r);
+        }
+        (key, read)
+    })
+    .await;
+    let (key, read) = match read {
+        Ok(r) => r,
+        Err(resp) => {
+            observe("get", resp.status(), t0);
+            return resp;
+        }
+    };
+    let (status, body) = match read {
         Ok(Some(v)) => (StatusCode::OK, v),
         Ok(None) => (
             StatusCode::NOT_FOUND,
@@ -217,6 +418,32 @@ struct Keys {
     keys: Vec<Value>,
 }
 
+/// A key of a batch body: its text, or an array of column values (strings,
+/// numbers or nulls) turned into it.
+fn batch_key(k: &Value) -> Result<String, String> {
+    match k {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let cols = parts
+                .iter()
+                .map(|p| match p {
+                    Value::String(s) => Ok(Some(s.clone())),
+                    Value::Null => Ok(None),
+                    Value::Number(n) => Ok(Some(n.to_string())),
+                    other => Err(format!(
+                        "a key column is a string, a number or null, not `{other}`"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(crate::keys::key_text(&cols))
+        }
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(format!(
+            "a key is a string or an array of column values, not `{other}`"
+        )),
+    }
+}
+
 async fn post_features(
     State(s): State<ServeState>,
     Path(view): Path<String>,
@@ -226,62 +453,90 @@ async fn post_features(
 ) -> Response {
     let t0 = Instant::now();
     let rid = request_id(&headers);
+    let refuse = |status: StatusCode, body: Value| {
+        observe("batch", status, t0);
+        (status, Json(body)).into_response()
+    };
     let mode = match read_mode(&q) {
         Ok(m) => m,
-        Err((status, body)) => {
-            observe("batch", status, t0);
-            return (status, Json(body)).into_response();
-        }
+        Err((status, body)) => return refuse(status, body),
     };
     // Any content type: `curl -d` sends form encoding by default.
     let Ok(req) = serde_json::from_slice::<Keys>(&body) else {
-        observe("batch", StatusCode::BAD_REQUEST, t0);
-        return (
+        return refuse(
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": "expected a JSON body {\"keys\": [...]}"})),
-        )
-            .into_response();
+            json!({"error": "expected a JSON body {\"keys\": [...]}"}),
+        );
     };
-    let mut out = Vec::with_capacity(req.keys.len());
-    for k in req.keys {
-        let key = match &k {
-            Value::String(s) => s.clone(),
-            Value::Array(parts) => parts
-                .iter()
-                .map(|p| {
-                    p.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| p.to_string())
-                })
-                .collect::<Vec<_>>()
-                .join("|"),
-            other => other.to_string(),
-        };
-        let read = lookup(&s, &view, &key, mode);
-        if let Ok(v) = &read {
-            log_read(&s, &view, &key, mode, v.as_ref(), &rid);
-        }
-        match read {
-            Ok(Some(mut v)) => {
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("found".into(), Value::Bool(true));
+    drop(body);
+    if req.keys.len() > s.limits.max_batch_keys {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("{} keys in one request; the server takes at most {} (--max-batch-keys)", req.keys.len(), s.limits.max_batch_keys)}),
+        );
+    }
+    let keys = match req
+        .keys
+        .iter()
+        .map(batch_key)
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(k) => k,
+        Err(m) => return refuse(StatusCode::BAD_REQUEST, json!({"error": m})),
+    };
+    let deadline = t0 + s.limits.request_timeout;
+    let st = s.clone();
+    let r = rid.clone();
+    let done = blocking(&s.gates.batch, "batch", deadline, move || {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if Instant::now() >= deadline {
+                return Err(None);
+            }
+            let read = lookup(&st, &view, &key, mode, &r);
+            if let Ok(v) = &read {
+                log_read(&st, &view, &key, mode, v.as_ref(), &r);
+            }
+            match read {
+                Ok(Some(mut v)) => {
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("found".into(), Value::Bool(true));
+                    }
+                    out.push(v)
                 }
-                out.push(v)
+                Ok(None) => out.push(json!({"key": key, "found": false})),
+                Err(e) => return Err(Some(Box::new(e))),
             }
-            Ok(None) => out.push(json!({"key": key, "found": false})),
-            Err((status, body)) => {
-                observe("batch", status, t0);
-                return (status, Json(body)).into_response();
-            }
+        }
+        Ok(out)
+    })
+    .await;
+    match done {
+        Ok(Ok(out)) => {
+            observe("batch", StatusCode::OK, t0);
+            (
+                StatusCode::OK,
+                [("x-request-id", rid)],
+                Json(json!({"results": out})),
+            )
+                .into_response()
+        }
+        // The deadline passed between keys, or a key's read failed.
+        Ok(Err(None)) => {
+            let resp = busy("batch", Busy::Deadline);
+            observe("batch", resp.status(), t0);
+            resp
+        }
+        Ok(Err(Some(e))) => {
+            let (status, body) = *e;
+            observe("batch", status, t0);
+            (status, Json(body)).into_response()
+        }
+        Err(resp) => {
+            observe("batch", resp.status(), t0);
+            resp
         }
     }
-    observe("batch", StatusCode::OK, t0);
-    (
-        StatusCode::OK,
-        [("x-request-id", rid)],
-        Json(json!({"results": out})),
-    )
-        .into_response()
 }
 
 /// A nearest-neighbour request.
@@ -309,14 +564,15 @@ const MAX_K: usize = 1000;
 /// Most query vectors in one request.
 const MAX_BATCH: usize = 1000;
 
-fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Value) {
+fn nearest_response(
+    s: &ServeState,
+    view: &str,
+    body: &[u8],
+    rid: &str,
+    deadline: Instant,
+) -> (StatusCode, Value) {
     let bad = |m: String| (StatusCode::BAD_REQUEST, json!({"error": m}));
-    let internal = |e: crate::error::EngineError| {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        )
-    };
+    let internal = |e: EngineError| error_answer(e, rid);
     let req: NearestRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -341,10 +597,21 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
     if k == 0 || k > MAX_K {
         return bad(format!("k must be between 1 and {MAX_K}"));
     }
-    let filter = match req.filter.as_deref().map(|f| idx.filter(f)) {
+    let queries_asked = req.vectors.as_ref().map_or(1, Vec::len);
+    if k.saturating_mul(queries_asked) > s.limits.max_nearest_work {
+        return bad(format!(
+            "k × query vectors is {}; the server takes at most {} (--max-nearest-work)",
+            k.saturating_mul(queries_asked),
+            s.limits.max_nearest_work
+        ));
+    }
+    let filter = match req
+        .filter
+        .as_deref()
+        .map(|f| idx.filter_limited(f, s.limits.filter))
+    {
         None => None,
         Some(Ok(f)) => Some(f),
-        Some(Err(crate::error::EngineError::BadRequest(m))) => return bad(m),
         Some(Err(e)) => return internal(e),
     };
     // The queries: vectors, the key's own vector in this index, or a key's
@@ -399,10 +666,10 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
         exact: req.exact,
         filter: filter.as_ref(),
         threads: 0,
+        deadline: Some(deadline),
     };
     let found = match idx.search(&search) {
         Ok(f) => f,
-        Err(crate::error::EngineError::BadRequest(m)) => return bad(m),
         Err(e) => return internal(e),
     };
     let mut results = Vec::with_capacity(found.results.len());
@@ -418,7 +685,7 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
         for n in r {
             let mut o = json!({"key": n.key, "distance": n.distance});
             if req.features {
-                let f = match lookup(s, view, &n.key, None) {
+                let f = match lookup(s, view, &n.key, None, rid) {
                     Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
                     Ok(None) => Value::Null,
                     Err((status, body)) => return (status, body),
@@ -463,20 +730,36 @@ fn nearest_response(s: &ServeState, view: &str, body: &[u8]) -> (StatusCode, Val
 async fn post_nearest(
     State(s): State<ServeState>,
     Path(view): Path<String>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let t0 = Instant::now();
+    let rid = request_id(&headers);
+    let deadline = t0 + s.limits.request_timeout;
     let st = s.clone();
-    let (status, body) =
-        match tokio::task::spawn_blocking(move || nearest_response(&st, &view, &body)).await {
-            Ok(r) => r,
-            Err(e) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": format!("query task failed: {e}")}),
-            ),
-        };
-    observe("nearest", status, t0);
-    (status, Json(body)).into_response()
+    let r = rid.clone();
+    let done = blocking(&s.gates.nearest, "nearest", deadline, move || {
+        nearest_response(&st, &view, &body, &r, deadline)
+    })
+    .await;
+    match done {
+        Ok((status, body)) => {
+            observe("nearest", status, t0);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                return (
+                    status,
+                    [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            (status, [("x-request-id", rid)], Json(body)).into_response()
+        }
+        Err(resp) => {
+            observe("nearest", resp.status(), t0);
+            resp
+        }
+    }
 }
 
 async fn metrics_text(State(s): State<ServeState>) -> Response {

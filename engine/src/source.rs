@@ -45,7 +45,8 @@ pub enum DeadLetterKind {
     ViewError,
     /// An Avro or Protobuf payload that does not decode with its schema, is
     /// not framed as the source says, or names a schema id the source does
-    /// not map.
+    /// not map; a CSV row with more or fewer fields than its header, or
+    /// that is not UTF-8.
     MalformedRecord,
 }
 
@@ -156,9 +157,11 @@ pub trait Source: Send {
 pub trait OfflineSink: Send {
     /// Writes the rows emitted during `epoch`.
     fn write_epoch(&mut self, epoch: u64, batches: &[RecordBatch]) -> Result<usize>;
-    /// Removes anything written by epochs after `committed` (a crash between
-    /// writing files and committing).
-    fn recover(&mut self, committed: u64) -> Result<()>;
+    /// Takes `writer` (the state dir's id) as the owner of the files it
+    /// writes from now on, and removes what this writer wrote in epochs
+    /// after `committed` (a crash between writing files and committing),
+    /// never another writer's files.
+    fn recover(&mut self, writer: &str, committed: u64) -> Result<()>;
 }
 
 /// Where dead letters go.
@@ -169,4 +172,78 @@ pub trait DeadLetterSink: Send {
     fn commit(&mut self) -> Result<u64>;
     /// Drops whatever was written after `committed_len`.
     fn recover(&mut self, committed_len: u64) -> Result<()>;
+}
+
+/// The default of `--dead-letter-limit`: bytes of dead letters written per
+/// source over a state dir's life.
+pub const DEFAULT_DEAD_LETTER_LIMIT: u64 = 1 << 30;
+
+/// A dead-letter sink with a cap in bytes per source: past it, letters are
+/// counted (`sluice_dead_letters_dropped_total`) but not written, so a
+/// flood of bad records cannot fill the disk unnoticed. A letter's size is
+/// its JSON line's; the bytes used so far are part of each checkpoint, so
+/// the cap falls on the same letter in every run of the same input.
+pub struct CappedDeadLetters {
+    inner: Box<dyn DeadLetterSink>,
+    limit: u64,
+    used: std::collections::BTreeMap<String, u64>,
+    /// Letters dropped since the start of this process.
+    dropped: u64,
+}
+
+impl CappedDeadLetters {
+    /// `inner` capped at `limit` bytes per source, `used` already.
+    pub fn new(
+        inner: Box<dyn DeadLetterSink>,
+        limit: u64,
+        used: std::collections::BTreeMap<String, u64>,
+    ) -> Self {
+        CappedDeadLetters {
+            inner,
+            limit,
+            used,
+            dropped: 0,
+        }
+    }
+
+    /// Bytes written per source (for the checkpoint).
+    pub fn used(&self) -> &std::collections::BTreeMap<String, u64> {
+        &self.used
+    }
+
+    /// Letters dropped by the cap since this process started.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Forgets the bytes used after a checkpoint that did not commit.
+    pub fn restore_used(&mut self, used: std::collections::BTreeMap<String, u64>) {
+        self.used = used;
+    }
+}
+
+impl DeadLetterSink for CappedDeadLetters {
+    fn write(&mut self, letter: &DeadLetter) -> Result<()> {
+        let size = serde_json::to_vec(letter).map_or(0, |v| v.len() as u64 + 1);
+        let used = self.used.entry(letter.source.clone()).or_insert(0);
+        if used.saturating_add(size) > self.limit {
+            if self.dropped == 0 {
+                tracing::warn!(source = %letter.source, limit = self.limit, "dead letters past --dead-letter-limit are counted, not written");
+            }
+            self.dropped += 1;
+            metrics::counter!("sluice_dead_letters_dropped_total", "source" => letter.source.clone(), "kind" => letter.kind.as_str())
+                .increment(1);
+            return Ok(());
+        }
+        *used += size;
+        self.inner.write(letter)
+    }
+
+    fn commit(&mut self) -> Result<u64> {
+        self.inner.commit()
+    }
+
+    fn recover(&mut self, committed_len: u64) -> Result<()> {
+        self.inner.recover(committed_len)
+    }
 }

@@ -172,14 +172,29 @@ fn encode_state(v: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(v);
 }
 
-fn decode_state(v: &[u8], path: &Path) -> Result<Vec<u8>> {
+/// LZ4 expands a block at most this many times (a run of one byte).
+const LZ4_MAX_RATIO: usize = 255;
+
+fn decode_state(v: &[u8], path: &Path, cf: &str) -> Result<Vec<u8>> {
     let bad = |why: String| EngineError::Incompatible {
         path: path.display().to_string(),
-        reason: format!("unreadable window state: {why}"),
+        reason: format!("unreadable window state in column family `{cf}`: {why}"),
     };
     match v.split_first() {
         Some((&RAW, rest)) => Ok(rest.to_vec()),
         Some((&LZ4, rest)) => {
+            // The size prefix is checked before anything is allocated for it.
+            let size = rest
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| bad("a compressed value without its size".into()))?;
+            let body = rest.len() - 4;
+            if size as usize > body.saturating_mul(LZ4_MAX_RATIO).saturating_add(16) {
+                return Err(bad(format!(
+                    "a size prefix of {size} bytes for {body} compressed bytes"
+                )));
+            }
             lz4_flex::block::decompress_size_prepended(rest).map_err(|e| bad(e.to_string()))
         }
         _ => Err(bad("unknown value encoding".into())),
@@ -324,7 +339,11 @@ impl Store {
         let opts = Options::default();
         let names = DB::list_cf(&opts, &path).map_err(|e| store_error(&path, e))?;
         if !names.iter().any(|n| n == META) {
-            // A `sluice run` is creating the database right now.
+            // A damaged database says so when opened; an intact one
+            // without our column families is being created right now.
+            if let Err(e) = DB::open_cf_for_read_only(&opts, &path, names.clone(), false) {
+                return Err(store_error(&path, e));
+            }
             return Err(EngineError::Incompatible {
                 path: dir.display().to_string(),
                 reason: "no state here yet: the database is still being created".into(),
@@ -427,7 +446,10 @@ impl Store {
             let mut pb = [0u8; 8];
             pb.copy_from_slice(&rest[..8]);
             let pane = (u64::from_be_bytes(pb) ^ (1u64 << 63)) as i64;
-            out.push((pane, (rest[8..].to_vec(), decode_state(&v, &self.path)?)));
+            out.push((
+                pane,
+                (rest[8..].to_vec(), decode_state(&v, &self.path, STATE)?),
+            ));
         }
         Ok(out)
     }
@@ -511,7 +533,7 @@ impl Store {
             .batched_multi_get_cf(cf, keys.iter(), false)
             .into_iter()
             .map(|r| match r.map_err(|e| self.err(e))? {
-                Some(v) => decode_state(&v, &self.path).map(Some),
+                Some(v) => decode_state(&v, &self.path, &tiles_cf(view)).map(Some),
                 None => Ok(None),
             })
             .collect()
@@ -587,7 +609,8 @@ impl Store {
             ro.set_iterate_upper_bound(tile_key(key.as_bytes(), level, to));
             for item in snap.iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward)) {
                 let (_, v) = item.map_err(|e| self.err(e))?;
-                out.states.push(decode_state(&v, &self.path)?);
+                out.states
+                    .push(decode_state(&v, &self.path, &tiles_cf(view))?);
             }
         }
         Ok(out)
@@ -607,6 +630,25 @@ impl Store {
             out.push((String::from_utf8_lossy(key).into_owned(), level, start));
         }
         Ok(out)
+    }
+
+    /// Distinct keys with at least one tile in `view` (tiles are stored in
+    /// key order, so one pass counts them).
+    pub fn tile_keys(&self, view: &str) -> Result<u64> {
+        let cf = self.cf(&tiles_cf(view))?;
+        let mut n = 0;
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            let Some((key, _, _)) = parse_tile_key(&k) else {
+                continue;
+            };
+            if last.as_deref() != Some(key) {
+                n += 1;
+                last = Some(key.to_vec());
+            }
+        }
+        Ok(n)
     }
 
     /// Bytes used by the database's files (SST + WAL + manifest).
@@ -648,15 +690,18 @@ mod tests {
         let small = b"short state".to_vec();
         encode_state(&small, &mut out);
         assert_eq!(out[0], RAW);
-        assert_eq!(decode_state(&out, p).expect("decode"), small);
+        assert_eq!(decode_state(&out, p, "t").expect("decode"), small);
         let mut hll = vec![0u8; 16384];
         hll[17] = 3;
         hll[9000] = 5;
         encode_state(&hll, &mut out);
         assert_eq!(out[0], LZ4);
         assert!(out.len() < 200, "{} bytes", out.len());
-        assert_eq!(decode_state(&out, p).expect("decode"), hll);
-        assert!(decode_state(&[9, 1, 2], p).is_err());
+        assert_eq!(decode_state(&out, p, "t").expect("decode"), hll);
+        assert!(decode_state(&[9, 1, 2], p, "t").is_err());
+        // A size prefix of 4 GiB for a few bytes: refused before any allocation.
+        assert!(decode_state(&[LZ4, 0xff, 0xff, 0xff, 0xff, 1, 2, 3], p, "t").is_err());
+        assert!(decode_state(&[LZ4, 1], p, "t").is_err());
     }
 
     /// Read-only opens racing a writer that flushes every few commits and

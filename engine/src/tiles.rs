@@ -514,12 +514,14 @@ impl TileAgg {
                     old_states.push(state);
                 }
             }
-            let parser = self.kernel.state_conv.parser();
-            let states = self
-                .kernel
-                .state_conv
-                .convert_rows(old_states.iter().map(|b| parser.parse(b)))
-                .map_err(|e| EngineError::arrow("decoding tile states", e))?;
+            let states = crate::aggregate::decode_rows(
+                &self.kernel.state_conv,
+                &format!(
+                    "tiles of view `{}` (column family `tiles.{}`)",
+                    self.view, self.view
+                ),
+                old_states.iter().copied(),
+            )?;
             merge_into(
                 &self.kernel,
                 &self.view,
@@ -642,8 +644,11 @@ fn split_tile<'a>(view: &str, bytes: &'a [u8]) -> Result<(&'a [u8], i64)> {
         .len()
         .checked_sub(NEWEST_BYTES)
         .ok_or_else(|| EngineError::Incompatible {
-            path: format!("tiles of view `{view}`"),
-            reason: format!("a tile of {} bytes has no event time", bytes.len()),
+            path: format!("tiles of view `{view}` (column family `tiles.{view}`)"),
+            reason: format!(
+                "a tile of {} bytes has no event time: the stored value is corrupt",
+                bytes.len()
+            ),
         })?;
     let (state, newest) = bytes.split_at(cut);
     let mut b = [0u8; NEWEST_BYTES];
@@ -896,16 +901,18 @@ impl TileReader {
         // Group index → row of the merged batch (HAVING may drop groups).
         let mut row_of = vec![None; merged_keys.len()];
         if !merged_keys.is_empty() {
-            let parser = self.kernel.state_conv.parser();
-            let arrays = self
-                .kernel
-                .state_conv
-                .convert_rows(
-                    states
-                        .iter()
-                        .map(|b| parser.parse(&b[..b.len() - NEWEST_BYTES])),
-                )
-                .map_err(|e| EngineError::arrow("decoding tile states", e))?;
+            let mut rows = Vec::with_capacity(states.len());
+            for b in &states {
+                rows.push(split_tile(&self.view, b)?.0);
+            }
+            let arrays = crate::aggregate::decode_rows(
+                &self.kernel.state_conv,
+                &format!(
+                    "tiles of view `{}` (column family `tiles.{}`)",
+                    self.view, self.view
+                ),
+                rows.into_iter(),
+            )?;
             let mut accs = self.kernel.new_accs()?;
             merge_into(
                 &self.kernel,
@@ -984,25 +991,20 @@ pub struct KeyValues {
     pub newest: Vec<Option<i64>>,
 }
 
-/// Key columns (one row per key) from keys as the API spells them: columns
-/// joined by `|`, each cast from text to its type (NULL where it does not parse).
+/// Key columns (one row per key) from keys as the API spells them
+/// ([`crate::keys::KeyText`]), each cast from text to its type (NULL where
+/// it does not parse).
 fn key_columns_of(keys: &[&str], types: &[DataType]) -> Vec<ArrayRef> {
-    let parts: Vec<Vec<&str>> = keys
+    let parts: Vec<Vec<Option<String>>> = keys
         .iter()
-        .map(|k| {
-            if types.len() == 1 {
-                vec![*k]
-            } else {
-                k.splitn(types.len(), '|').collect()
-            }
-        })
+        .map(|k| crate::keys::KeyText::parse(k).map_or_else(|_| Vec::new(), |t| t.0))
         .collect();
     types
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let s: ArrayRef = Arc::new(arrow::array::StringArray::from_iter_values(
-                parts.iter().map(|p| p.get(i).copied().unwrap_or("")),
+            let s: ArrayRef = Arc::new(arrow::array::StringArray::from_iter(
+                parts.iter().map(|p| p.get(i).cloned().flatten()),
             ));
             arrow::compute::cast(&s, t)
                 .unwrap_or_else(|_| arrow::array::new_null_array(t, keys.len()))

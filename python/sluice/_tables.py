@@ -52,10 +52,22 @@ def convert(table: pa.Table, output: str) -> Any:
 
 
 def key_text(key: Any) -> str:
-    """A key as the online store names it: multi-column keys joined by ``|``."""
+    """A key as the online store names it.
+
+    A multi-column key (a tuple or list) is its columns joined by ``|``;
+    inside a value ``|`` is written ``\\|`` and ``\\`` is ``\\\\``; a column
+    that is ``None`` is ``\\N``. A plain string is taken as already written
+    in that form (so ``"x|y"`` names two columns).
+    """
     if isinstance(key, (tuple, list)):
-        return "|".join(str(k) for k in key)
+        return "|".join(_column_text(k) for k in key)
     return str(key)
+
+
+def _column_text(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    return str(value).replace("\\", "\\\\").replace("|", "\\|")
 
 
 def reads_table(keys: Sequence[Any], reads: Iterable[Optional[dict]]) -> pa.Table:

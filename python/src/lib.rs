@@ -246,6 +246,7 @@ impl NativePipeline {
                 closed_windows,
                 sources,
                 dead_letters,
+                archive_writers: Default::default(),
             };
             Ok(join_spine(plan, &req, &batch, &what)?)
         });
@@ -312,6 +313,7 @@ impl NativePipeline {
             replace,
             threads,
             batch_rows: 8192,
+            dead_letter_limit: sluice_engine::DEFAULT_DEAD_LETTER_LIMIT,
             quiet: progress.is_none(),
         };
         let mode = match progress {

@@ -186,3 +186,13 @@ def test_timeout_is_unavailable():
 def test_health(server):
     h = server["client"].health()
     assert h == {"live": True, "ready": True, "reasons": []}
+
+
+def test_composite_keys_are_written_unambiguously():
+    from sluice._tables import key_text
+
+    assert key_text(("x|y", "z")) == "x\\|y|z"
+    assert key_text(("x", "y|z")) == "x|y\\|z"
+    assert key_text((None, "")) == "\\N|"
+    assert key_text(("\\N",)) == "\\\\N"
+    assert key_text("already|text") == "already|text"

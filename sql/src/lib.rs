@@ -10,9 +10,9 @@ pub mod vector;
 
 pub use error::{PipelineError, Pos};
 pub use plan::{
-    AggregatePlan, CheckRule, MetadataColumn, MetadataKind, OptionPos, OptionReader, PipelinePlan,
-    SERVED_LOG_COLUMNS, SourceCheck, SourcePlan, Stage, StatsReference, TIMESTAMP_TYPE, ViewKind,
-    ViewPlan, WindowSpec, expand_env, fmt_ms, plan_file, plan_pipeline, plan_pipeline_checked,
-    versioned_name, view_difference,
+    AggregatePlan, CheckRule, MASKED, MetadataColumn, MetadataKind, OptionPos, OptionReader,
+    PipelinePlan, SERVED_LOG_COLUMNS, SourceCheck, SourcePlan, Stage, StatsReference,
+    TIMESTAMP_TYPE, ViewKind, ViewPlan, WindowSpec, expand_env, fmt_ms, is_secret_option,
+    plan_file, plan_pipeline, plan_pipeline_checked, plan_stored, versioned_name, view_difference,
 };
 pub use vector::{vector_dims, vector_type};

@@ -32,7 +32,8 @@ use datafusion::prelude::SessionContext;
 use crate::error::{PipelineError, Pos};
 use crate::parser::{Statement, parse_pipeline};
 
-pub use options::{OptionPos, OptionReader, expand_env};
+use options::Env;
+pub use options::{MASKED, OptionPos, OptionReader, expand_env, is_secret_option};
 
 /// The arrow type of a `TIMESTAMP` column: milliseconds since the epoch.
 pub const TIMESTAMP_TYPE: DataType = DataType::Timestamp(TimeUnit::Millisecond, None);
@@ -443,6 +444,29 @@ pub fn plan_pipeline_checked(
     base_dir: &Path,
     check: SourceCheck<'_>,
 ) -> Result<PipelinePlan, PipelineError> {
+    plan_with(file, text, base_dir, check, Env::Process)
+}
+
+/// Plans a pipeline kept with a state dir, for reading that state: option
+/// values keep their `${NAME}` references as written, so a reader needs
+/// none of the environment (credentials) the job ran with.
+pub fn plan_stored(text: &str) -> Result<PipelinePlan, PipelineError> {
+    plan_with(
+        "pipeline.sql",
+        text,
+        Path::new("."),
+        &|_| Ok(()),
+        Env::Unexpanded,
+    )
+}
+
+fn plan_with(
+    file: &str,
+    text: &str,
+    base_dir: &Path,
+    check: SourceCheck<'_>,
+    env: Env,
+) -> Result<PipelinePlan, PipelineError> {
     let statements = parse_pipeline(file, text)?;
     let mut plan = PipelinePlan {
         file: file.to_string(),
@@ -464,7 +488,7 @@ pub fn plan_pipeline_checked(
                         format!("`{}` is defined twice", s.name.value),
                     ));
                 }
-                let mut sp = sources::lower_source(file, &s, base_dir)?;
+                let mut sp = sources::lower_source(file, &s, base_dir, env)?;
                 check(&sp)?;
                 ctx.register_table(
                     sp.name.as_str(),
@@ -488,7 +512,7 @@ pub fn plan_pipeline_checked(
                         },
                     ));
                 }
-                let vp = views::lower_view(file, text, &v, &plan, &ctx, base_dir)?;
+                let vp = views::lower_view(file, text, &v, &plan, &ctx, base_dir, env)?;
                 plan.views.push(vp);
             }
         }

@@ -53,6 +53,10 @@ pub struct BackfillArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Bytes of dead letters written per source (`1GiB` by default); past
+    /// it letters are counted, not written.
+    #[arg(long, value_parser = crate::commands::run::parse_bytes, default_value = "1GiB")]
+    pub dead_letter_limit: u64,
 }
 
 /// A time given on the command line, in epoch milliseconds.
@@ -236,7 +240,11 @@ pub fn run_with(a: &BackfillArgs, progress: Progress) -> anyhow::Result<Backfill
     }
     let outputs = BackfillOutputs {
         lake: &lake,
-        dead: Box::new(sluice_connectors::DeadLetterFile::at(&dl_path)),
+        dead: Box::new(sluice_engine::CappedDeadLetters::new(
+            Box::new(sluice_connectors::DeadLetterFile::at(&dl_path)),
+            a.dead_letter_limit,
+            Default::default(),
+        )),
         online: store.as_ref(),
     };
     let stats = backfill(&plan, sources, outputs, &opts)?;

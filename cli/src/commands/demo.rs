@@ -51,12 +51,16 @@ pub fn run(a: &DemoArgs) -> anyhow::Result<()> {
     if let Some(a) = serve_addr {
         eprintln!("try: curl http://{a}/v1/features/user_activity/u00042");
     }
+    let serve = serve_addr.map(|addr| super::run::Serve {
+        addr,
+        token: None,
+        limits: sluice_engine::server::ServeLimits::default(),
+    });
     super::run::run_job(
         &p,
         sluice_connectors::build_sources(&p)?,
         JobOptions::new(state.clone()),
-        serve_addr,
-        None,
+        serve,
         Some(handle),
     )?;
     eprintln!("lake: {}  state: {}", lake.display(), state.display());

@@ -40,6 +40,11 @@ pub struct TrainingSetArgs {
     /// path with `.dead_letters.jsonl` appended).
     #[arg(long)]
     pub dead_letters: Option<PathBuf>,
+    /// The writer (state dir id) whose event archive of source NAME a
+    /// replay reads, when several state dirs archived into it:
+    /// `NAME=ID` (default: the one that wrote last).
+    #[arg(long = "archive-writer", value_name = "NAME=ID")]
+    pub archive_writers: Vec<String>,
 }
 
 /// Writes the training set and prints what each view contributed.
@@ -60,6 +65,13 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
         o.push(".dead_letters.jsonl");
         PathBuf::from(o)
     });
+    let mut archive_writers = HashMap::new();
+    for w in &a.archive_writers {
+        let Some((s, id)) = w.split_once('=') else {
+            bail!("--archive-writer `{w}`: expected NAME=ID");
+        };
+        archive_writers.insert(s.to_string(), id.to_string());
+    }
     let req = sluice_connectors::training::TrainingSetRequest {
         spine: a.spine.clone(),
         features: a.features.clone(),
@@ -69,6 +81,7 @@ pub fn run(a: &TrainingSetArgs) -> anyhow::Result<()> {
         closed_windows: a.closed_windows,
         sources,
         dead_letters: dead_letters.clone(),
+        archive_writers,
     };
     let t0 = std::time::Instant::now();
     let stats = sluice_connectors::training::training_set(&p, &req)?;

@@ -9,25 +9,57 @@
 
 use datafusion::sql::sqlparser::ast::{BinaryOperator, Expr, UnaryOperator, Value};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use roaring::RoaringBitmap;
 use sluice_sql::vector::{FilterColumn, FilterKind};
 
 use super::snapshot::{Attr, Snapshot};
 use crate::error::{EngineError, Result};
 
-/// A parsed filter, checked against the index's filter columns.
+/// Limits on a filter's size, checked before it is parsed (its length)
+/// and after (its nodes): a request cannot make the server parse, hold or
+/// evaluate an unbounded expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    /// Bytes of the filter's text.
+    pub max_bytes: usize,
+    /// Nodes of the lowered filter (comparisons, `IN`, `IS NULL`, `AND`,
+    /// `OR`, `NOT`; a `BETWEEN` counts three).
+    pub max_nodes: usize,
+}
+
+/// The most nodes a filter may be given, whatever the limits say: the
+/// parser's tree of a longer chain would be as deep as the chain.
+pub const MAX_FILTER_NODES: usize = 4096;
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        FilterLimits {
+            max_bytes: 16 << 10,
+            max_nodes: 1000,
+        }
+    }
+}
+
+/// A parsed filter, checked against the index's filter columns: a postfix
+/// program over the bitmaps, evaluated with an explicit stack (no
+/// recursion, however deep the expression).
 #[derive(Debug, Clone)]
 pub struct Filter {
     text: String,
-    expr: Node,
+    program: Vec<Op>,
 }
 
 #[derive(Debug, Clone)]
-enum Node {
-    And(Box<Node>, Box<Node>),
-    Or(Box<Node>, Box<Node>),
-    Not(Box<Node>),
+enum Op {
+    /// Pops two, pushes their conjunction.
+    And,
+    /// Pops two, pushes their disjunction.
+    Or,
+    /// Pops one, pushes its negation.
+    Not,
     /// `col op value`.
     Cmp(usize, Cmp, Attr),
     /// `col [NOT] IN (…)`.
@@ -62,22 +94,80 @@ fn bad(m: impl Into<String>) -> EngineError {
     EngineError::BadRequest(m.into())
 }
 
+/// The start of a filter's text, for messages about filters too long to quote.
+fn preview(text: &str) -> String {
+    let mut end = text.len().min(60);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    if end < text.len() {
+        format!("{}…", &text[..end])
+    } else {
+        text.to_string()
+    }
+}
+
 impl Filter {
-    /// Parses `text` against `columns` (the index's filter columns).
+    /// Parses `text` against `columns` (the index's filter columns), with
+    /// the default [`FilterLimits`].
     pub fn parse(text: &str, columns: &[FilterColumn]) -> Result<Filter> {
+        Filter::parse_limited(text, columns, FilterLimits::default())
+    }
+
+    /// Parses `text` against `columns` within `limits`.
+    pub fn parse_limited(
+        text: &str,
+        columns: &[FilterColumn],
+        limits: FilterLimits,
+    ) -> Result<Filter> {
         if columns.is_empty() {
             return Err(bad(
                 "this index has no filter columns: declare them with index_filter_columns = 'col, …' on the view",
             ));
         }
+        if text.len() > limits.max_bytes {
+            return Err(bad(format!(
+                "filter `{}` is {} bytes; the server takes at most {} (--max-filter-bytes)",
+                preview(text),
+                text.len(),
+                limits.max_bytes
+            )));
+        }
+        // The parser's tree is as deep as the chain of operators: a text
+        // with more operators than the node limit is refused before it is
+        // parsed (and before a deep tree would have to be dropped).
+        let tokens = Tokenizer::new(&GenericDialect {}, text)
+            .tokenize()
+            .map_err(|e| bad(format!("filter `{}`: {e}", preview(text))))?;
+        let max_nodes = limits.max_nodes.min(MAX_FILTER_NODES);
+        let operators = tokens
+            .iter()
+            .filter(|t| match t {
+                Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT),
+                Token::Eq
+                | Token::Neq
+                | Token::Lt
+                | Token::Gt
+                | Token::LtEq
+                | Token::GtEq
+                | Token::LParen => true,
+                _ => false,
+            })
+            .count();
+        if operators > max_nodes {
+            return Err(bad(format!(
+                "filter `{}` has {operators} operators; the server takes filters of at most {max_nodes} nodes (--max-filter-nodes)",
+                preview(text),
+            )));
+        }
         let expr = Parser::new(&GenericDialect {})
-            .try_with_sql(text)
-            .and_then(|mut p| p.parse_expr())
-            .map_err(|e| bad(format!("filter `{text}`: {e}")))?;
-        let expr = lower(&expr, columns, text)?;
+            .with_tokens(tokens)
+            .parse_expr()
+            .map_err(|e| bad(format!("filter `{}`: {e}", preview(text))))?;
+        let program = lower(&expr, columns, text, max_nodes)?;
         Ok(Filter {
             text: text.to_string(),
-            expr,
+            program,
         })
     }
 
@@ -86,9 +176,14 @@ impl Filter {
         &self.text
     }
 
+    /// Nodes of the lowered filter.
+    pub fn nodes(&self) -> usize {
+        self.program.len()
+    }
+
     /// The ids of `snap` the filter is true for.
     pub fn eval(&self, snap: &Snapshot) -> RoaringBitmap {
-        eval(&self.expr, snap).0
+        eval(&self.program, snap).0
     }
 }
 
@@ -162,164 +257,213 @@ fn literal(e: &Expr, c: &FilterColumn) -> Result<Attr> {
     }
 }
 
-fn lower(e: &Expr, columns: &[FilterColumn], text: &str) -> Result<Node> {
-    let rec = |e: &Expr| lower(e, columns, text);
-    match e {
-        Expr::Nested(e) => rec(e),
-        Expr::UnaryOp {
-            op: UnaryOperator::Not,
-            expr,
-        } => Ok(Node::Not(Box::new(rec(expr)?))),
-        Expr::BinaryOp { left, op, right } => {
-            let cmp = match op {
-                BinaryOperator::And => {
-                    return Ok(Node::And(Box::new(rec(left)?), Box::new(rec(right)?)));
-                }
-                BinaryOperator::Or => {
-                    return Ok(Node::Or(Box::new(rec(left)?), Box::new(rec(right)?)));
-                }
-                BinaryOperator::Eq => Cmp::Eq,
-                BinaryOperator::NotEq => Cmp::NotEq,
-                BinaryOperator::Lt => Cmp::Lt,
-                BinaryOperator::LtEq => Cmp::LtEq,
-                BinaryOperator::Gt => Cmp::Gt,
-                BinaryOperator::GtEq => Cmp::GtEq,
-                other => {
-                    return Err(bad(format!(
-                        "filter `{text}`: operator `{other}` is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT)"
-                    )));
-                }
-            };
-            let (c, lit, cmp) = match (column(left, columns), column(right, columns)) {
-                (Some(c), None) => (c?, right, cmp),
-                (None, Some(c)) => (c?, left, cmp.flip()),
-                _ => {
-                    return Err(bad(format!(
-                        "filter `{text}`: `{e}` must compare one filter column with a constant"
-                    )));
-                }
-            };
-            Ok(Node::Cmp(c, cmp, literal(lit, &columns[c])?))
-        }
-        Expr::InList {
-            expr,
-            list,
-            negated,
-        } => {
-            let Some(c) = column(expr, columns) else {
-                return Err(bad(format!(
-                    "filter `{text}`: IN needs a filter column on its left"
-                )));
-            };
-            let c = c?;
-            let vals = list
-                .iter()
-                .map(|v| literal(v, &columns[c]))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Node::In(c, vals, *negated))
-        }
-        Expr::Between {
-            expr,
-            negated,
-            low,
-            high,
-        } => {
-            let Some(c) = column(expr, columns) else {
-                return Err(bad(format!(
-                    "filter `{text}`: BETWEEN needs a filter column on its left"
-                )));
-            };
-            let c = c?;
-            let range = Node::And(
-                Box::new(Node::Cmp(c, Cmp::GtEq, literal(low, &columns[c])?)),
-                Box::new(Node::Cmp(c, Cmp::LtEq, literal(high, &columns[c])?)),
-            );
-            Ok(if *negated {
-                Node::Not(Box::new(range))
-            } else {
-                range
-            })
-        }
-        Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
-            let Some(c) = column(inner, columns) else {
-                return Err(bad(format!(
-                    "filter `{text}`: IS NULL needs a filter column"
-                )));
-            };
-            Ok(Node::IsNull(c?, matches!(e, Expr::IsNotNull(_))))
-        }
-        Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
-            let c = column(e, columns).unwrap_or_else(|| Err(bad("filter: column")))?;
-            if columns[c].kind != FilterKind::Boolean {
-                return Err(bad(format!(
-                    "filter `{text}`: `{}` is not boolean; compare it with a constant",
-                    columns[c].name
-                )));
-            }
-            Ok(Node::Cmp(c, Cmp::Eq, Attr::Bool(true)))
-        }
-        other => Err(bad(format!(
-            "filter `{text}`: `{other}` is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT over the filter columns)"
-        ))),
-    }
+/// What the lowering does next: look at an expression, or emit an
+/// operator whose operands are already emitted.
+enum Task<'a> {
+    Visit(&'a Expr),
+    Emit(Op),
 }
 
-/// The ids where `n` is true and where it is false.
-fn eval(n: &Node, snap: &Snapshot) -> (RoaringBitmap, RoaringBitmap) {
-    match n {
-        Node::And(a, b) => {
-            let (ta, fa) = eval(a, snap);
-            let (tb, fb) = eval(b, snap);
-            (ta & tb, fa | fb)
-        }
-        Node::Or(a, b) => {
-            let (ta, fa) = eval(a, snap);
-            let (tb, fb) = eval(b, snap);
-            (ta | tb, fa & fb)
-        }
-        Node::Not(a) => {
-            let (t, f) = eval(a, snap);
-            (f, t)
-        }
-        Node::IsNull(c, negated) => {
-            let nulls = snap.facet_value(*c, &Attr::Null);
-            let rest = snap.live() - &nulls;
-            if *negated {
-                (rest, nulls)
-            } else {
-                (nulls, rest)
+/// Lowers `e` into a postfix program with an explicit work list (no
+/// recursion), refusing programs of more than `max_nodes` operators.
+fn lower(e: &Expr, columns: &[FilterColumn], text: &str, max_nodes: usize) -> Result<Vec<Op>> {
+    let text = &preview(text);
+    let mut out = Vec::new();
+    let mut work = vec![Task::Visit(e)];
+    while let Some(task) = work.pop() {
+        let e = match task {
+            Task::Emit(op) => {
+                out.push(op);
+                if out.len() > max_nodes {
+                    return Err(bad(format!(
+                        "filter `{text}` has more than {max_nodes} nodes (--max-filter-nodes)"
+                    )));
+                }
+                continue;
             }
-        }
-        Node::In(c, vals, negated) => {
-            let nulls = snap.facet_value(*c, &Attr::Null);
-            let mut t = RoaringBitmap::new();
-            for v in vals.iter().filter(|v| **v != Attr::Null) {
-                t |= snap.facet_value(*c, v);
+            Task::Visit(e) => e,
+        };
+        match e {
+            Expr::Nested(inner) => work.push(Task::Visit(inner)),
+            Expr::UnaryOp {
+                op: UnaryOperator::Not,
+                expr,
+            } => {
+                work.push(Task::Emit(Op::Not));
+                work.push(Task::Visit(expr));
             }
-            // `x IN (…, NULL)` is unknown where it is not true.
-            let unknown = if vals.contains(&Attr::Null) {
-                snap.live() - &t
-            } else {
-                nulls
-            };
-            let f = snap.live() - &t - &unknown;
-            if *negated { (f, t) } else { (t, f) }
-        }
-        Node::Cmp(c, cmp, v) => {
-            if *v == Attr::Null {
-                return (RoaringBitmap::new(), RoaringBitmap::new());
+            Expr::BinaryOp { left, op, right } => {
+                let cmp = match op {
+                    BinaryOperator::And | BinaryOperator::Or => {
+                        work.push(Task::Emit(if *op == BinaryOperator::And {
+                            Op::And
+                        } else {
+                            Op::Or
+                        }));
+                        work.push(Task::Visit(right));
+                        work.push(Task::Visit(left));
+                        continue;
+                    }
+                    BinaryOperator::Eq => Cmp::Eq,
+                    BinaryOperator::NotEq => Cmp::NotEq,
+                    BinaryOperator::Lt => Cmp::Lt,
+                    BinaryOperator::LtEq => Cmp::LtEq,
+                    BinaryOperator::Gt => Cmp::Gt,
+                    BinaryOperator::GtEq => Cmp::GtEq,
+                    other => {
+                        return Err(bad(format!(
+                            "filter `{text}`: operator `{other}` is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT)"
+                        )));
+                    }
+                };
+                let (c, lit, cmp) = match (column(left, columns), column(right, columns)) {
+                    (Some(c), None) => (c?, right, cmp),
+                    (None, Some(c)) => (c?, left, cmp.flip()),
+                    _ => {
+                        return Err(bad(format!(
+                            "filter `{text}`: `{}` must compare one filter column with a constant",
+                            preview(&e.to_string())
+                        )));
+                    }
+                };
+                work.push(Task::Emit(Op::Cmp(c, cmp, literal(lit, &columns[c])?)));
             }
-            let nulls = snap.facet_value(*c, &Attr::Null);
-            let t = match cmp {
-                Cmp::Eq => snap.facet_value(*c, v),
-                Cmp::NotEq => snap.live() - &nulls - &snap.facet_value(*c, v),
-                Cmp::Lt => snap.facet_range(*c, v, std::cmp::Ordering::Less, false),
-                Cmp::LtEq => snap.facet_range(*c, v, std::cmp::Ordering::Less, true),
-                Cmp::Gt => snap.facet_range(*c, v, std::cmp::Ordering::Greater, false),
-                Cmp::GtEq => snap.facet_range(*c, v, std::cmp::Ordering::Greater, true),
-            };
-            let f = snap.live() - &nulls - &t;
-            (t, f)
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => {
+                let Some(c) = column(expr, columns) else {
+                    return Err(bad(format!(
+                        "filter `{text}`: IN needs a filter column on its left"
+                    )));
+                };
+                let c = c?;
+                let vals = list
+                    .iter()
+                    .map(|v| literal(v, &columns[c]))
+                    .collect::<Result<Vec<_>>>()?;
+                work.push(Task::Emit(Op::In(c, vals, *negated)));
+            }
+            Expr::Between {
+                expr,
+                negated,
+                low,
+                high,
+            } => {
+                let Some(c) = column(expr, columns) else {
+                    return Err(bad(format!(
+                        "filter `{text}`: BETWEEN needs a filter column on its left"
+                    )));
+                };
+                let c = c?;
+                // Emitted in reverse: low bound, high bound, AND, [NOT].
+                if *negated {
+                    work.push(Task::Emit(Op::Not));
+                }
+                work.push(Task::Emit(Op::And));
+                work.push(Task::Emit(Op::Cmp(
+                    c,
+                    Cmp::LtEq,
+                    literal(high, &columns[c])?,
+                )));
+                work.push(Task::Emit(Op::Cmp(
+                    c,
+                    Cmp::GtEq,
+                    literal(low, &columns[c])?,
+                )));
+            }
+            Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
+                let Some(c) = column(inner, columns) else {
+                    return Err(bad(format!(
+                        "filter `{text}`: IS NULL needs a filter column"
+                    )));
+                };
+                work.push(Task::Emit(Op::IsNull(c?, matches!(e, Expr::IsNotNull(_)))));
+            }
+            Expr::Identifier(_) | Expr::CompoundIdentifier(_) => {
+                let c = column(e, columns).unwrap_or_else(|| Err(bad("filter: column")))?;
+                if columns[c].kind != FilterKind::Boolean {
+                    return Err(bad(format!(
+                        "filter `{text}`: `{}` is not boolean; compare it with a constant",
+                        columns[c].name
+                    )));
+                }
+                work.push(Task::Emit(Op::Cmp(c, Cmp::Eq, Attr::Bool(true))));
+            }
+            other => {
+                return Err(bad(format!(
+                    "filter `{text}`: `{}` is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT over the filter columns)",
+                    preview(&other.to_string())
+                )));
+            }
         }
     }
+    Ok(out)
+}
+
+/// The ids where the program is true and where it is false, evaluated
+/// on a stack of (true, false) pairs.
+fn eval(program: &[Op], snap: &Snapshot) -> (RoaringBitmap, RoaringBitmap) {
+    let mut stack: Vec<(RoaringBitmap, RoaringBitmap)> = Vec::new();
+    for op in program {
+        let v = match op {
+            Op::And | Op::Or => {
+                let (tb, fb) = stack.pop().unwrap_or_default();
+                let (ta, fa) = stack.pop().unwrap_or_default();
+                if matches!(op, Op::And) {
+                    (ta & tb, fa | fb)
+                } else {
+                    (ta | tb, fa & fb)
+                }
+            }
+            Op::Not => {
+                let (t, f) = stack.pop().unwrap_or_default();
+                (f, t)
+            }
+            Op::IsNull(c, negated) => {
+                let nulls = snap.facet_value(*c, &Attr::Null);
+                let rest = snap.live() - &nulls;
+                if *negated {
+                    (rest, nulls)
+                } else {
+                    (nulls, rest)
+                }
+            }
+            Op::In(c, vals, negated) => {
+                let nulls = snap.facet_value(*c, &Attr::Null);
+                let mut t = RoaringBitmap::new();
+                for v in vals.iter().filter(|v| **v != Attr::Null) {
+                    t |= snap.facet_value(*c, v);
+                }
+                // `x IN (…, NULL)` is unknown where it is not true.
+                let unknown = if vals.contains(&Attr::Null) {
+                    snap.live() - &t
+                } else {
+                    nulls
+                };
+                let f = snap.live() - &t - &unknown;
+                if *negated { (f, t) } else { (t, f) }
+            }
+            Op::Cmp(c, cmp, v) => {
+                if *v == Attr::Null {
+                    (RoaringBitmap::new(), RoaringBitmap::new())
+                } else {
+                    let nulls = snap.facet_value(*c, &Attr::Null);
+                    let t = match cmp {
+                        Cmp::Eq => snap.facet_value(*c, v),
+                        Cmp::NotEq => snap.live() - &nulls - &snap.facet_value(*c, v),
+                        Cmp::Lt => snap.facet_range(*c, v, std::cmp::Ordering::Less, false),
+                        Cmp::LtEq => snap.facet_range(*c, v, std::cmp::Ordering::Less, true),
+                        Cmp::Gt => snap.facet_range(*c, v, std::cmp::Ordering::Greater, false),
+                        Cmp::GtEq => snap.facet_range(*c, v, std::cmp::Ordering::Greater, true),
+                    };
+                    let f = snap.live() - &nulls - &t;
+                    (t, f)
+                }
+            }
+        };
+        stack.push(v);
+    }
+    stack.pop().unwrap_or_default()
 }

@@ -60,6 +60,8 @@ const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
 const SCAN_RATIO: u64 = 16;
 /// Readers kept open per snapshot.
 const POOL: usize = 64;
+/// Query vectors an exact scan takes at a time between deadline checks.
+const SCAN_CHUNK: usize = 8;
 
 type Db<K, V> = Database<'static, K, V>;
 
@@ -123,6 +125,30 @@ impl std::fmt::Debug for VectorIndex {
 /// The directory of `view`'s index under a state dir.
 pub fn index_dir(state_dir: &Path, view: &str) -> PathBuf {
     state_dir.join("index").join(view)
+}
+
+/// Longest entity key stored as itself in the `keys` table (LMDB takes
+/// keys of 1 to 511 bytes).
+const RAW_KEY_MAX: usize = 480;
+
+/// The `keys` table's key of an entity key: a tag byte, then the key
+/// itself when it is short, else its SHA-256 digest. Every key the online
+/// store accepts fits, the empty one and one of a megabyte alike; the `ids`
+/// table keeps the whole key.
+fn lmdb_key(key: &str) -> Vec<u8> {
+    use sha2::Digest;
+    let b = key.as_bytes();
+    if b.len() <= RAW_KEY_MAX {
+        let mut k = Vec::with_capacity(b.len() + 1);
+        k.push(0);
+        k.extend_from_slice(b);
+        k
+    } else {
+        let mut k = Vec::with_capacity(33);
+        k.push(1);
+        k.extend_from_slice(&sha2::Sha256::digest(b));
+        k
+    }
 }
 
 fn encode_entry(id: u32, valid_until: Option<i64>) -> [u8; 12] {
@@ -250,6 +276,9 @@ pub struct Search<'a> {
     pub filter: Option<&'a Filter>,
     /// Threads of an exact scan (0: by the size of the set).
     pub threads: usize,
+    /// Past this instant the search stops between query vectors with
+    /// [`EngineError::Overloaded`] (a request's deadline).
+    pub deadline: Option<Instant>,
 }
 
 impl<'a> Search<'a> {
@@ -262,6 +291,7 @@ impl<'a> Search<'a> {
             exact: false,
             filter: None,
             threads: 0,
+            deadline: None,
         }
     }
 }
@@ -605,22 +635,27 @@ impl VectorIndex {
             for u in updates {
                 let old = self
                     .keys
-                    .get(&wtxn, u.key.as_bytes())
+                    .get(&wtxn, &lmdb_key(&u.key))
                     .map_err(|e| self.err("read", e))?
                     .and_then(decode_entry);
                 match (&u.vector, old) {
-                    (Some(v), old) => {
-                        if v.len() != self.plan.dims {
-                            return Err(self.err(
-                                "update",
-                                format!(
-                                    "key {}: vector of {} elements, the index has {}",
-                                    u.key,
-                                    v.len(),
-                                    self.plan.dims
-                                ),
-                            ));
+                    (Some(v), old)
+                        if v.len() != self.plan.dims || v.iter().any(|x| !x.is_finite()) =>
+                    {
+                        // A value the index cannot hold never fails the
+                        // checkpoint: the key leaves the index, counted.
+                        tracing::warn!(view = %self.view, key = %u.key, len = v.len(), "vector not indexed: wrong length or not finite");
+                        metrics::counter!("sluice_index_rejected_total", "view" => self.view.clone())
+                            .increment(1);
+                        stats.rejected += 1;
+                        if let Some((id, vu)) = old {
+                            expiry.remove(&(vu, id));
+                            self.remove(&mut wtxn, &writer, &u.key, id)?;
+                            changes.push(Change::Remove { id });
+                            stats.removals += 1;
                         }
+                    }
+                    (Some(v), old) => {
                         let id = match old {
                             Some((id, vu)) => {
                                 expiry.remove(&(vu, id));
@@ -634,7 +669,7 @@ impl VectorIndex {
                         self.keys
                             .put(
                                 &mut wtxn,
-                                u.key.as_bytes(),
+                                &lmdb_key(&u.key),
                                 &encode_entry(id, u.valid_until),
                             )
                             .map_err(|e| self.err("add", e))?;
@@ -767,7 +802,7 @@ impl VectorIndex {
             .del_item(wtxn, id)
             .map_err(|e| self.err("remove", e))?;
         self.keys
-            .delete(wtxn, key.as_bytes())
+            .delete(wtxn, &lmdb_key(key))
             .map_err(|e| self.err("remove", e))?;
         self.ids
             .delete(wtxn, &id)
@@ -784,7 +819,7 @@ impl VectorIndex {
     fn id_of(&self, rtxn: &RoTxn, key: &str) -> Result<Option<u32>> {
         Ok(self
             .keys
-            .get(rtxn, key.as_bytes())
+            .get(rtxn, &lmdb_key(key))
             .map_err(|e| self.err("read", e))?
             .and_then(decode_entry)
             .map(|(id, _)| id))
@@ -911,6 +946,11 @@ impl VectorIndex {
         Filter::parse(text, &self.plan.filter_columns)
     }
 
+    /// [`VectorIndex::filter`] within `limits`.
+    pub fn filter_limited(&self, text: &str, limits: filter::FilterLimits) -> Result<Filter> {
+        Filter::parse_limited(text, &self.plan.filter_columns, limits)
+    }
+
     /// Answers every query of `s` against one committed epoch.
     pub fn search(&self, s: &Search<'_>) -> Result<Found> {
         let (snap, r) = self.consistent()?;
@@ -972,10 +1012,26 @@ impl VectorIndex {
                 })
                 .collect()
         };
+        let past_deadline = || {
+            s.deadline.is_some_and(|d| Instant::now() >= d).then(|| {
+                EngineError::Overloaded(format!(
+                    "the nearest-neighbour search of view `{}` passed its deadline; retry later or ask for less",
+                    self.view
+                ))
+            })
+        };
         if exact {
             let set = candidates.as_ref().unwrap_or(snap.live());
             let qs: Vec<Prepared> = prepared.iter().flatten().cloned().collect();
-            let mut found = snap.scan(&qs, k, set, s.threads).into_iter();
+            // Scanned a few queries at a time, so a deadline stops it.
+            let mut found = Vec::with_capacity(qs.len());
+            for chunk in qs.chunks(SCAN_CHUNK) {
+                if let Some(e) = past_deadline() {
+                    return Err(e);
+                }
+                found.extend(snap.scan(chunk, k, set, s.threads));
+            }
+            let mut found = found.into_iter();
             for (slot, p) in results.iter_mut().zip(&prepared) {
                 if p.is_some() {
                     *slot = Some(neighbours(found.next().unwrap_or_default()));
@@ -992,6 +1048,9 @@ impl VectorIndex {
                 };
                 for (slot, p) in results.iter_mut().zip(&prepared) {
                     let Some(p) = p else { continue };
+                    if let Some(e) = past_deadline() {
+                        return Err(e);
+                    }
                     let want = k + usize::from(p.skip.is_some());
                     let mut q = reader.nns(want);
                     let nodes = want
@@ -1027,7 +1086,8 @@ impl VectorIndex {
 
 /// The settings whose change invalidates an index's items.
 fn shape(plan: &VectorIndexPlan) -> String {
-    let mut s = format!("{}:{}", plan.dims, plan.distance.name());
+    // `keys2`: the `keys` table holds tagged keys ([`lmdb_key`]).
+    let mut s = format!("{}:{}:keys2", plan.dims, plan.distance.name());
     if !plan.filter_columns.is_empty() {
         let cols: Vec<&str> = plan
             .filter_columns
@@ -1049,6 +1109,8 @@ pub struct ApplyStats {
     pub removals: u64,
     /// Keys whose row expired.
     pub expired: u64,
+    /// Vectors not indexed (wrong length, or not finite).
+    pub rejected: u64,
 }
 
 /// Opens the LMDB environment of an index.

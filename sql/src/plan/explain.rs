@@ -4,9 +4,6 @@ use std::fmt;
 
 use super::{PipelinePlan, Stage, ViewKind, WindowSpec, fmt_ms};
 
-/// Options whose values `EXPLAIN` does not echo: any name containing one of these.
-const SECRET_WORDS: [&str; 3] = ["password", "secret", "token"];
-
 impl fmt::Display for PipelinePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for s in &self.sources {
@@ -38,8 +35,11 @@ impl fmt::Display for PipelinePlan {
             }
             for (k, v) in &s.options {
                 // Credentials passed to librdkafka are not echoed.
-                let secret = SECRET_WORDS.iter().any(|w| k.contains(w));
-                let v = if secret { "********" } else { v.as_str() };
+                let v = if super::options::is_secret_option(k) {
+                    super::options::MASKED
+                } else {
+                    v.as_str()
+                };
                 writeln!(f, "  option {k} = {v}")?;
             }
             for c in &s.checks {

@@ -79,6 +79,63 @@ fn unknown_option(file: &str, pos: Pos, what: &str, key: &str, known: &[&str]) -
     .suggest(key, known.iter().copied())
 }
 
+/// Words that make an option's value a secret wherever they appear in its name.
+const SECRET_WORDS: [&str; 9] = [
+    "password",
+    "secret",
+    "token",
+    "credential",
+    "private",
+    "access_key",
+    "access.key",
+    "api_key",
+    "apikey",
+];
+
+/// Option prefixes whose every value is key material or credentials:
+/// librdkafka's SASL settings (usernames, OAUTHBEARER configs with client
+/// secrets, Kerberos keytabs) and its TLS keys and keystores.
+const SECRET_PREFIXES: [&str; 5] = [
+    "kafka.sasl.",
+    "kafka.ssl.key.",
+    "kafka.ssl.keystore.",
+    "kafka.ssl_key",
+    "kafka.ssl.engine.",
+];
+
+/// Whether the value of option `key` is a secret, never shown in
+/// `EXPLAIN`, logs, errors or metrics: a name containing `password`,
+/// `secret`, `token`, `credential`, `private`, an access or API key, and
+/// every `kafka.sasl.*`, `kafka.ssl.key.*` and `kafka.ssl.keystore.*`.
+pub fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| k.contains(w)) || SECRET_PREFIXES.iter().any(|p| k.starts_with(p))
+}
+
+/// What `EXPLAIN` and error messages show for a secret option's value.
+pub const MASKED: &str = "********";
+
+/// Where the `${NAME}` references of option values are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Env {
+    /// This process's environment (a job, a backfill, `explain`).
+    Process,
+    /// Nowhere: references stay as written. A pipeline kept with a state
+    /// dir is planned this way by readers (`sluice get`, `nearest`,
+    /// `open_state`), which never need the sources' credentials.
+    Unexpanded,
+}
+
+impl Env {
+    /// `value` with its references expanded from this environment.
+    pub fn expand(self, value: &str) -> Result<String, String> {
+        match self {
+            Env::Process => expand_env(value),
+            Env::Unexpanded => Ok(value.to_string()),
+        }
+    }
+}
+
 /// Expands `${NAME}` and `${NAME:-default}` in an option value from the
 /// environment (brokers per deployment, credentials kept out of the file).
 pub fn expand_env(value: &str) -> Result<String, String> {
@@ -272,6 +329,7 @@ impl<'a> ViewOptions<'a> {
         file: &str,
         v: &'a ViewDef,
         base_dir: &Path,
+        env: Env,
     ) -> Result<Self, PipelineError> {
         // `expect.NAME` keys are rules of any name; the rest must be known.
         let options: Vec<OptionDef> = v
@@ -326,7 +384,7 @@ impl<'a> ViewOptions<'a> {
                 )),
             }
         };
-        let env = |o: &OptionDef| expand_env(&o.value).map_err(|m| at(o, m));
+        let env = |o: &OptionDef| env.expand(&o.value).map_err(|m| at(o, m));
         let mut out = ViewOptions {
             online: true,
             expect,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::sql::sqlparser::ast;
 
-use super::options::{OptionPos, SOURCE_OPTIONS, check_options, expand_env};
+use super::options::{Env, MASKED, OptionPos, SOURCE_OPTIONS, check_options, is_secret_option};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::dialect::GenericDialect;
@@ -27,10 +27,11 @@ pub(super) fn lower_source(
     file: &str,
     s: &SourceDef,
     base_dir: &Path,
+    env: Env,
 ) -> Result<SourcePlan, PipelineError> {
     let (schema, metadata) = source_columns(file, s)?;
     let (event_time, watermark_delay_ms) = event_time(file, s, &schema)?;
-    let (options, option_positions) = source_options(file, s)?;
+    let (options, option_positions) = source_options(file, s, env)?;
     let connector = options.get("connector").cloned().ok_or_else(|| {
         PipelineError::at(
             file,
@@ -289,7 +290,7 @@ fn event_time(
 /// given twice is refused.
 type Options = (BTreeMap<String, String>, BTreeMap<String, OptionPos>);
 
-fn source_options(file: &str, s: &SourceDef) -> Result<Options, PipelineError> {
+fn source_options(file: &str, s: &SourceDef, env: Env) -> Result<Options, PipelineError> {
     check_options(file, &s.options, None, "source")?;
     let known: Vec<&str> = SOURCE_OPTIONS.to_vec();
     if !s.options.iter().any(|o| o.key.value == "connector")
@@ -310,7 +311,15 @@ fn source_options(file: &str, s: &SourceDef) -> Result<Options, PipelineError> {
     let mut values = BTreeMap::new();
     let mut positions = BTreeMap::new();
     for o in &s.options {
-        let v = expand_env(&o.value).map_err(|m| PipelineError::at(file, Some(o.value_pos), m))?;
+        let v = env.expand(&o.value).map_err(|m| {
+            // The message quotes the value: not a secret's.
+            let m = if is_secret_option(&o.key.value) {
+                m.replace(o.value.as_str(), MASKED)
+            } else {
+                m
+            };
+            PipelineError::at(file, Some(o.value_pos), m)
+        })?;
         values.insert(o.key.value.clone(), v);
         positions.insert(
             o.key.value.clone(),

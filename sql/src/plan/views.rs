@@ -12,7 +12,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{self, SetExpr, Spanned};
 
-use super::options::ViewOptions;
+use super::options::{Env, ViewOptions};
 use super::windows::{WindowCall, span_pos, take_window};
 use super::{AggregatePlan, PipelinePlan, SourcePlan, Stage, ViewKind, ViewPlan, WindowSpec};
 use crate::error::{PipelineError, Pos};
@@ -26,6 +26,7 @@ pub(super) fn lower_view(
     plan: &PipelinePlan,
     ctx: &SessionContext,
     base_dir: &Path,
+    env: Env,
 ) -> Result<ViewPlan, PipelineError> {
     if v.name.value.starts_with('_') {
         return Err(PipelineError::at(
@@ -37,7 +38,7 @@ pub(super) fn lower_view(
             ),
         ));
     }
-    let opts = ViewOptions::parse(file, v, base_dir)?;
+    let opts = ViewOptions::parse(file, v, base_dir, env)?;
     let source = view_source(file, v, plan)?;
     let mut query = v.query.clone();
     let window = take_window(file, &mut query)?;
