@@ -99,6 +99,8 @@ impl OpenView {
 /// metadata, committed watermark and tile reader.
 pub fn open_view(state_dir: &Path, view: &str) -> anyhow::Result<OpenView> {
     let store = Store::open_read_only(state_dir)?;
+    // A state dir of another layout version is refused, as `run` refuses it.
+    sluice_engine::checkpoint::Checkpoint::load(&store, state_dir)?;
     // An unversioned name reads what the server would serve.
     let view = &sluice_engine::online::resolve_version(&store, view)?;
     let Some(meta) = read_view_meta(&store, view)? else {

@@ -461,6 +461,18 @@ impl VectorIndex {
             .map_err(|e| index_err(&path, "open", e))?
             .and_then(|b| serde_json::from_slice(b).ok())
             .ok_or_else(|| index_err(&path, "open", "no settings recorded"))?;
+        // An index whose `keys` table holds untagged keys (before
+        // `lmdb_key`) cannot be read by key: the job rebuilds it.
+        let current = meta
+            .get(&rtxn, "shape")
+            .map_err(|e| index_err(&path, "open", e))?
+            .is_some_and(|b| b == shape(&plan).as_bytes());
+        if !current {
+            return Err(EngineError::Incompatible {
+                path: path.display().to_string(),
+                reason: "the index was written by an older Sluice build; `sluice run` on this state dir rebuilds it".into(),
+            });
+        }
         drop(rtxn);
         let mut idx = VectorIndex {
             view: view.to_string(),
