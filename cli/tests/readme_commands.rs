@@ -202,9 +202,8 @@ fn rewrite(raw: &str, env: &Env) -> Step {
     };
     if first == "curl" {
         // A server may still be starting, a metric not reported yet.
-        cmd = format!(
-            "for i in $(seq 1 60); do if {cmd}; then exit 0; fi; sleep 0.5; done; exit 1"
-        );
+        cmd =
+            format!("for i in $(seq 1 60); do if {cmd}; then exit 0; fi; sleep 0.5; done; exit 1");
     }
     Step::Run { cmd, background }
 }
@@ -237,8 +236,8 @@ fn wait_serving(port: u16, child: &mut Child, log: &Path, bounded: bool) -> Resu
             let (st, _) = common::http(&format!("127.0.0.1:{port}"), "GET", "/healthz", None, &[]);
             up = st == 200;
         }
-        let done = !bounded
-            || std::fs::read_to_string(log).is_ok_and(|l| l.contains("still serving"));
+        let done =
+            !bounded || std::fs::read_to_string(log).is_ok_and(|l| l.contains("still serving"));
         if up && done {
             return Ok(());
         }
@@ -376,7 +375,8 @@ fn copy_dir(from: &Path, to: &Path) {
         let name = e.file_name();
         let n = name.to_string_lossy();
         // Data a developer generated into the checkout is not the docs'.
-        if n.ends_with(".jsonl") || n.ends_with(".parquet") || n == "lake" || n.ends_with("-state") {
+        if n.ends_with(".jsonl") || n.ends_with(".parquet") || n == "lake" || n.ends_with("-state")
+        {
             continue;
         }
         if p.is_dir() {
@@ -389,16 +389,33 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn the_blocks_are_parsed_as_a_reader_would_type_them() {
-    let b = blocks("text\n```sh\n# a comment\ncmd one \\\n    --flag x\n\ncmd two &\n```\n```sql\nSELECT 1\n```\n");
+    let b = blocks(
+        "text\n```sh\n# a comment\ncmd one \\\n    --flag x\n\ncmd two &\n```\n```sql\nSELECT 1\n```\n",
+    );
     assert_eq!(b.len(), 1);
     assert_eq!(
         b[0].commands,
-        vec![(4, "cmd one --flag x".to_string()), (7, "cmd two &".to_string())]
+        vec![
+            (4, "cmd one --flag x".to_string()),
+            (7, "cmd two &".to_string())
+        ]
     );
-    assert_eq!(shrink("gen --events 1000000 --keys 5", "--events", 20_000), "gen --events 20000 --keys 5");
-    assert_eq!(shrink("produce --events 0 --live", "--events", 20_000), "produce --events 0 --live");
-    assert_eq!(strip_comment("curl -s x/readyz   # 503 while down"), "curl -s x/readyz");
-    assert_eq!(strip_comment("grep '\"user7\"' f   # {\"a\": 1}"), "grep '\"user7\"' f");
+    assert_eq!(
+        shrink("gen --events 1000000 --keys 5", "--events", 20_000),
+        "gen --events 20000 --keys 5"
+    );
+    assert_eq!(
+        shrink("produce --events 0 --live", "--events", 20_000),
+        "produce --events 0 --live"
+    );
+    assert_eq!(
+        strip_comment("curl -s x/readyz   # 503 while down"),
+        "curl -s x/readyz"
+    );
+    assert_eq!(
+        strip_comment("grep '\"user7\"' f   # {\"a\": 1}"),
+        "grep '\"user7\"' f"
+    );
     assert_eq!(strip_comment("echo 'a # b'"), "echo 'a # b'");
 }
 
