@@ -11,6 +11,7 @@
 //! ```
 
 pub mod commands;
+pub mod flags;
 
 use std::path::Path;
 

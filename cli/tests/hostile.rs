@@ -351,8 +351,7 @@ fn a_line_without_end_costs_bounded_memory_and_is_a_dead_letter() {
     }
     drop(f);
     let state = dir.path().join("state");
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "maxrss_kb=%M", &bin().display().to_string()])
+    let mut child = Command::new(bin())
         .args([
             "run",
             &p.display().to_string(),
@@ -360,25 +359,32 @@ fn a_line_without_end_costs_bounded_memory_and_is_a_dead_letter() {
             &state.display().to_string(),
         ])
         .env("SLUICE_LOG", "warn")
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        // No /usr/bin/time: the run alone.
-        Err(_) => run(&p, &state, &[]),
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    // The peak RSS, read from /proc while it runs.
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if let Some(kb) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        }) {
+            peak_kb = peak_kb.max(kb);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     };
+    let out = child.wait_with_output().expect("output");
+    assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(peak_kb > 0, "no RSS read");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        peak_kb < 200 * 1024,
+        "peak RSS {peak_kb} KiB for a 256 MiB line"
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    if let Some(kb) = err
-        .lines()
-        .find_map(|l| l.strip_prefix("maxrss_kb="))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        assert!(kb < 200 * 1024, "peak RSS {kb} KiB for a 256 MiB line");
-    }
     let dead = dead_letters(&state);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["kind"], "oversized");
@@ -473,6 +479,38 @@ fn a_dead_letter_flood_stops_at_the_limit_the_same_way_every_run() {
     // The good records all count.
     let v = get(&dir.path().join("a"), "v", "u1998").expect("last good key");
     assert_eq!(v["features"]["n"], 1);
+    // kill -9 twice along the way: the restarts end with the same file.
+    let state = dir.path().join("c");
+    for _ in 0..2 {
+        let mut child = Command::new(bin())
+            .args([
+                "run",
+                &p.display().to_string(),
+                "--state-dir",
+                &state.display().to_string(),
+                "--dead-letter-limit",
+                "20KiB",
+                "--batch-rows",
+                "50",
+                "--checkpoint-interval-ms",
+                "30",
+                "--throttle-ms",
+                "5",
+            ])
+            .env("SLUICE_LOG", "warn")
+            .spawn()
+            .expect("run");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+    }
+    ok(&run(
+        &p,
+        &state,
+        &["--dead-letter-limit", "20KiB", "--batch-rows", "50"],
+    ));
+    let after = std::fs::read(state.join("dead_letters.jsonl")).expect("dead letters");
+    assert_eq!(after, files[0], "a restart moved the cap");
 }
 
 #[test]

@@ -262,6 +262,18 @@ fn stop(children: &mut Vec<Child>) {
     }
 }
 
+/// Stops commands that run until interrupted; one that ended by itself
+/// must have ended well.
+fn stop_checked(children: &mut Vec<(String, Child)>) {
+    for (what, mut c) in children.drain(..) {
+        if let Ok(Some(st)) = c.try_wait() {
+            assert!(st.success(), "{what}: exit {st}");
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// Runs every shell block of `doc` (relative to the repository root).
 fn run_doc(doc: &str, broker: &str) {
     let root = repo_root();
@@ -287,7 +299,7 @@ fn run_doc(doc: &str, broker: &str) {
     }
     let text = std::fs::read_to_string(root.join(doc)).expect("doc");
     let mut servers: Vec<Child> = Vec::new();
-    let mut others: Vec<Child> = Vec::new();
+    let mut others: Vec<(String, Child)> = Vec::new();
     let mut ran = 0;
     for block in blocks(&text) {
         for (line, raw) in block.commands {
@@ -320,13 +332,14 @@ fn run_doc(doc: &str, broker: &str) {
                     servers.push(child);
                 }
                 Background::Until => {
-                    others.push(
+                    others.push((
+                        where_.clone(),
                         shell(&cmd, &env)
                             .stdout(Stdio::null())
                             .stderr(Stdio::null())
                             .spawn()
                             .expect("spawn"),
-                    );
+                    ));
                     // Let it make a start (a producer fills its topic).
                     std::thread::sleep(Duration::from_secs(3));
                 }
@@ -344,7 +357,7 @@ fn run_doc(doc: &str, broker: &str) {
                         if t0.elapsed() > Duration::from_secs(300) {
                             let _ = child.kill();
                             stop(&mut servers);
-                            stop(&mut others);
+                            stop_checked(&mut others);
                             panic!("{where_}: still running after 300 s");
                         }
                         std::thread::sleep(Duration::from_millis(50));
@@ -352,7 +365,7 @@ fn run_doc(doc: &str, broker: &str) {
                     let out = child.wait_with_output().expect("output");
                     if !status.success() {
                         stop(&mut servers);
-                        stop(&mut others);
+                        stop_checked(&mut others);
                         panic!(
                             "{where_}: exit {status}\nstdout: {}\nstderr: {}",
                             String::from_utf8_lossy(&out.stdout),
@@ -364,7 +377,7 @@ fn run_doc(doc: &str, broker: &str) {
         }
     }
     stop(&mut servers);
-    stop(&mut others);
+    stop_checked(&mut others);
     assert!(ran > 0, "{doc}: no command ran");
 }
 

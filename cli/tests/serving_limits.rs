@@ -106,6 +106,13 @@ fn a_filter_bomb_is_refused_and_the_process_lives() {
     let (st, body) = http(&a, "POST", "/v1/features/iv/nearest", Some(&req), &[]);
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("--max-filter-nodes"), "{body}");
+    // Arithmetic, which the parser nests as deep as its chain: refused by
+    // token before it is parsed.
+    let arith = format!("category = 1{}", "+1".repeat(7000));
+    let req = format!(r#"{{"vector": [1, 0, 0, 1], "k": 3, "filter": "{arith}"}}"#);
+    let (st, body) = http(&a, "POST", "/v1/features/iv/nearest", Some(&req), &[]);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("no place in a filter"), "{body}");
     // Deep parentheses: sqlparser's own depth limit, still a 400.
     let deep = format!("{}category = 'c1'{}", "(".repeat(500), ")".repeat(500));
     let req = format!(r#"{{"vector": [1, 0, 0, 1], "k": 3, "filter": "{deep}"}}"#);

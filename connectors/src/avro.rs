@@ -23,8 +23,8 @@ use arrow_avro::reader::{Decoder, ReaderBuilder};
 use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
 use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Result};
 
-use crate::files::{BadRows, keep_good_rows, mark_bad_rows};
 use crate::json::{Reject, Span};
+use crate::rows::{BadRows, keep_good_rows, mark_bad_rows, mark_non_finite};
 
 /// Rows decoded before a decoder's batch is flushed.
 const DECODER_ROWS: usize = 8192;
@@ -410,7 +410,7 @@ impl AvroRecords {
                 None => new_null_array(f.data_type(), n),
             };
             mark_bad_rows(f, src, &col, &mut bad);
-            crate::files::mark_non_finite(f, &col, &mut bad);
+            mark_non_finite(f, &col, &mut bad);
             cols.push(col);
         }
         let ctx = format!("source {}", self.source);

@@ -17,6 +17,9 @@ pub(crate) mod csv;
 pub mod options;
 pub use options::FileOptions;
 
+/// Bytes of records one poll holds at most (and one record more).
+const POLL_BYTES: usize = 64 << 20;
+
 /// A JSON-lines file read from start to end.
 pub struct JsonFileSource {
     name: String,
@@ -201,7 +204,13 @@ impl Source for JsonFileSource {
         let mut lines: Vec<Span> = Vec::new();
         self.buf.clear();
         let mut eof = false;
-        while lines.len() < max_rows {
+        // A poll ends after `max_rows` records (rows and rejects), once it
+        // holds `POLL_BYTES` of them, or after as many blank lines.
+        let mut blank = 0usize;
+        while lines.len() + rejected.len() < max_rows
+            && self.buf.len() < POLL_BYTES
+            && blank < max_rows.saturating_mul(16)
+        {
             let start = self.buf.len();
             let Some(reader) = self.reader.as_mut() else {
                 break;
@@ -240,6 +249,7 @@ impl Source for JsonFileSource {
             }
             if line.iter().all(u8::is_ascii_whitespace) {
                 self.buf.truncate(start);
+                blank += 1;
                 continue;
             }
             lines.push(Span {

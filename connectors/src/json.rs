@@ -251,7 +251,7 @@ impl JsonRecords {
                     }
                 }
             }
-            crate::files::mark_non_finite(f, col, &mut bad);
+            crate::rows::mark_non_finite(f, col, &mut bad);
         }
         if bad.iter().all(Option::is_none) {
             let batch = RecordBatch::try_new(Arc::clone(&self.schema), batch.columns().to_vec())
@@ -275,7 +275,7 @@ impl JsonRecords {
             .filter(|(_, b)| b.is_none())
             .map(|(p, _)| *p)
             .collect();
-        let batch = crate::files::keep_good_rows(
+        let batch = crate::rows::keep_good_rows(
             &self.schema,
             batch.columns().to_vec(),
             &bad,

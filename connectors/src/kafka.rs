@@ -943,6 +943,8 @@ impl TopicWriter {
         apply_user_options(&mut cfg, options);
         let producer: BaseProducer<Context> =
             cfg.create_with_context(Context::new(label)).map_err(|e| {
+                // Through `Error::kafka`, which masks a secret setting's value.
+                let e = crate::Error::kafka(label, e);
                 conn_err(
                     label,
                     format!("invalid Kafka producer settings for topic `{topic}`: {e}"),

@@ -144,7 +144,7 @@ impl LakeWriter {
     }
 
     /// The event archive of source `source` in `dir`
-    /// (`{dir}/date=YYYY-MM-DD/part-{epoch}-{n}.parquet`, by event date).
+    /// (`{dir}/date=YYYY-MM-DD/part-{epoch}-{writer}-{n}.parquet`, by event date).
     pub fn archive(dir: &Path, source: &str, schema: SchemaRef, event_time: usize) -> Self {
         LakeWriter {
             dir: dir.to_path_buf(),

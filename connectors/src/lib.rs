@@ -17,6 +17,7 @@ mod lake;
 mod memory;
 pub mod protobuf;
 mod quantiles;
+mod rows;
 pub mod served;
 pub mod stats;
 pub mod training;

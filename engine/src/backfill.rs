@@ -243,14 +243,20 @@ pub fn backfill(
     Ok(stats)
 }
 
-fn dead_letter(
-    dead: &mut dyn DeadLetterSink,
-    d: &DeadLetter,
-    stats: &mut BackfillStats,
-) -> Result<()> {
+/// Counts a dead letter and keeps it for [`write_letters`].
+fn dead_letter(letters: &mut Vec<DeadLetter>, d: &DeadLetter, stats: &mut BackfillStats) {
     stats.dead_letters += 1;
     metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
-    dead.write(d)
+    letters.push(d.clone());
+}
+
+/// Writes a poll's dead letters in the order of their records.
+fn write_letters(dead: &mut dyn DeadLetterSink, letters: &mut Vec<DeadLetter>) -> Result<()> {
+    crate::source::sort_by_position(letters);
+    for d in letters.drain(..) {
+        dead.write(&d)?;
+    }
+    Ok(())
 }
 
 fn poisoned() -> EngineError {
@@ -509,23 +515,27 @@ fn read_source(
     let mut progress = ProgressLine::new(&sp.name, opts.progress.clone());
     let rules = SourceRules::new(sp)?;
     src.seek(None)?;
+    // The letters of one poll, written in the order of their records.
+    let mut letters: Vec<DeadLetter> = Vec::new();
     loop {
-        let (batch, rejected) = match src.poll(opts.batch_rows)? {
-            Poll::End => break,
-            Poll::Idle => {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            Poll::Data { batch, rejected } => (batch, rejected),
-        };
+        write_letters(dead, &mut letters)?;
+        let (batch, rejected) =
+            match src.poll(opts.batch_rows.clamp(1, crate::job::MAX_POLL_ROWS))? {
+                Poll::End => break,
+                Poll::Idle => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Poll::Data { batch, rejected } => (batch, rejected),
+            };
         for d in &rejected {
             metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.as_str()).increment(1);
-            dead_letter(dead, d, stats)?;
+            dead_letter(&mut letters, d, stats);
         }
         let describe = |p| src.describe_position(p);
         let (batch, bad) = rules.apply(batch, &describe)?;
         for d in &bad {
-            dead_letter(dead, d, stats)?;
+            dead_letter(&mut letters, d, stats);
         }
         let Some(sb) = batch else { continue };
         let batch = sb.batch;
@@ -590,7 +600,7 @@ fn read_source(
                     r,
                     why,
                 )?;
-                dead_letter(dead, &d, stats)?;
+                dead_letter(&mut letters, &d, stats);
             }
             if staged.is_empty() {
                 continue;
@@ -615,7 +625,7 @@ fn read_source(
                         staged.ts.as_ref().map(|a| a.value(*i)),
                         staged.wm.as_ref().map(|a| a.value(*i)),
                     )?;
-                    dead_letter(dead, &d, stats)?;
+                    dead_letter(&mut letters, &d, stats);
                 }
                 staged.filter(&BooleanArray::from(keep))?
             };
@@ -653,6 +663,7 @@ fn read_source(
         seeds.maybe_flush(wm)?;
         progress.update(stats.events, max_seen);
     }
+    write_letters(dead, &mut letters)?;
     progress.done(stats.events, tracker.max_event_time());
     let watermark = tracker.get();
     let fire = match (opts.to, opts.include_late) {

@@ -35,6 +35,8 @@ const MIN_IDLE_SLEEP: Duration = Duration::from_millis(2);
 const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
 /// The shortest time between checkpoints taken early for the memory budget.
 const MIN_EARLY_CHECKPOINT: Duration = Duration::from_millis(100);
+/// Rows one poll asks for at most (`--batch-rows` above it is cut to it).
+pub const MAX_POLL_ROWS: usize = 1 << 20;
 /// How often a source is asked for its partitions (new partitions appear).
 const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
@@ -546,6 +548,8 @@ pub struct Job {
     tile_memory: TileMemory,
     /// The state dir's id: the owner name of the files this job writes.
     state_id: String,
+    /// Dead letters of the poll being processed.
+    letters: Vec<DeadLetter>,
 }
 
 impl Job {
@@ -775,6 +779,7 @@ impl Job {
             pipeline_text: plan.text.clone(),
             tile_memory,
             state_id,
+            letters: Vec::new(),
         })
     }
 
@@ -873,6 +878,7 @@ impl Job {
                     Poll::Idle => {}
                     Poll::End => self.sources[si].done = true,
                 }
+                self.write_letters()?;
                 if !got_rows {
                     self.refresh_watermark(si)?;
                 }
@@ -948,10 +954,27 @@ impl Job {
         *last_events = self.stats.events;
     }
 
+    /// Counts a dead letter and keeps it for [`Job::write_letters`].
     fn dead_letter(&mut self, d: &DeadLetter) -> Result<()> {
         self.stats.dead_letters += 1;
         metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
-        self.dead.write(d)
+        self.letters.push(d.clone());
+        Ok(())
+    }
+
+    /// Writes the dead letters of a poll, in the order of their records.
+    fn write_letters(&mut self) -> Result<()> {
+        if self.letters.is_empty() {
+            return Ok(());
+        }
+        let mut letters = std::mem::take(&mut self.letters);
+        crate::source::sort_by_position(&mut letters);
+        for d in &letters {
+            self.dead.write(d)?;
+        }
+        letters.clear();
+        self.letters = letters;
+        Ok(())
     }
 
     /// Marks a source down or up again (for `/readyz` and metrics).
@@ -960,7 +983,7 @@ impl Job {
     /// (`/readyz`, `sluice_source_up`), retried with doubling backoff from
     /// the position after its last good poll; `None` while it waits.
     fn poll_source(&mut self, si: usize) -> Result<Option<Poll>> {
-        let max_rows = self.opts.batch_rows;
+        let max_rows = self.opts.batch_rows.clamp(1, MAX_POLL_ROWS);
         let s = &mut self.sources[si];
         if let Some(r) = &s.retry {
             if Instant::now() < r.at {
@@ -1123,6 +1146,7 @@ impl Job {
     pub fn checkpoint(&mut self) -> Result<()> {
         let t0 = Instant::now();
         let epoch = self.epoch + 1;
+        self.write_letters()?;
         for v in self.views.iter_mut() {
             let end = self
                 .sources

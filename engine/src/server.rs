@@ -16,7 +16,7 @@ mod listen;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -83,7 +83,12 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ServeState) {
     let limits = ConnLimits {
         max_connections: state.limits.max_connections,
         header_timeout: state.limits.header_timeout,
-        idle_timeout: state.limits.idle_timeout,
+        // A request in progress moves no byte: the idle timeout never
+        // cuts one short of its deadline.
+        idle_timeout: state
+            .limits
+            .idle_timeout
+            .max(state.limits.request_timeout + std::time::Duration::from_secs(1)),
     };
     listen::serve(listener, router(state), limits).await
 }
@@ -146,8 +151,10 @@ async fn hosts(State(s): State<ServeState>, req: Request, next: Next) -> Respons
 
 /// The request's deadline: the whole of it (body read, wait for a slot,
 /// work) within `request_timeout`, else 503.
-async fn deadline(State(s): State<ServeState>, req: Request, next: Next) -> Response {
-    let route = route_of(req.uri().path());
+async fn deadline(State(s): State<ServeState>, mut req: Request, next: Next) -> Response {
+    let route = route_of(req.method(), req.uri().path());
+    let at = Instant::now() + s.limits.request_timeout;
+    req.extensions_mut().insert(Deadline(at));
     // A body announced past the limit is refused before it is read (a
     // body without a length is cut off at the limit as it is read).
     let announced = req
@@ -173,15 +180,22 @@ async fn deadline(State(s): State<ServeState>, req: Request, next: Next) -> Resp
     }
 }
 
-fn route_of(path: &str) -> &'static str {
+fn route_of(method: &axum::http::Method, path: &str) -> &'static str {
     if path.ends_with("/nearest") {
         "nearest"
+    } else if path.starts_with("/v1/") && method == axum::http::Method::POST {
+        "batch"
     } else if path.starts_with("/v1/") {
         "get"
     } else {
         "other"
     }
 }
+
+/// When a request must be answered by, from its arrival (set by the
+/// `deadline` layer, read by the handlers and their blocking work).
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Instant);
 
 async fn auth(
     State(s): State<ServeState>,
@@ -370,6 +384,7 @@ fn log_read(
 
 async fn get_feature(
     State(s): State<ServeState>,
+    Extension(Deadline(deadline)): Extension<Deadline>,
     Path((view, key)): Path<(String, String)>,
     Query(q): Query<ReadQuery>,
     headers: HeaderMap,
@@ -383,7 +398,6 @@ async fn get_feature(
             return (status, Json(body)).into_response();
         }
     };
-    let deadline = t0 + s.limits.request_timeout;
     let st = s.clone();
     let r = rid.clone();
     let read = blocking(&s.gates.get, "get", deadline, move || {
@@ -446,6 +460,7 @@ fn batch_key(k: &Value) -> Result<String, String> {
 
 async fn post_features(
     State(s): State<ServeState>,
+    Extension(Deadline(deadline)): Extension<Deadline>,
     Path(view): Path<String>,
     Query(q): Query<ReadQuery>,
     headers: HeaderMap,
@@ -484,7 +499,6 @@ async fn post_features(
         Ok(k) => k,
         Err(m) => return refuse(StatusCode::BAD_REQUEST, json!({"error": m})),
     };
-    let deadline = t0 + s.limits.request_timeout;
     let st = s.clone();
     let r = rid.clone();
     let done = blocking(&s.gates.batch, "batch", deadline, move || {
@@ -684,6 +698,12 @@ fn nearest_response(
         let mut out = Vec::with_capacity(r.len());
         for n in r {
             let mut o = json!({"key": n.key, "distance": n.distance});
+            if req.features && Instant::now() >= deadline {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": Busy::Deadline.message("nearest")}),
+                );
+            }
             if req.features {
                 let f = match lookup(s, view, &n.key, None, rid) {
                     Ok(Some(row)) => row.get("features").cloned().unwrap_or(Value::Null),
@@ -729,13 +749,13 @@ fn nearest_response(
 
 async fn post_nearest(
     State(s): State<ServeState>,
+    Extension(Deadline(deadline)): Extension<Deadline>,
     Path(view): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
     let t0 = Instant::now();
     let rid = request_id(&headers);
-    let deadline = t0 + s.limits.request_timeout;
     let st = s.clone();
     let r = rid.clone();
     let done = blocking(&s.gates.nearest, "nearest", deadline, move || {

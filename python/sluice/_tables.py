@@ -61,12 +61,17 @@ def key_text(key: Any) -> str:
     """
     if isinstance(key, (tuple, list)):
         return "|".join(_column_text(k) for k in key)
-    return str(key)
+    if isinstance(key, str):
+        return key
+    return _column_text(key)
 
 
 def _column_text(value: Any) -> str:
     if value is None:
         return "\\N"
+    if isinstance(value, bool):
+        # As the engine writes a BOOLEAN key column.
+        return "true" if value else "false"
     return str(value).replace("\\", "\\\\").replace("|", "\\|")
 
 

@@ -196,3 +196,5 @@ def test_composite_keys_are_written_unambiguously():
     assert key_text((None, "")) == "\\N|"
     assert key_text(("\\N",)) == "\\\\N"
     assert key_text("already|text") == "already|text"
+    assert key_text(None) == "\\N"
+    assert key_text((True, 7)) == "true|7"

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+
+use crate::flags::parse_time;
 use sluice_connectors::{FilesSource, LakeWriter, expand_paths};
 use sluice_engine::Source;
 use sluice_engine::aggregate::emitted_schema;
@@ -55,33 +57,8 @@ pub struct BackfillArgs {
     pub quiet: bool,
     /// Bytes of dead letters written per source (`1GiB` by default); past
     /// it letters are counted, not written.
-    #[arg(long, value_parser = crate::commands::run::parse_bytes, default_value = "1GiB")]
+    #[arg(long, value_parser = crate::flags::parse_bytes, default_value = "1GiB")]
     pub dead_letter_limit: u64,
-}
-
-/// A time given on the command line, in epoch milliseconds.
-pub fn parse_time(s: &str) -> anyhow::Result<i64> {
-    let s = s.trim();
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.timestamp_millis());
-    }
-    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S") {
-        return Ok(t.and_utc().timestamp_millis());
-    }
-    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
-        return Ok(t.and_utc().timestamp_millis());
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        && let Some(t) = d.and_hms_opt(0, 0, 0)
-    {
-        return Ok(t.and_utc().timestamp_millis());
-    }
-    bail!(
-        "`{s}` is not a time: use RFC 3339 (2024-05-01T12:00:00Z), YYYY-MM-DD or epoch milliseconds"
-    )
 }
 
 /// The files of `--source NAME=PATH` arguments, per source.

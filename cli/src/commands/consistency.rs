@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_json::json;
 use sluice_connectors::consistency::{ConsistencyRequest, consistency, write_differences};
 
-use crate::commands::backfill::parse_time;
+use crate::flags::parse_time;
 
 /// The exit code of a run that found differences.
 pub const DIFFERENCES_EXIT: i32 = 3;

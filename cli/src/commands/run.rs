@@ -39,12 +39,12 @@ pub struct RunArgs {
     /// Memory the job's state may use (`512MiB`, `2GiB`, `1.5GB`, bytes):
     /// cached tiles, rows waiting for the watermark, RocksDB's caches and
     /// memtables. Keys beyond it live only in RocksDB.
-    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    #[arg(long, value_parser = crate::flags::parse_size, default_value = "1GiB")]
     pub memory_budget: u64,
     /// Bytes of dead letters written per source over the state dir's life
     /// (`1GiB` by default); past it letters are counted
     /// (`sluice_dead_letters_dropped_total`) but not written.
-    #[arg(long, value_parser = parse_bytes, default_value = "1GiB")]
+    #[arg(long, value_parser = crate::flags::parse_bytes, default_value = "1GiB")]
     pub dead_letter_limit: u64,
     /// Sleep after every batch (for tests that need a long-running job).
     #[arg(long, hide = true)]
@@ -69,7 +69,7 @@ pub struct ServeArgs {
     #[arg(long, value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
     /// Largest request body (default 2MiB).
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = crate::flags::parse_bytes)]
     pub max_body_bytes: Option<u64>,
     /// Keys of one batch read (default 10000).
     #[arg(long)]
@@ -112,11 +112,6 @@ pub struct ServeArgs {
     /// at most 16384).
     #[arg(long)]
     pub max_connections: Option<usize>,
-}
-
-/// A byte size flag (`2MiB`, `512KiB`, `100000`).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    parse_size_from(s, 1)
 }
 
 impl ServeArgs {
@@ -185,7 +180,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         dead_letter_limit: a.dead_letter_limit,
     };
     tracing::info!(
-        memory_budget = %format_size(a.memory_budget),
+        memory_budget = %crate::flags::format_size(a.memory_budget),
         "state memory budget (--memory-budget)"
     );
     let sources = sluice_connectors::build_sources_with(&p, a.stop_at_end)?;
@@ -376,76 +371,5 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
-    }
-}
-
-/// Parses a memory budget: a byte size (see [`parse_size_from`]) of at
-/// least 16MiB.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    parse_size_from(s, 16 << 20).map_err(|e| {
-        if e.contains("below") {
-            format!("`{s}` is below the smallest budget, 16MiB")
-        } else {
-            e
-        }
-    })
-}
-
-/// Parses a byte size of at least `min`: a number with an optional unit
-/// (`B`, `KB`, `MB`, `GB` in powers of 1000; `KiB`, `MiB`, `GiB` in powers
-/// of 1024).
-pub fn parse_size_from(s: &str, min: u64) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 512KiB or 2MiB"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        u => {
-            return Err(format!(
-                "unknown size unit `{u}` (use B, KB, MB, GB, KiB, MiB or GiB)"
-            ));
-        }
-    };
-    let bytes = n * mult;
-    if bytes.is_nan() || bytes < min as f64 {
-        return Err(format!("`{s}` is below the smallest size, {min} bytes"));
-    }
-    Ok(bytes as u64)
-}
-
-/// A byte size for people: `512MiB`, `1.5GiB`.
-pub fn format_size(b: u64) -> String {
-    let mib = b as f64 / (1024.0 * 1024.0);
-    if mib >= 1024.0 {
-        format!("{:.1}GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.0}MiB")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_in_both_unit_systems() {
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_size("100000000"), Ok(100_000_000));
-        assert!(parse_size("1MiB").is_err());
-        assert!(parse_size("12 parsecs").is_err());
-        assert_eq!(format_size(512 << 20), "512MiB");
     }
 }

@@ -11,7 +11,7 @@ use sluice_connectors::stats::{
     feature_stats,
 };
 
-use crate::commands::backfill::parse_time;
+use crate::flags::parse_time;
 
 /// The exit code of a run whose drift passes a threshold.
 pub const DRIFT_EXIT: i32 = 3;

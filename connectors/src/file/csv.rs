@@ -53,6 +53,8 @@ pub(crate) struct CsvRecords {
     line: u64,
     out: Vec<u8>,
     ends: Vec<usize>,
+    /// The first bytes of the current record as read (a dead letter's preview).
+    raw: Vec<u8>,
     eof: bool,
 }
 
@@ -79,6 +81,7 @@ impl CsvRecords {
             line: 1,
             out: vec![0; 4096],
             ends: vec![0; 64],
+            raw: Vec::new(),
             eof: false,
         };
         let got = r.next_record(MAX_COLUMNS)?;
@@ -126,6 +129,9 @@ impl CsvRecords {
         let mut oversized = false;
         let mut extra = false;
         let mut start_line: Option<u64> = None;
+        // Bytes of the record as read (quotes and separators included).
+        let mut raw_len = 0usize;
+        self.raw.clear();
         loop {
             let input = if self.eof {
                 &[][..]
@@ -158,7 +164,11 @@ impl CsvRecords {
                 &mut self.out[nout..],
                 &mut self.ends[nend..],
             );
-            let newlines = memchr::memchr_iter(b'\n', &input[skip..skip + nin]).count() as u64;
+            let consumed = &input[skip..skip + nin];
+            let newlines = memchr::memchr_iter(b'\n', consumed).count() as u64;
+            raw_len += nin;
+            let room = crate::json::RECORD_PREVIEW.saturating_sub(self.raw.len());
+            self.raw.extend_from_slice(&consumed[..nin.min(room)]);
             if at_end {
                 self.eof = true;
             } else {
@@ -197,10 +207,12 @@ impl CsvRecords {
                     }
                 }
                 ReadRecordResult::Record => {
+                    // The record's size as read, its line break aside.
+                    let len = raw_len.saturating_sub(1);
                     return Ok(Got::Record {
                         line: start_line.unwrap_or(self.line),
                         fields: nend,
-                        oversized,
+                        oversized: oversized || len > self.max_record_bytes,
                         extra: extra || nend > max_fields,
                     });
                 }
@@ -227,16 +239,13 @@ impl CsvRecords {
                 break;
             };
             records += 1;
-            let end = if fields == 0 {
-                0
-            } else {
-                self.ends[fields - 1]
-            };
-            let raw = &self.out[..end.min(self.out.len())];
-            let preview = || raw[..raw.len().min(crate::json::RECORD_PREVIEW)].to_vec();
+            let mut shown = self.raw.as_slice();
+            while let [rest @ .., b'\n' | b'\r'] = shown {
+                shown = rest;
+            }
             let fail = |kind, reason: String| BadRecord {
                 line,
-                bytes: preview(),
+                bytes: shown.to_vec(),
                 kind,
                 reason,
             };
@@ -264,22 +273,25 @@ impl CsvRecords {
                 ));
                 continue;
             }
-            let Ok(text) = std::str::from_utf8(raw) else {
+            // Each field on its own: two halves of a character in two
+            // fields are not a character.
+            let ends = &self.ends[..fields];
+            let field = |i: usize| {
+                let from = if i == 0 { 0 } else { ends[i - 1] };
+                std::str::from_utf8(&self.out[from..ends[i]])
+            };
+            if (0..fields).any(|i| field(i).is_err()) {
                 bad.push(fail(
                     DeadLetterKind::MalformedRecord,
-                    "the record is not UTF-8".into(),
+                    "a field is not UTF-8".into(),
                 ));
                 continue;
-            };
-            let mut from = 0;
-            for (b, &to) in builders.iter_mut().zip(&self.ends[..fields]) {
-                let v = &text[from..to];
-                if v.is_empty() {
-                    b.append_null();
-                } else {
-                    b.append_value(v);
+            }
+            for (i, b) in builders.iter_mut().enumerate() {
+                match field(i) {
+                    Ok(v) if !v.is_empty() => b.append_value(v),
+                    _ => b.append_null(),
                 }
-                from = to;
             }
             lines.push(line);
         }
@@ -372,6 +384,21 @@ mod tests {
         assert!(bad[0].reason.contains("more than 2"), "{}", bad[0].reason);
         assert!(bad[1].reason.contains("1 fields"), "{}", bad[1].reason);
         assert!(bad[2].reason.contains("UTF-8"), "{}", bad[2].reason);
+        // The record as it was read, separators included.
+        assert_eq!(bad[0].bytes, b"u2,2,extra");
+        // Half a character in each of two fields: not UTF-8, never a panic.
+        let (_, rows, bad) = read(b"a,b\n\xc3,\xa9\nx,y\n", 1 << 20);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].kind, DeadLetterKind::MalformedRecord);
+    }
+
+    #[test]
+    fn a_small_limit_holds_for_short_records_too() {
+        let (_, rows, bad) = read(b"a,b\nxx,yy\n\"xxxxxxxxxxxxxxxx\",1\n", 10);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].kind, DeadLetterKind::Oversized);
     }
 
     #[test]

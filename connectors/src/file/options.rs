@@ -1,10 +1,8 @@
 //! The options of a file source, typed, parsed and checked in one place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sluice_sql::{OptionReader, PipelineError, SourcePlan};
-
-use crate::files::FileFormat;
 
 /// Records larger than this are dead-lettered unless `max_record_bytes` says otherwise.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
@@ -71,4 +69,30 @@ pub(crate) fn max_record_bytes(r: &OptionReader<'_>) -> Result<usize, PipelineEr
             })
     })?
     .unwrap_or(DEFAULT_MAX_RECORD_BYTES))
+}
+
+/// The formats a file can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// One JSON object per line.
+    JsonLines,
+    /// Apache Parquet.
+    Parquet,
+    /// Comma-separated values with a header line.
+    Csv,
+}
+
+impl FileFormat {
+    /// The format a file name implies, if any.
+    pub fn of(path: &Path) -> Option<Self> {
+        let name = path.file_name()?.to_string_lossy().to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").map(str::to_string).unwrap_or(name);
+        let ext = name.rsplit('.').next()?;
+        match ext {
+            "json" | "jsonl" | "ndjson" => Some(FileFormat::JsonLines),
+            "parquet" | "pq" => Some(FileFormat::Parquet),
+            "csv" => Some(FileFormat::Csv),
+            _ => None,
+        }
+    }
 }

@@ -196,8 +196,14 @@ impl Gates {
 pub enum HostPolicy {
     /// Any host (bound to a non-loopback address without `--allowed-hosts`).
     Any,
-    /// `localhost`, `127.0.0.1` or `[::1]`, with no port or this port.
-    Loopback(u16),
+    /// `localhost`, `127.0.0.1`, `[::1]` or the bound address, with no
+    /// port or this port.
+    Loopback {
+        /// The bound port.
+        port: u16,
+        /// The bound address as a `Host` spells it (`127.0.0.2`, `[::1]`).
+        ip: String,
+    },
     /// These hosts (`name` or `name:port`, compared without case).
     List(Vec<String>),
 }
@@ -209,7 +215,13 @@ impl HostPolicy {
             Some(l) if !l.is_empty() => {
                 HostPolicy::List(l.iter().map(|h| h.trim().to_ascii_lowercase()).collect())
             }
-            _ if addr.ip().is_loopback() => HostPolicy::Loopback(addr.port()),
+            _ if addr.ip().is_loopback() => HostPolicy::Loopback {
+                port: addr.port(),
+                ip: match addr.ip() {
+                    std::net::IpAddr::V4(v4) => v4.to_string(),
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+                },
+            },
             _ => HostPolicy::Any,
         }
     }
@@ -223,9 +235,9 @@ impl HostPolicy {
         let host = host.trim().to_ascii_lowercase();
         match self {
             HostPolicy::Any => true,
-            HostPolicy::Loopback(port) => {
+            HostPolicy::Loopback { port, ip } => {
                 let (name, p) = split_port(&host);
-                matches!(name, "localhost" | "127.0.0.1" | "[::1]")
+                (matches!(name, "localhost" | "127.0.0.1" | "[::1]") || name == ip)
                     && p.is_none_or(|p| p == port.to_string())
             }
             HostPolicy::List(list) => {
@@ -290,6 +302,9 @@ mod tests {
             assert!(!p.allows(Some(bad)), "{bad}");
         }
         assert!(p.allows(None));
+        let other = HostPolicy::new("127.0.0.2:8080".parse().unwrap(), None);
+        assert!(other.allows(Some("127.0.0.2:8080")));
+        assert!(!other.allows(Some("127.0.0.3:8080")));
         let any = HostPolicy::new("0.0.0.0:8080".parse().unwrap(), None);
         assert!(any.allows(Some("features.internal")));
         let list = HostPolicy::new(

@@ -101,12 +101,32 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits) {
     }
 }
 
-/// Answers a connection past the cap with 503 and closes it (best effort:
-/// a client that does not read it still sees the connection close).
+/// Answers a connection past the cap with 503 and closes it: the answer,
+/// the write side shut, what the client sent drained for a moment (so it
+/// reads the answer, not a reset), then closed. It holds no slot.
 fn refuse(stream: TcpStream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 64\r\nConnection: close\r\n\r\n{\"error\":\"too many open connections; retry after Retry-After s\"}";
-    let _ = stream.try_write(BUSY);
-    drop(stream);
+    // Refusals being answered at once; past them a connection is just closed.
+    static CLOSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    use std::sync::atomic::Ordering::Relaxed;
+    if CLOSING.fetch_add(1, Relaxed) >= 256 {
+        CLOSING.fetch_sub(1, Relaxed);
+        let _ = stream.try_write(BUSY);
+        return;
+    }
+    let _closing = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            stream.write_all(BUSY).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        CLOSING.fetch_sub(1, Relaxed);
+    });
 }
 
 /// A stream that fails with `TimedOut` once it has moved no byte for the

@@ -140,20 +140,51 @@ impl Filter {
             .tokenize()
             .map_err(|e| bad(format!("filter `{}`: {e}", preview(text))))?;
         let max_nodes = limits.max_nodes.min(MAX_FILTER_NODES);
-        let operators = tokens
+        // Only what a filter can be made of: names, constants, comparisons
+        // and parentheses (no arithmetic, casts or paths, whose chains the
+        // parser would nest as deep as they are long). Every keyword
+        // counts as an operator (AND, OR, NOT, IS, IN, BETWEEN, and any
+        // other a chain could be made of), as do comparisons and `(`.
+        let words: Vec<&Token> = tokens
             .iter()
-            .filter(|t| match t {
-                Token::Word(w) => matches!(w.keyword, Keyword::AND | Keyword::OR | Keyword::NOT),
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        let mut operators = 0usize;
+        for (i, t) in words.iter().enumerate() {
+            let ok = match t {
+                Token::Word(w) => {
+                    if w.keyword != Keyword::NoKeyword && w.quote_style.is_none() {
+                        operators += 1;
+                    }
+                    true
+                }
                 Token::Eq
+                | Token::DoubleEq
                 | Token::Neq
                 | Token::Lt
                 | Token::Gt
                 | Token::LtEq
                 | Token::GtEq
-                | Token::LParen => true,
+                | Token::LParen => {
+                    operators += 1;
+                    true
+                }
+                Token::Number(..)
+                | Token::SingleQuotedString(_)
+                | Token::RParen
+                | Token::Comma
+                | Token::EOF => true,
+                // A sign, directly before a number.
+                Token::Minus => matches!(words.get(i + 1), Some(Token::Number(..))),
                 _ => false,
-            })
-            .count();
+            };
+            if !ok {
+                return Err(bad(format!(
+                    "filter `{}`: `{t}` has no place in a filter (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT over the filter columns and constants)",
+                    preview(text)
+                )));
+            }
+        }
         if operators > max_nodes {
             return Err(bad(format!(
                 "filter `{}` has {operators} operators; the server takes filters of at most {max_nodes} nodes (--max-filter-nodes)",
@@ -224,10 +255,7 @@ fn literal(e: &Expr, c: &FilterColumn) -> Result<Attr> {
         e => (false, e),
     };
     let Expr::Value(v) = e else {
-        return Err(bad(format!(
-            "filter: `{e}` is not a literal; compare `{}` with a constant",
-            c.name
-        )));
+        return Err(bad(format!("filter: compare `{}` with a constant", c.name)));
     };
     let v = &v.value;
     match (c.kind, v) {
@@ -321,8 +349,7 @@ fn lower(e: &Expr, columns: &[FilterColumn], text: &str, max_nodes: usize) -> Re
                     (None, Some(c)) => (c?, left, cmp.flip()),
                     _ => {
                         return Err(bad(format!(
-                            "filter `{text}`: `{}` must compare one filter column with a constant",
-                            preview(&e.to_string())
+                            "filter `{text}`: a comparison must be between one filter column and a constant"
                         )));
                     }
                 };
@@ -391,10 +418,9 @@ fn lower(e: &Expr, columns: &[FilterColumn], text: &str, max_nodes: usize) -> Re
                 }
                 work.push(Task::Emit(Op::Cmp(c, Cmp::Eq, Attr::Bool(true))));
             }
-            other => {
+            _ => {
                 return Err(bad(format!(
-                    "filter `{text}`: `{}` is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT over the filter columns)",
-                    preview(&other.to_string())
+                    "filter `{text}`: this expression is not supported (use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT over the filter columns)"
                 )));
             }
         }

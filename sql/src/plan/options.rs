@@ -120,9 +120,11 @@ pub const MASKED: &str = "********";
 pub enum Env {
     /// This process's environment (a job, a backfill, `explain`).
     Process,
-    /// Nowhere: references stay as written. A pipeline kept with a state
-    /// dir is planned this way by readers (`sluice get`, `nearest`,
-    /// `open_state`), which never need the sources' credentials.
+    /// A reader's: a reference this process's environment sets, or that
+    /// has a `:-default`, is expanded; any other stays as written. A
+    /// pipeline kept with a state dir is planned this way by readers
+    /// (`sluice get`, `nearest`, `open_state`), which never need the
+    /// sources' credentials.
     Unexpanded,
 }
 
@@ -131,8 +133,14 @@ impl Env {
     pub fn expand(self, value: &str) -> Result<String, String> {
         match self {
             Env::Process => expand_env(value),
-            Env::Unexpanded => Ok(value.to_string()),
+            Env::Unexpanded => Ok(expand_env(value).unwrap_or_else(|_| value.to_string())),
         }
+    }
+
+    /// Whether an option whose value still holds a reference is left out
+    /// (a reader's plan: the option shapes no value it reads).
+    pub fn skips(self, value: &str) -> bool {
+        self == Env::Unexpanded && value.contains("${")
     }
 }
 
@@ -384,7 +392,8 @@ impl<'a> ViewOptions<'a> {
                 )),
             }
         };
-        let env = |o: &OptionDef| env.expand(&o.value).map_err(|m| at(o, m));
+        let mode = env;
+        let env = |o: &OptionDef| mode.expand(&o.value).map_err(|m| at(o, m));
         let mut out = ViewOptions {
             online: true,
             expect,
@@ -454,6 +463,7 @@ impl<'a> ViewOptions<'a> {
                     };
                     out.stats_reference = Some((r, o));
                 }
+                "freshness_slo" if mode.skips(&mode.expand(&o.value).unwrap_or_default()) => {}
                 "freshness_slo" => {
                     let ms = crate::interval::duration_ms(&env(o)?)
                         .map_err(|m| at(o, format!("freshness_slo: {m}")))?;

@@ -56,6 +56,7 @@ pub(super) fn lower_source(
     }
     let idle_timeout_ms = match options.get("idle_timeout") {
         None => None,
+        Some(v) if env.skips(v) => None,
         Some(v) => Some(crate::interval::duration_ms(v).map_err(|m| {
             PipelineError::at(
                 file,
