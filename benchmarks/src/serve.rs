@@ -3,12 +3,13 @@
 //! fixed request rate on loopback; then the time the limits take to turn
 //! away a filter bomb and a flood of keys.
 //!
-//! The load is open-loop: each client sends on a schedule (rate / clients
-//! requests per second on one keep-alive connection) and a request's
-//! latency counts from when it was due, so a stall shows as latency, not
-//! as a lower rate.
+//! The load is open-loop, from one thread (so it takes one core's share at
+//! most from the server on this two-core machine): each keep-alive
+//! connection sends on a schedule (rate / connections requests per
+//! second), and a request's latency counts from when it was due, so a
+//! stall shows as latency, not as a lower rate.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use sluice_engine::server::ServeLimits;
 use crate::fresh;
 
 /// Options of `sluice-bench serve`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct BenchServeArgs {
     /// Events of the quickstart view's state.
     #[arg(long, default_value_t = 1_000_000)]
@@ -31,7 +32,7 @@ pub struct BenchServeArgs {
     /// GET requests per second, over all clients.
     #[arg(long, default_value_t = 20_000.0)]
     rate: f64,
-    /// Keep-alive connections sending them.
+    /// Keep-alive connections sending them (from one client thread).
     #[arg(long, default_value_t = 16)]
     clients: usize,
     /// Seconds of load per server per round.
@@ -45,39 +46,38 @@ pub struct BenchServeArgs {
     dir: PathBuf,
 }
 
-/// One client's latencies (from each request's due time), and errors.
-fn client(
+/// One connection's requests on its schedule: latencies from each
+/// request's due time (so a stall shows as latency, not as a lower rate).
+async fn connection(
     addr: String,
     keys: u64,
     rate: f64,
     secs: f64,
     seed: u64,
 ) -> anyhow::Result<Vec<Duration>> {
-    let s = TcpStream::connect(&addr)?;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let s = tokio::net::TcpStream::connect(&addr).await?;
     s.set_nodelay(true)?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
     let mut rng = Rng::new(seed);
     let n = (rate * secs) as u64;
     let mut lat = Vec::with_capacity(n as usize);
     let mut line = String::new();
-    let start = Instant::now();
+    let mut body = Vec::new();
+    let start = tokio::time::Instant::now();
     for i in 0..n {
         let due = start + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
+        tokio::time::sleep_until(due).await;
         let key = rng.below(keys);
-        write!(
-            w,
-            "GET /v1/features/user_activity/u{key:05} HTTP/1.1\r\nHost: {addr}\r\n\r\n"
-        )?;
+        let req =
+            format!("GET /v1/features/user_activity/u{key:05} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        w.write_all(req.as_bytes()).await?;
         let mut len = 0usize;
         let mut first = true;
         loop {
             line.clear();
-            r.read_line(&mut line)?;
+            r.read_line(&mut line).await?;
             if first {
                 anyhow::ensure!(
                     line.contains(" 200 ") || line.contains(" 404 "),
@@ -92,30 +92,38 @@ fn client(
                 len = v.trim().parse()?;
             }
         }
-        let mut body = vec![0u8; len];
-        r.read_exact(&mut body)?;
+        body.resize(len, 0);
+        r.read_exact(&mut body).await?;
         lat.push(due.elapsed());
     }
     Ok(lat)
 }
 
-/// `rate` GETs per second for `secs` against `addr`; sorted latencies.
+/// `rate` GETs per second for `seconds` against `addr`, from one thread
+/// driving `clients` keep-alive connections; sorted latencies.
 fn load(a: &BenchServeArgs, addr: &str, round: usize) -> anyhow::Result<Vec<Duration>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let per = a.rate / a.clients as f64;
-    let handles: Vec<_> = (0..a.clients)
-        .map(|c| {
-            let addr = addr.to_string();
-            let (keys, secs) = (a.keys, a.seconds);
-            std::thread::spawn(move || client(addr, keys, per, secs, (round * 1000 + c) as u64))
-        })
-        .collect();
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a client panicked"))??,
-        );
-    }
+    let mut all = rt.block_on(async {
+        let tasks: Vec<_> = (0..a.clients)
+            .map(|c| {
+                tokio::spawn(connection(
+                    addr.to_string(),
+                    a.keys,
+                    per,
+                    a.seconds,
+                    (round * 1000 + c) as u64,
+                ))
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        anyhow::Ok(all)
+    })?;
     all.sort();
     Ok(all)
 }
@@ -226,6 +234,14 @@ pub fn run(a: &BenchServeArgs) -> anyhow::Result<()> {
     let (_rt1, limited) = crate::serve_local(Arc::clone(&live), ServeLimits::default())?;
     let (_rt2, open) = crate::serve_local(Arc::clone(&live), ServeLimits::unlimited())?;
     type Percentiles = Vec<(f64, f64, f64)>;
+    // Warm-up: the block cache and the blocking pool of both servers.
+    let warm = BenchServeArgs {
+        seconds: 3.0,
+        ..a.clone()
+    };
+    for addr in [&open, &limited] {
+        load(&warm, addr, 99)?;
+    }
     let mut rows: Vec<(&str, Percentiles)> = vec![
         ("no limits (baseline)", Vec::new()),
         ("default limits", Vec::new()),

@@ -26,6 +26,9 @@ use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Result};
 use crate::json::{Reject, Span};
 use crate::rows::{BadRows, keep_good_rows, mark_bad_rows, mark_non_finite};
 
+mod shape;
+use shape::Shape;
+
 /// Rows decoded before a decoder's batch is flushed.
 const DECODER_ROWS: usize = 8192;
 
@@ -217,6 +220,11 @@ pub(crate) struct AvroRecords {
     writers: BTreeMap<u32, (AvroSchema, String)>,
     /// One decoder per writer schema (`None`: the reader schema's own).
     decoders: HashMap<Option<u32>, Decoder>,
+    /// The encoding each writer schema gives a record: records are checked
+    /// against it before they reach a decoder, so one that would stop the
+    /// decoder part-way (or fail its batch, as a string that is not UTF-8
+    /// does) is dead-lettered without rebuilding the decoder.
+    shapes: HashMap<Option<u32>, Shape>,
 }
 
 impl AvroRecords {
@@ -227,6 +235,15 @@ impl AvroRecords {
                 what: format!("source {source}"),
                 message: m,
             })?;
+        let mut shapes = HashMap::new();
+        if let Some(s) = Shape::of(&reader.json_string) {
+            shapes.insert(None, s);
+        }
+        for (id, (w, _)) in &writers {
+            if let Some(s) = Shape::of(&w.json_string) {
+                shapes.insert(Some(*id), s);
+            }
+        }
         Ok(AvroRecords {
             source: source.to_string(),
             payload,
@@ -235,6 +252,7 @@ impl AvroRecords {
             reader_label: o.schema.display().to_string(),
             writers,
             decoders: HashMap::new(),
+            shapes,
         })
     }
 
@@ -311,6 +329,15 @@ impl AvroRecords {
                     continue;
                 }
             };
+            if let Some(Err(reason)) = self.shapes.get(&key).map(|s| s.check(body)) {
+                rejected.push(reject(
+                    sp.pos,
+                    record,
+                    DeadLetterKind::MalformedRecord,
+                    format!("does not decode with {}: {reason}", self.writer_label(key)),
+                ));
+                continue;
+            }
             if cur.as_ref().is_some_and(|c| c.0 != key)
                 && let Some((k, d, held)) = cur.take()
             {
@@ -342,6 +369,9 @@ impl AvroRecords {
                     // takes the records before it again and hands them on
                     // at once, so no record is decoded more than twice
                     // however the bad ones are spread (linear in the poll).
+                    // Records whose shape is wrong never get here: this is
+                    // for values the decoder refuses (an unknown enum
+                    // symbol's default, a UUID that does not parse).
                     let mut fresh = self.fresh(key)?;
                     for &j in held.iter() {
                         let r = &buf[spans[j].start..spans[j].end];
@@ -579,7 +609,11 @@ mod tests {
         extra.push(9);
         let unframed = record("u5", None, 5000);
         let good3 = framed(record("u6", Some(-1.0), 6000));
-        let (buf, spans) = spans_of(&[good1, truncated, good2, extra, unframed, good3]);
+        // A string that is not UTF-8 decodes, but fails the batch it is in.
+        let mut latin1 = framed(record("uX", Some(1.0), 7000));
+        let x = latin1.iter().position(|b| *b == b'X').expect("X");
+        latin1[x] = 0xE9;
+        let (buf, spans) = spans_of(&[good1, truncated, good2, extra, unframed, good3, latin1]);
         let mut rejected = Vec::new();
         let (b, rows) = a
             .decode(&buf, &spans, &test_reject, &mut rejected)
@@ -604,8 +638,10 @@ mod tests {
                 ("1".to_string(), DeadLetterKind::MalformedRecord),
                 ("3".to_string(), DeadLetterKind::MalformedRecord),
                 ("4".to_string(), DeadLetterKind::MalformedRecord),
+                ("6".to_string(), DeadLetterKind::MalformedRecord),
             ]
         );
+        assert!(rejected[3].reason.contains("UTF-8"), "{:?}", rejected[3]);
         assert!(
             rejected[0].reason.contains("ends early"),
             "{:?}",
