@@ -21,7 +21,7 @@ use arrow::array::{
     UInt64Array,
 };
 use arrow::datatypes::DataType;
-use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::output::emitted_schema;
 
 use crate::peak_rss_mib;
 use sluice_cli::commands::backfill::BackfillArgs;

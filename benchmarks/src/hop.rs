@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Concurrent keep-alive clients for the serving measurement.
     #[arg(long, default_value_t = 2)]
     clients: u64,
+    /// Worker counts of the whole-run measurement, each in its own run
+    /// (the first also runs the other parts).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    workers: Vec<usize>,
 }
 
 fn batches(a: &BenchArgs, schema: arrow::datatypes::SchemaRef) -> anyhow::Result<Vec<RecordBatch>> {
@@ -196,9 +200,36 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     std::fs::write(dir.join("pipeline.sql"), sluice_cli::QUICKSTART_SQL)?;
-    let (_, mut job) = crate::open_run_job(&dir, Duration::from_secs(10), false)?;
+    let mut rates = Vec::new();
+    for n in a.workers.iter().skip(1).rev() {
+        let _ = std::fs::remove_dir_all(dir.join("state"));
+        let _ = std::fs::remove_dir_all(dir.join("lake"));
+        let cpu0 = crate::process_cpu_secs();
+        let (_, mut job) = crate::open_run_job_with(&dir, Duration::from_secs(10), false, *n)?;
+        let s = job.run(&stop)?;
+        let cpu = crate::process_cpu_secs() - cpu0;
+        drop(job);
+        rates.push((*n, s.events as f64 / s.elapsed.as_secs_f64(), cpu / (s.events as f64 / 1e6)));
+    }
+    let _ = std::fs::remove_dir_all(dir.join("state"));
+    let _ = std::fs::remove_dir_all(dir.join("lake"));
+    let first = a.workers.first().copied().unwrap_or(1);
+    let cpu0 = crate::process_cpu_secs();
+    let (_, mut job) = crate::open_run_job_with(&dir, Duration::from_secs(10), false, first)?;
     let s2 = job.run(&stop)?;
+    let cpu = crate::process_cpu_secs() - cpu0;
     let file_rate = s2.events as f64 / s2.elapsed.as_secs_f64();
+    rates.insert(0, (first, file_rate, cpu / (s2.events as f64 / 1e6)));
+    for (n, r, c) in &rates {
+        println!(
+            "sluice run, {n} worker(s): {r:.0} events/s, {c:.2} CPU-s per million events{}",
+            if *n == first {
+                String::new()
+            } else {
+                format!(" ({:.2}x {first} worker(s))", r / file_rate)
+            }
+        );
+    }
     let live = job.live();
     live.store.flush()?;
     let db_bytes = live.store.disk_bytes();

@@ -68,6 +68,9 @@ pub struct BenchKafkaArgs {
     /// in half (does not decode), against the all-good poll (0: not).
     #[arg(long, default_value_t = 2)]
     bad_every: usize,
+    /// Worker threads of the pipeline runs (`sluice run --workers`).
+    #[arg(long, default_value_t = sluice_engine::job::default_workers())]
+    workers: usize,
 }
 
 /// Decoding alone, one thread: `n` clickstream records of each format
@@ -307,8 +310,13 @@ fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyho
     std::fs::write(pdir.join("pipeline.sql"), sql)?;
     let cpu0 = cpu_secs("self");
     let (plan, mut job) =
-        crate::open_run_job(pdir, Duration::from_millis(a.checkpoint_interval_ms), true)
-            .context("opening the pipeline")?;
+        crate::open_run_job_with(
+            pdir,
+            Duration::from_millis(a.checkpoint_interval_ms),
+            true,
+            a.workers,
+        )
+        .context("opening the pipeline")?;
     for sp in &plan.sources {
         if let Some(w) = sluice_connectors::archive::archive_writer(sp)? {
             job.set_archive(&sp.name, Box::new(w))?;
@@ -324,7 +332,8 @@ fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyho
     let archive = sluice_engine::store::dir_size(&pdir.join("archive"));
     drop(job);
     println!(
-        "  sluice pipeline{what} (Kafka -> HOP view -> RocksDB state + online store + Parquet lake): {} events in {:.2}s = {rate:.0} events/s; {:.2} CPU-s per M events; {} rows emitted; {} dead letters",
+        "  sluice pipeline{what}, {} worker(s) (Kafka -> HOP view -> RocksDB state + online store + Parquet lake): {} events in {:.2}s = {rate:.0} events/s; {:.2} CPU-s per M events; {} rows emitted; {} dead letters",
+        a.workers,
         s.events,
         s.elapsed.as_secs_f64(),
         cpu / (s.events as f64 / 1e6),
@@ -394,6 +403,7 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         decode_records: 0,
         decode_only: false,
         bad_every: 0,
+        workers: 1,
     };
     preload(&args, &topic, 1, a.recovery_events, a.recovery_keys, "json")?;
     let _ = saved_minutes;

@@ -89,10 +89,21 @@ pub(crate) fn open_run_job(
     interval: std::time::Duration,
     stop_at_end: bool,
 ) -> anyhow::Result<(sluice_sql::PipelinePlan, sluice_engine::job::Job)> {
+    open_run_job_with(dir, interval, stop_at_end, sluice_engine::job::default_workers())
+}
+
+/// [`open_run_job`] on `workers` worker threads.
+pub(crate) fn open_run_job_with(
+    dir: &Path,
+    interval: std::time::Duration,
+    stop_at_end: bool,
+    workers: usize,
+) -> anyhow::Result<(sluice_sql::PipelinePlan, sluice_engine::job::Job)> {
     let plan = sluice_cli::plan(&dir.join("pipeline.sql"))?;
     let state = dir.join("state");
     let mut opts = sluice_engine::job::JobOptions::new(state.clone());
     opts.checkpoint_interval = interval;
+    opts.workers = workers;
     let job = sluice_engine::job::Job::open(
         &plan,
         sluice_connectors::build_sources_with(&plan, stop_at_end)?,
@@ -101,6 +112,20 @@ pub(crate) fn open_run_job(
         opts,
     )?;
     Ok((plan, job))
+}
+
+/// CPU seconds (user + system) this process has used so far.
+pub(crate) fn process_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// Peak resident set size of this process (VmHWM), MiB.

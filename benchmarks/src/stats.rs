@@ -54,7 +54,7 @@ fn write_lake(
     keys: u64,
 ) -> anyhow::Result<()> {
     let view = plan.view("user_activity").context("quickstart view")?;
-    let schema = sluice_engine::aggregate::emitted_schema(&view.output_schema);
+    let schema = sluice_engine::output::emitted_schema(&view.output_schema);
     let mut lake = sluice_connectors::LakeWriter::new(root, "user_activity", Arc::clone(&schema));
     let chunk = 1_000_000u64;
     let mut epoch = 0;

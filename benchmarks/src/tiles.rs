@@ -97,7 +97,7 @@ fn write_events(
         buf.sort_by_key(|e| e.1);
         for (u, t) in &buf {
             let t = t - rng.below(2000) as i64;
-            let ts = sluice_engine::online::fmt_ts(t);
+            let ts = sluice_engine::time::fmt_ts(t);
             let ts = ts.as_str().unwrap_or_default();
             writeln!(
                 w,

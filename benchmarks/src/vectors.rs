@@ -257,7 +257,7 @@ fn over_http(
     k: usize,
     n: usize,
 ) -> anyhow::Result<Measured> {
-    use sluice_engine::job::Live;
+    use sluice_engine::live::Live;
     let store = sluice_engine::store::Store::open(&dir.join("http-state"), &[])?;
     let live = Arc::new(Live {
         store: Arc::new(store),

@@ -17,8 +17,6 @@ use std::path::Path;
 
 use anyhow::bail;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use sluice_engine::online::{ViewMeta, read_view_meta, watermark_key};
-use sluice_engine::store::Store;
 
 /// The quickstart pipeline, embedded so `sluice demo` runs anywhere.
 pub const QUICKSTART_SQL: &str = include_str!("../../examples/quickstart/pipeline.sql");
@@ -66,55 +64,17 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     Ok(h)
 }
 
-/// A view of a state dir opened for reading.
-pub struct OpenView {
-    /// The online store, read-only.
-    pub store: Store,
-    /// The view's metadata as the job that wrote the store left it.
-    pub meta: ViewMeta,
-    /// The committed watermark of the view's source.
-    pub wm: Option<i64>,
-    /// The reader of a tiled (windowed, online) view.
-    pub tiles: Option<sluice_engine::tiles::TileReader>,
-}
-
-impl OpenView {
-    /// The value of `key` (see [`sluice_engine::online::read_feature`]).
-    pub fn read(
-        &self,
-        key: &str,
-        mode: Option<sluice_engine::tiles::ReadMode>,
-    ) -> anyhow::Result<Option<serde_json::Value>> {
-        Ok(sluice_engine::online::read_feature(
-            &self.store,
-            &self.meta,
-            self.tiles.as_ref(),
-            key,
-            self.wm,
-            mode,
-        )?)
+/// A state dir opened for reading `view` (its name resolved as the server
+/// resolves it): the reader and the view's name.
+pub fn open_view(
+    state_dir: &Path,
+    view: &str,
+) -> anyhow::Result<(sluice_engine::reader::StateDir, String)> {
+    use sluice_engine::reader::Features;
+    let dir = sluice_engine::reader::StateDir::open(state_dir)?;
+    let name = dir.resolve(view);
+    if dir.meta(&name).is_none() {
+        bail!("no feature view `{name}` in {}", state_dir.display());
     }
-}
-
-/// A state dir's online store opened for reading `view`, with the view's
-/// metadata, committed watermark and tile reader.
-pub fn open_view(state_dir: &Path, view: &str) -> anyhow::Result<OpenView> {
-    let store = Store::open_read_only(state_dir)?;
-    // A state dir of another layout version is refused, as `run` refuses it.
-    sluice_engine::checkpoint::Checkpoint::load(&store, state_dir)?;
-    // An unversioned name reads what the server would serve.
-    let view = &sluice_engine::online::resolve_version(&store, view)?;
-    let Some(meta) = read_view_meta(&store, view)? else {
-        bail!("no feature view `{view}` in {}", state_dir.display());
-    };
-    let wm = store
-        .meta_i64(&watermark_key(&meta.source))?
-        .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
-    let tiles = sluice_engine::online::open_reader(&store, view)?;
-    Ok(OpenView {
-        store,
-        meta,
-        wm,
-        tiles,
-    })
+    Ok((dir, name))
 }

@@ -118,7 +118,7 @@ fn assert_index_matches_online(state: &Path, view: &str, col: &str) -> (usize, u
     let wm = store
         .meta_i64(&watermark_key(&meta.source))
         .expect("wm")
-        .filter(|w| *w != sluice_engine::job::NO_WATERMARK);
+        .filter(|w| *w != sluice_engine::watermark::NO_WATERMARK);
     let mut with = 0;
     let mut without = 0;
     for (key, _) in store.online_scan(view).expect("scan") {

@@ -4,7 +4,7 @@
 //!
 //! Layout: `{archive}/date=YYYY-MM-DD/part-{epoch}-{writer}-{n}.parquet`,
 //! by the UTC date of the event time, the source's columns followed by
-//! [`sluice_engine::replay::archive_columns`]; `writer` is the id of the
+//! [`sluice_engine::archive::archive_columns`]; `writer` is the id of the
 //! state dir whose job archived the file. Files of a checkpoint that did
 //! not commit are removed when that job restarts, so every accepted event
 //! is in its writer's archive once. An archive that several state dirs

@@ -25,7 +25,7 @@ pub mod training;
 use std::collections::HashMap;
 use std::path::Path;
 
-use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::output::emitted_schema;
 use sluice_engine::{DeadLetter, DeadLetterSink, EngineError, OfflineSink, Result, Source};
 use sluice_sql::{OptionReader, PipelineError, PipelinePlan, SourcePlan};
 

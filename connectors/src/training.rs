@@ -16,7 +16,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ArrowPredicateFn, ParquetRecordBatchReaderBuilder, RowFilter};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::output::emitted_schema;
 use sluice_engine::replay::{History, SpineRows, ViewValues, replay};
 use sluice_engine::time::event_time_problem;
 use sluice_engine::training::{AsOf, Found, Probe, time_millis};

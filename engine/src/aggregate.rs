@@ -32,9 +32,6 @@ use crate::time::{add, sub};
 /// One accumulator per aggregate function.
 type Accs = Vec<Box<dyn GroupsAccumulator>>;
 
-/// A checkpointed state row: (encoded key, encoded state).
-pub type StateEntry = (Vec<u8>, Vec<u8>);
-
 /// The compiled aggregate functions of a view and how to evaluate them.
 pub struct AggKernel {
     view: String,
@@ -531,22 +528,6 @@ impl Pane {
     }
 }
 
-/// A state entry to write or delete in a checkpoint.
-#[derive(Debug)]
-pub enum StateOp {
-    /// Upsert the state row of (pane, key).
-    Put {
-        /// Pane start (ms).
-        pane: i64,
-        /// Encoded key row.
-        key: Vec<u8>,
-        /// Encoded state row.
-        value: Vec<u8>,
-    },
-    /// Delete every row of a pane.
-    DropPane(i64),
-}
-
 /// The windowed (or lifetime) aggregation of one view.
 pub struct WindowAgg {
     kernel: Arc<AggKernel>,
@@ -876,6 +857,34 @@ impl WindowAgg {
         Ok(())
     }
 
+    /// The entries of a pane whose keys are in the key groups `owns` keeps
+    /// (a worker's share, restored when the job starts).
+    pub fn owned_entries(
+        &self,
+        entries: Vec<StateEntry>,
+        owns: impl Fn(u16) -> bool,
+    ) -> Result<Vec<StateEntry>> {
+        if entries.is_empty() {
+            return Ok(entries);
+        }
+        let what = format!(
+            "pane state of view `{}` (column family `state`)",
+            self.kernel.view
+        );
+        let cols = decode_rows(
+            self.keys.converter(),
+            &what,
+            entries.iter().map(|(k, _)| k.as_slice()),
+        )?;
+        let groups = crate::keys::key_groups(&cols)?;
+        Ok(entries
+            .into_iter()
+            .zip(groups)
+            .filter(|(_, g)| owns(*g))
+            .map(|(e, _)| e)
+            .collect())
+    }
+
     /// Restores the fired-through mark.
     pub fn restore_emitted(&mut self, e: Option<i64>) {
         self.emitted_through = e;
@@ -918,17 +927,6 @@ pub fn late_rows(window: WindowSpec, rows: &Rows) -> Vec<usize> {
     (0..rows.len())
         .filter(|&i| (ts.value(i).div_euclid(slide) * slide).saturating_add(size) <= wm.value(i))
         .collect()
-}
-
-/// The schema of emitted rows: `window_start`, `window_end`, then the view's columns.
-pub fn emitted_schema(output: &Schema) -> SchemaRef {
-    let ts = DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, Some("UTC".into()));
-    let mut fields = vec![
-        Field::new("window_start", ts.clone(), true),
-        Field::new("window_end", ts, true),
-    ];
-    fields.extend(output.fields().iter().map(|f| f.as_ref().clone()));
-    Arc::new(Schema::new(fields))
 }
 
 /// Decodes stored rows (Arrow's row format) with `conv`. Bytes that are

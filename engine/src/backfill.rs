@@ -22,20 +22,19 @@ use std::io::{IsTerminal, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
-use arrow::array::UInt32Array;
-use arrow::array::{BooleanArray, Int64Array, RecordBatch};
+use arrow::array::{BooleanArray, RecordBatch};
 use sluice_sql::{PipelinePlan, SourcePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, late_letter, view_error_letter};
-use crate::online::{ViewMeta, fmt_ts, view_meta_key, watermark_key};
-use crate::rules::SourceRules;
+use crate::ingest::Ingest;
+use crate::online::{ViewMeta, view_meta_key, watermark_key};
+use crate::output::OnlineRow;
 use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::time::event_times;
-use crate::view::{OnlineRow, Staged, ViewOp};
-use crate::watermark::WatermarkTracker;
+use crate::time::fmt_ts;
+use crate::view::ViewOp;
+use crate::watermark::{NO_WATERMARK, WatermarkTracker};
 
 /// A caller's progress display: called about twice a second with the
 /// source's name, the rows read so far and the newest event time (ms), and
@@ -222,7 +221,7 @@ pub fn backfill(
             }
         }
         metas.push((
-            crate::job::PIPELINE_KEY.into(),
+            crate::checkpoint::PIPELINE_KEY.into(),
             plan.text.as_bytes().to_vec(),
         ));
         let c = Commit {
@@ -243,17 +242,16 @@ pub fn backfill(
     Ok(stats)
 }
 
-/// Counts a dead letter and keeps it for [`write_letters`].
-fn dead_letter(letters: &mut Vec<DeadLetter>, d: &DeadLetter, stats: &mut BackfillStats) {
-    stats.dead_letters += 1;
-    metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
-    letters.push(d.clone());
-}
-
-/// Writes a poll's dead letters in the order of their records.
-fn write_letters(dead: &mut dyn DeadLetterSink, letters: &mut Vec<DeadLetter>) -> Result<()> {
+/// Writes a poll's dead letters in the order of their records, and counts them.
+fn write_letters(
+    dead: &mut dyn DeadLetterSink,
+    letters: &mut Vec<DeadLetter>,
+    stats: &mut BackfillStats,
+) -> Result<()> {
     crate::source::sort_by_position(letters);
     for d in letters.drain(..) {
+        stats.dead_letters += 1;
+        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
         dead.write(&d)?;
     }
     Ok(())
@@ -473,8 +471,9 @@ impl TileSeeds<'_> {
                     .push((crate::tiles::clock_key(&view), wm.to_be_bytes().to_vec()));
             }
             if last {
-                c.meta
-                    .push((crate::tiles::pending_key(&view), t.encode_pending()?));
+                for (g, rows) in t.encode_pending()? {
+                    c.meta.push((crate::tiles::pending_key(&view, g), rows));
+                }
             }
         }
         if c.tiles.is_empty() && c.meta.is_empty() {
@@ -509,126 +508,45 @@ fn read_source(
         message: "a worker stopped early".into(),
     };
     // One ordered stream: one partition, never idle.
-    let mut tracker = WatermarkTracker::new(sp.watermark_delay_ms, None);
+    let stages = probes.iter().map(ViewOp::stage).collect::<Result<Vec<_>>>()?;
+    let clock = WatermarkTracker::new(sp.watermark_delay_ms, None);
+    let mut ingest = Ingest::new(sp, stages, clock)?.with_range(opts.from, opts.to);
+    if opts.include_late {
+        ingest = ingest.without_late_rule();
+    }
     let mut max_in: Option<i64> = None;
-    let mut shard_of = Vec::new();
     let mut progress = ProgressLine::new(&sp.name, opts.progress.clone());
-    let rules = SourceRules::new(sp)?;
     src.seek(None)?;
     // The letters of one poll, written in the order of their records.
     let mut letters: Vec<DeadLetter> = Vec::new();
     loop {
-        write_letters(dead, &mut letters)?;
-        let (batch, rejected) =
-            match src.poll(opts.batch_rows.clamp(1, crate::job::MAX_POLL_ROWS))? {
-                Poll::End => break,
-                Poll::Idle => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                Poll::Data { batch, rejected } => (batch, rejected),
-            };
-        for d in &rejected {
-            metrics::counter!("sluice_decode_errors_total", "source" => sp.name.clone(), "kind" => d.kind.as_str()).increment(1);
-            dead_letter(&mut letters, d, stats);
-        }
-        let describe = |p| src.describe_position(p);
-        let (batch, bad) = rules.apply(batch, &describe)?;
-        for d in &bad {
-            dead_letter(&mut letters, d, stats);
-        }
-        let Some(sb) = batch else { continue };
-        let batch = sb.batch;
-        let n = batch.num_rows();
-        if n == 0 {
-            continue;
-        }
-        stats.events += n as u64;
-        metrics::counter!("sluice_events_in_total", "source" => sp.name.clone())
-            .increment(n as u64);
-        // Event time and the watermark before each row, as the streaming job computes them
-        // for a one-partition source.
-        let (ts, wms) = match sp.event_time {
-            Some(idx) => {
-                let ts = event_times(&sp.name, &batch, idx)?;
-                let w = tracker.observe(ts.values(), &[], Instant::now());
-                (Some(ts), Some(w))
-            }
-            None => (None, None),
-        };
-        let wm = tracker.watermark();
-        let max_seen = tracker.max_event_time();
-        let mut rows = Rows {
-            batch: batch.clone(),
-            ts: ts.clone(),
-            wm: wms.map(|w| {
-                if opts.include_late {
-                    Int64Array::from(vec![NO_WATERMARK; w.len()])
-                } else {
-                    Int64Array::from(w)
-                }
-            }),
-            rowid: UInt32Array::from_iter_values(0..n as u32),
-        };
-        if let Some(ts) = &ts
-            && (opts.from.is_some() || opts.to.is_some())
-        {
-            let keep: BooleanArray = ts
-                .values()
-                .iter()
-                .map(|t| Some(opts.from.is_none_or(|f| *t >= f) && opts.to.is_none_or(|e| *t < e)))
-                .collect();
-            rows = rows.filter(&keep)?;
-        }
-        if let Some(ts) = &rows.ts
-            && let Some(m) = ts.values().iter().max()
-        {
-            max_in = Some(max_in.map_or(*m, |x| x.max(*m)));
-        }
-        for (vi, probe) in probes.iter().enumerate() {
-            let Staged {
-                rows: staged,
-                failed,
-            } = probe.stage(rows.clone())?;
-            for (r, why) in &failed {
-                let r = *r as usize;
-                let d = view_error_letter(
-                    &sp.name,
-                    src.describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
-                    probe.name(),
-                    &batch,
-                    r,
-                    why,
-                )?;
-                dead_letter(&mut letters, &d, stats);
-            }
-            if staged.is_empty() {
+        write_letters(dead, &mut letters, stats)?;
+        let (batch, rejected) = match src.poll(opts.batch_rows.clamp(1, crate::job::MAX_POLL_ROWS))? {
+            Poll::End => break,
+            Poll::Idle => {
+                std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            let late = probe.late_rows(&staged);
-            let staged = if late.is_empty() {
-                staged
-            } else {
-                stats.late += late.len() as u64;
-                metrics::counter!("sluice_late_events_total", "view" => probe.name().to_string())
-                    .increment(late.len() as u64);
-                let mut keep = vec![true; staged.len()];
-                for i in &late {
-                    keep[*i] = false;
-                    let r = staged.rowid.value(*i) as usize;
-                    let d = late_letter(
-                        &sp.name,
-                        src.describe_position(sb.row_positions.get(r).copied().unwrap_or(0)),
-                        probe.name(),
-                        &batch,
-                        r,
-                        staged.ts.as_ref().map(|a| a.value(*i)),
-                        staged.wm.as_ref().map(|a| a.value(*i)),
-                    )?;
-                    dead_letter(&mut letters, &d, stats);
-                }
-                staged.filter(&BooleanArray::from(keep))?
-            };
+            Poll::Data { batch, rejected } => (batch, rejected),
+        };
+        let describe = |p| src.describe_position(p);
+        let Some(acc) = ingest.accept(batch, rejected, &describe, None, &mut letters)? else {
+            continue;
+        };
+        stats.events += acc.rows.len() as u64;
+        // The largest event time folded in (lifetime rows' time).
+        if let Some(ts) = &acc.rows.ts {
+            let (from, to) = (opts.from, opts.to);
+            let m = ts
+                .values()
+                .iter()
+                .filter(|t| from.is_none_or(|f| **t >= f) && to.is_none_or(|e| **t < e))
+                .max();
+            if let Some(m) = m {
+                max_in = Some(max_in.map_or(*m, |x| x.max(*m)));
+            }
+        }
+        for (vi, staged) in acc.views.into_iter().enumerate() {
             if staged.is_empty() {
                 continue;
             }
@@ -642,30 +560,37 @@ fn read_source(
                     .map_err(|_| gone())?;
                 continue;
             }
-            probe.shard_of(&staged, shards, &mut shard_of)?;
+            let shard_of: Vec<usize> = ingest.views()[vi]
+                .key_groups(&staged)?
+                .into_iter()
+                .map(|g| usize::from(g) % shards)
+                .collect();
             for (s, tx) in senders.iter().enumerate() {
                 let mask: BooleanArray = shard_of.iter().map(|x| Some(*x == s)).collect();
-                let part = staged.filter(&mask)?;
-                if !part.is_empty() {
-                    tx.send(Msg::Rows {
-                        view: vi,
-                        rows: Box::new(part),
-                    })
-                    .map_err(|_| gone())?;
+                if mask.true_count() == 0 {
+                    continue;
                 }
+                let part = staged.filter(&mask)?;
+                tx.send(Msg::Rows {
+                    view: vi,
+                    rows: Box::new(part),
+                })
+                .map_err(|_| gone())?;
             }
         }
+        let wm = ingest.clock().watermark();
         if !opts.include_late && wm != NO_WATERMARK {
             for tx in senders {
                 tx.send(Msg::Advance(wm)).map_err(|_| gone())?;
             }
         }
         seeds.maybe_flush(wm)?;
-        progress.update(stats.events, max_seen);
+        progress.update(stats.events, ingest.clock().max_event_time());
     }
-    write_letters(dead, &mut letters)?;
-    progress.done(stats.events, tracker.max_event_time());
-    let watermark = tracker.get();
+    write_letters(dead, &mut letters, stats)?;
+    stats.late += ingest.counts.late;
+    progress.done(stats.events, ingest.clock().max_event_time());
+    let watermark = ingest.clock().get();
     let fire = match (opts.to, opts.include_late) {
         (Some(t), _) => Some(t),
         (None, true) => watermark,
@@ -726,7 +651,7 @@ fn worker(
         match msg {
             Msg::Rows { view, rows } => {
                 let (op, sink) = &mut ops[view];
-                op.process_staged(*rows)?;
+                op.push(*rows)?;
                 drain(view, op, sink, &mut out, false)?;
             }
             Msg::Advance(wm) => {

@@ -119,6 +119,15 @@ impl Checkpoint {
     }
 }
 
+/// Metadata key of the pipeline's text (readers rebuild tiled views' aggregates from it).
+pub const PIPELINE_KEY: &str = "pipeline";
+
+/// The store key of a view's catch-up point: the watermark from which a
+/// version added to an existing state dir serves its unversioned name.
+pub fn catch_up_key(view: &str) -> String {
+    format!("catch_up/{view}")
+}
+
 /// Metadata key of the state dir's id.
 const STATE_ID_KEY: &str = "state_id";
 

@@ -58,7 +58,7 @@ pub enum EngineError {
         path: String,
         /// The underlying error.
         #[source]
-        source: crate::store::StoreError,
+        source: StoreError,
     },
     /// The state on disk does not fit this pipeline.
     #[error("state in {path} cannot be used: {reason}")]
@@ -159,6 +159,12 @@ impl EngineError {
         }
     }
 }
+
+/// An error of the state store, with RocksDB's message (RocksDB's own types
+/// stay inside this module).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(String);
 
 /// Result with [`EngineError`].
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,6 +1,11 @@
-//! The streaming job: polls sources, advances watermarks, runs the views,
-//! and takes checkpoints (lake files durable first, then one RocksDB write
-//! batch with state, online rows, source positions and watermarks).
+//! The streaming job: the driver of `sluice run`. It polls the sources,
+//! takes their rows through the ingest stage (`crate::ingest`: rules, event
+//! time, watermark, views' stages and late rule, dead letters), hands each
+//! view's rows to the worker that owns their key group (`crate::worker`),
+//! and orders the epochs: at a checkpoint every worker hands back its
+//! changes at one barrier, and the job makes the epoch durable (lake and
+//! archive files first, then the vector indexes, then one RocksDB write
+//! batch with state, online rows, positions and watermarks).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -9,23 +14,24 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Int64Array, RecordBatch, UInt32Array};
+use arrow::array::{BooleanArray, Int64Array, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use sluice_sql::PipelinePlan;
 
-use crate::checkpoint::{Checkpoint, STATE_FORMAT, SourceProgress, ViewProgress};
-use crate::error::RetryHint;
-use crate::error::{EngineError, Result};
-use crate::exec::Rows;
+use crate::checkpoint::{
+    Checkpoint, PIPELINE_KEY, STATE_FORMAT, SourceProgress, ViewProgress, catch_up_key,
+};
+use crate::error::{EngineError, Result, RetryHint};
+use crate::ingest::{Accepted, Ingest};
+use crate::live::{Freshness, Live, view_change, wall_ms};
 use crate::online::{ViewMeta, read_view_meta, view_meta_key};
-use crate::rules::SourceRules;
-use crate::source::{DeadLetter, DeadLetterKind, DeadLetterSink, OfflineSink, Poll, Source};
+use crate::source::{DeadLetter, DeadLetterSink, OfflineSink, Poll, Source};
 use crate::store::{Commit, Store};
-use crate::tiles::{TileMemory, TileReader, is_tiled, pending_key};
-use crate::time::event_times;
+use crate::tiles::{TileMemory, TileReader, is_tiled};
 use crate::vector::VectorIndex;
-use crate::view::{ViewOp, features_json};
-use crate::watermark::WatermarkTracker;
+use crate::view::ViewOp;
+use crate::watermark::{NO_WATERMARK, WatermarkTracker};
+use crate::worker::{ViewMark, Workers};
 
 /// How often a running job logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -40,68 +46,9 @@ pub const MAX_POLL_ROWS: usize = 1 << 20;
 /// How often a source is asked for its partitions (new partitions appear).
 const PARTITION_REFRESH: Duration = Duration::from_secs(5);
 
-pub use crate::watermark::NO_WATERMARK;
-
-/// The store key of a view's catch-up point: the watermark from which a
-/// version added to an existing state dir serves its unversioned name.
-pub(crate) fn catch_up_key(view: &str) -> String {
-    format!("catch_up/{view}")
-}
-
-/// Metadata key of the pipeline's text (readers rebuild tiled views' aggregates from it).
-pub const PIPELINE_KEY: &str = "pipeline";
-
-/// The dead letter of source row `row` of `batch`, late for `view`: its
-/// event time `ts` was behind the watermark `wm` when it arrived.
-pub fn late_letter(
-    source: &str,
-    position: String,
-    view: &str,
-    batch: &RecordBatch,
-    row: usize,
-    ts: Option<i64>,
-    wm: Option<i64>,
-) -> Result<DeadLetter> {
-    Ok(DeadLetter {
-        source: source.to_string(),
-        position,
-        kind: DeadLetterKind::LateEvent,
-        reason: format!(
-            "late for view `{view}`: event time {} is behind the watermark {}; every window holding it had closed",
-            ts.map(crate::online::fmt_ts).unwrap_or_default(),
-            wm.map(crate::online::fmt_ts).unwrap_or_default()
-        ),
-        record: row_json(batch, row)?,
-    })
-}
-
-/// Row `row` of `batch` as a JSON object (a dead letter's record).
-fn row_json(batch: &RecordBatch, row: usize) -> Result<String> {
-    let all: Vec<usize> = (0..batch.num_columns()).collect();
-    let rec = features_json(&batch.slice(row, 1), &all)?
-        .pop()
-        .unwrap_or_default();
-    Ok(String::from_utf8_lossy(&rec).into_owned())
-}
-
-/// The dead letter of source-batch row `row`, which view `view` cannot
-/// compute (`why`).
-pub fn view_error_letter(
-    source: &str,
-    position: String,
-    view: &str,
-    batch: &RecordBatch,
-    row: usize,
-    why: &str,
-) -> Result<DeadLetter> {
-    metrics::counter!("sluice_view_errors_total", "view" => view.to_string()).increment(1);
-    Ok(DeadLetter {
-        source: source.to_string(),
-        position,
-        kind: DeadLetterKind::ViewError,
-        reason: format!("view `{view}` cannot compute it: {why}"),
-        record: row_json(batch, row)?,
-    })
+/// The default number of workers: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// How a job runs.
@@ -121,6 +68,9 @@ pub struct JobOptions {
     /// Bytes of dead letters written per source over the state dir's life
     /// (`--dead-letter-limit`); past it letters are counted, not written.
     pub dead_letter_limit: u64,
+    /// Worker threads holding the views' state (`--workers`); at most
+    /// [`crate::keys::KEY_GROUPS`].
+    pub workers: usize,
 }
 
 /// The memory budget of a job that names none.
@@ -159,231 +109,21 @@ impl JobOptions {
             throttle: None,
             memory_budget: DEFAULT_MEMORY_BUDGET,
             dead_letter_limit: crate::source::DEFAULT_DEAD_LETTER_LIMIT,
+            workers: default_workers(),
         }
-    }
-}
-
-/// State shared with the serving API.
-#[derive(Debug)]
-pub struct Live {
-    /// The state database.
-    pub store: Arc<Store>,
-    /// Committed watermark per view (ms; `NO_WATERMARK` before any).
-    pub watermarks: HashMap<String, AtomicI64>,
-    /// Per-view reader metadata.
-    pub views: HashMap<String, ViewMeta>,
-    /// Recovery finished; the job is running or done.
-    pub ready: AtomicBool,
-    /// Sources that cannot make progress now, with the reason.
-    pub unready: Mutex<BTreeMap<String, String>>,
-    /// Nearest-neighbour indexes by view.
-    pub indexes: HashMap<String, Arc<VectorIndex>>,
-    /// Readers of the tiled (windowed, online) views.
-    pub readers: HashMap<String, Arc<TileReader>>,
-    /// What `/metrics` and `/readyz` say about how fresh the views are.
-    pub freshness: Freshness,
-    /// The served-value logs of the views with `log_served`.
-    pub served: HashMap<String, Arc<crate::served::ServedLog>>,
-    /// Per base name with more than one version (or none named so), its
-    /// versions, newest first: what an unversioned read chooses from.
-    pub versions: HashMap<String, Vec<(u32, String)>>,
-    /// Views added to an existing state dir: the watermark at which they
-    /// have seen a whole window (`i64::MAX`: lifetime and per-event views,
-    /// which never do without a backfill).
-    pub catch_up: HashMap<String, i64>,
-}
-
-/// What differs between the view a state dir was written by and the view
-/// now (see [`sluice_sql::view_difference`]).
-pub fn view_change(old: &crate::online::ViewMeta, new: &crate::online::ViewMeta) -> String {
-    sluice_sql::view_difference(
-        (&old.keys, &old.window, &old.query),
-        (&new.keys, &new.window, &new.query),
-    )
-}
-
-/// How fresh each view is: the newest event time its source delivered, the
-/// committed watermark (in [`Live::watermarks`]), the views' freshness SLOs
-/// and when the last checkpoint committed.
-#[derive(Debug, Default)]
-pub struct Freshness {
-    /// `freshness_slo` (ms) of the views that set it.
-    pub slo_ms: HashMap<String, i64>,
-    /// Newest event time (ms) of each view's source at the last checkpoint;
-    /// `NO_WATERMARK` before any.
-    pub newest: HashMap<String, AtomicI64>,
-    /// Wall clock (ms since the epoch) of the last committed checkpoint; 0 before any.
-    pub last_checkpoint_ms: AtomicI64,
-}
-
-/// One view's freshness at a wall-clock time.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ViewFreshness {
-    /// The view.
-    pub view: String,
-    /// Newest event time processed (ms).
-    pub newest_event_ms: Option<i64>,
-    /// Committed watermark (ms).
-    pub watermark_ms: Option<i64>,
-    /// Wall clock minus the watermark (ms).
-    pub lag_ms: Option<i64>,
-    /// Its `freshness_slo` (ms).
-    pub slo_ms: Option<i64>,
-    /// Within its SLO (`None`: the view has none). A view without a
-    /// watermark yet is not fresh.
-    pub fresh: Option<bool>,
-}
-
-/// Milliseconds since the Unix epoch, by the wall clock.
-pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-impl Live {
-    /// Why the job is not ready, or `None` when it is.
-    pub fn not_ready(&self) -> Option<String> {
-        if !self.ready.load(Ordering::Acquire) {
-            return Some("recovering".into());
-        }
-        let mut why: Vec<String> = match self.unready.lock() {
-            Ok(down) => down
-                .iter()
-                .map(|(s, r)| format!("source {s}: {r}"))
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        for f in self.freshness_at(wall_ms()) {
-            if f.fresh != Some(false) {
-                continue;
-            }
-            let slo = sluice_sql::fmt_ms(f.slo_ms.unwrap_or(0));
-            why.push(match (f.watermark_ms, f.lag_ms) {
-                (Some(w), Some(lag)) => format!(
-                    "view {}: not fresh: its watermark {} is {} behind the wall clock (freshness_slo {slo})",
-                    f.view,
-                    crate::online::fmt_ts(w).as_str().unwrap_or("?"),
-                    format_args!("{:.1}s", lag as f64 / 1000.0)
-                ),
-                _ => format!(
-                    "view {}: not fresh: no watermark yet (freshness_slo {slo})",
-                    f.view
-                ),
-            });
-        }
-        if why.is_empty() {
-            None
-        } else {
-            Some(why.join("; "))
-        }
-    }
-
-    /// Every view's freshness at wall-clock time `now_ms`, by view name.
-    pub fn freshness_at(&self, now_ms: i64) -> Vec<ViewFreshness> {
-        let mut out: Vec<ViewFreshness> = self
-            .watermarks
-            .keys()
-            .map(|v| {
-                let watermark_ms = self.watermark(v);
-                let newest_event_ms = self
-                    .freshness
-                    .newest
-                    .get(v)
-                    .map(|t| t.load(Ordering::Acquire))
-                    .filter(|t| *t != NO_WATERMARK);
-                let lag_ms = watermark_ms.map(|w| now_ms.saturating_sub(w));
-                let slo_ms = self.freshness.slo_ms.get(v).copied();
-                let fresh = slo_ms.map(|slo| lag_ms.is_some_and(|l| l <= slo));
-                ViewFreshness {
-                    view: v.clone(),
-                    newest_event_ms,
-                    watermark_ms,
-                    lag_ms,
-                    slo_ms,
-                    fresh,
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.view.cmp(&b.view));
-        out
-    }
-
-    /// Sets the freshness gauges (called when `/metrics` is scraped, so they
-    /// move while a stream stalls).
-    pub fn record_freshness(&self) {
-        let now = wall_ms();
-        for f in self.freshness_at(now) {
-            if let Some(t) = f.newest_event_ms {
-                metrics::gauge!("sluice_view_newest_event_ms", "view" => f.view.clone())
-                    .set(t as f64);
-            }
-            if let Some(w) = f.watermark_ms {
-                metrics::gauge!("sluice_view_watermark_ms", "view" => f.view.clone()).set(w as f64);
-            }
-            if let Some(l) = f.lag_ms {
-                metrics::gauge!("sluice_view_event_lag_seconds", "view" => f.view.clone())
-                    .set(l as f64 / 1000.0);
-            }
-            if let Some(ok) = f.fresh {
-                metrics::gauge!("sluice_view_fresh", "view" => f.view.clone()).set(if ok {
-                    1.0
-                } else {
-                    0.0
-                });
-            }
-        }
-        let last = self.freshness.last_checkpoint_ms.load(Ordering::Acquire);
-        if last > 0 {
-            metrics::gauge!("sluice_checkpoint_age_seconds")
-                .set(now.saturating_sub(last) as f64 / 1000.0);
-        }
-    }
-
-    /// The view an unversioned name reads: the newest version that has
-    /// caught up (its watermark has covered a whole window since it was
-    /// added), else the oldest; a versioned or single name as it is.
-    pub fn resolve<'a>(&'a self, view: &'a str) -> &'a str {
-        // `name@1` names version 1, whose view keeps the plain name.
-        if let Some(base) = view.strip_suffix("@1")
-            && (self.versions.contains_key(base) || self.views.contains_key(base))
-        {
-            return base;
-        }
-        let Some(vs) = self.versions.get(view) else {
-            return view;
-        };
-        for (_, name) in vs {
-            let wm = self.watermark(name);
-            let ready = match (wm, self.catch_up.get(name)) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(w), Some(at)) => w >= *at,
-            };
-            if ready {
-                return name;
-            }
-        }
-        vs.last().map_or(view, |(_, n)| n.as_str())
-    }
-
-    /// The committed watermark of `view`, if it has one.
-    pub fn watermark(&self, view: &str) -> Option<i64> {
-        self.watermarks
-            .get(view)
-            .map(|w| w.load(Ordering::Acquire))
-            .filter(|w| *w != NO_WATERMARK)
     }
 }
 
 struct SourceRt {
     src: Box<dyn Source>,
     name: String,
-    event_time: Option<usize>,
-    watermark: WatermarkTracker,
+    /// Rules, clock, the views' stages.
+    ingest: Ingest,
     done: bool,
+    /// The views reading it, in the ingest's order.
     views: Vec<usize>,
+    /// The watermark the workers were last told.
+    advanced: i64,
     last_parts_refresh: Instant,
     down: Option<String>,
     /// The position after the last rows a poll returned: where a poll that
@@ -394,12 +134,10 @@ struct SourceRt {
     retry: Option<Retry>,
     /// The source's event archive, and the rows accepted since the last checkpoint.
     archive: Option<Archive>,
-    /// Event-time range and `CHECK` rules.
-    rules: SourceRules,
 }
 
 /// A source's event archive: the rows it accepted, written with each
-/// checkpoint (see [`crate::replay::archive_schema`]).
+/// checkpoint (see [`crate::archive::archive_schema`]).
 struct Archive {
     sink: Box<dyn OfflineSink>,
     schema: SchemaRef,
@@ -444,17 +182,21 @@ impl SourceRt {
 
     fn add_partitions(&mut self, now: Instant) {
         for id in self.src.partitions() {
-            self.watermark.add_partition(id, now);
+            self.ingest.clock_mut().add_partition(id, now);
         }
         self.last_parts_refresh = now;
+    }
+
+    fn clock(&self) -> &WatermarkTracker {
+        self.ingest.clock()
     }
 
     fn progress(&self) -> SourceProgress {
         SourceProgress {
             position: self.src.position(),
-            watermark: self.watermark.get(),
-            max_event_time: self.watermark.max_event_time(),
-            partitions: self.watermark.partitions(),
+            watermark: self.clock().get(),
+            max_event_time: self.clock().max_event_time(),
+            partitions: self.clock().partitions(),
         }
     }
 }
@@ -532,10 +274,20 @@ fn abort_before_state_commit(epoch: u64) -> bool {
     .is_some_and(|n| n == epoch)
 }
 
+/// A view, as the job sees it (its state lives in the workers).
+struct ViewRt {
+    name: String,
+    /// Index of its source.
+    source: usize,
+    /// Its reader metadata, written with every checkpoint.
+    meta: ViewMeta,
+}
+
 /// A running pipeline.
 pub struct Job {
     sources: Vec<SourceRt>,
-    views: Vec<ViewOp>,
+    views: Vec<ViewRt>,
+    workers: Workers,
     lakes: Vec<Vec<Box<dyn OfflineSink>>>,
     dead: crate::source::CappedDeadLetters,
     epoch: u64,
@@ -550,6 +302,10 @@ pub struct Job {
     state_id: String,
     /// Dead letters of the poll being processed.
     letters: Vec<DeadLetter>,
+    /// Per view, each `expect` rule's failing rows, as of the last checkpoint.
+    expectations: Vec<Vec<(String, u64)>>,
+    /// Per view, open panes and keys of its pane operator, as of the last checkpoint.
+    sizes: Vec<Option<(usize, usize)>>,
 }
 
 impl Job {
@@ -574,22 +330,28 @@ impl Job {
         let epoch = cp.epoch;
         let state_id = crate::checkpoint::state_id(&store, &opts.state_dir)?;
         let mut views = Vec::new();
+        let mut stages: Vec<Vec<crate::ingest::ViewStage>> =
+            plan.sources.iter().map(|_| Vec::new()).collect();
         let mut metas = HashMap::new();
         let mut catch_up = HashMap::new();
         let mut indexes = HashMap::new();
         let mut readers = HashMap::new();
         for vp in &plan.views {
-            let mut op = ViewOp::with_tiles(vp, Some(tile_memory))?;
-            if let (Some(k), true) = (op.kernel(), is_tiled(vp)) {
+            // The view's stateless half and reader; its state is the workers'.
+            let probe = ViewOp::with_tiles(vp, None)?;
+            let source = plan
+                .sources
+                .iter()
+                .position(|s| s.name == vp.source)
+                .ok_or_else(|| {
+                    EngineError::Internal(format!("view `{}` reads no known source", vp.name))
+                })?;
+            stages[source].push(probe.stage()?);
+            if let (Some(k), true) = (probe.kernel(), is_tiled(vp)) {
                 readers.insert(
                     vp.name.clone(),
                     Arc::new(TileReader::new(vp, Arc::clone(k))?),
                 );
-            }
-            if let Some(t) = op.tiles_mut()
-                && let Some(p) = store.meta(&pending_key(&vp.name))?
-            {
-                t.restore_pending(&p)?;
             }
             if let Some(vi) = &vp.vector_index {
                 let idx = VectorIndex::open(&opts.state_dir, &vp.name, vi)?;
@@ -598,10 +360,9 @@ impl Job {
                     let st = crate::vector::rebuild_from_store(&idx, &store, epoch, wm)?;
                     tracing::info!(view = %vp.name, keys = st.upserts, "vector index rebuilt from the online store");
                 }
-                op.keep_vector_updates();
                 indexes.insert(vp.name.clone(), Arc::new(idx));
             }
-            let meta = op.meta()?;
+            let meta = probe.meta()?;
             // A view added to a state dir earlier keeps its catch-up point.
             if let Some(at) = store.meta_i64(&catch_up_key(&vp.name))? {
                 catch_up.insert(vp.name.clone(), at);
@@ -635,20 +396,30 @@ impl Job {
                     ),
                 });
             }
-            if let Some(agg) = op.agg_mut() {
-                agg.restore_emitted(cp.views.get(&vp.name).and_then(|v| v.emitted_through));
-                let entries = store.state_entries(&vp.name)?;
-                let mut by_pane: BTreeMap<i64, Vec<crate::aggregate::StateEntry>> = BTreeMap::new();
-                for (p, e) in entries {
-                    by_pane.entry(p).or_default().push(e);
-                }
-                for (p, e) in by_pane {
-                    agg.restore_pane(p, &e)?;
-                }
-            }
-            metas.insert(vp.name.clone(), meta);
-            views.push(op);
+            metas.insert(vp.name.clone(), meta.clone());
+            views.push(ViewRt {
+                name: vp.name.clone(),
+                source,
+                meta,
+            });
         }
+        let emitted: Vec<Option<i64>> = plan
+            .views
+            .iter()
+            .map(|v| cp.views.get(&v.name).and_then(|p| p.emitted_through))
+            .collect();
+        let workers = Workers::start(
+            plan,
+            opts.workers,
+            &store,
+            tile_memory,
+            &emitted,
+            &|op: &mut ViewOp| {
+                if op.plan.vector_index.is_some() {
+                    op.keep_vector_updates();
+                }
+            },
+        )?;
         let mut lake_vec = Vec::new();
         for vp in &plan.views {
             let mut sinks = lakes.remove(&vp.name).unwrap_or_default();
@@ -665,25 +436,25 @@ impl Job {
         );
         let mut rts = Vec::new();
         let now = Instant::now();
-        for (sp, mut src) in plan.sources.iter().zip(sources) {
+        for ((sp, mut src), stages) in plan.sources.iter().zip(sources).zip(stages) {
             let progress = cp.sources.get(&sp.name).cloned().unwrap_or_default();
             src.seek((!progress.position.is_empty()).then_some(progress.position.as_slice()))?;
-            let mut watermark = WatermarkTracker::new(
+            let mut clock = WatermarkTracker::new(
                 sp.watermark_delay_ms,
                 sp.idle_timeout_ms
                     .map(|ms| Duration::from_millis(ms.max(0) as u64)),
             );
-            watermark.restore(
+            clock.restore(
                 progress.watermark,
                 progress.max_event_time,
                 &progress.partitions,
                 now,
             );
+            let advanced = clock.watermark();
             let mut rt = SourceRt {
                 src,
                 name: sp.name.clone(),
-                event_time: sp.event_time,
-                watermark,
+                ingest: Ingest::new(sp, stages, clock)?,
                 done: false,
                 views: plan
                     .views
@@ -692,12 +463,12 @@ impl Job {
                     .filter(|(_, v)| v.source == sp.name)
                     .map(|(i, _)| i)
                     .collect(),
+                advanced,
                 last_parts_refresh: now,
                 down: None,
                 last_good: Vec::new(),
                 retry: None,
                 archive: None,
-                rules: SourceRules::new(sp)?,
             };
             rt.last_good = rt.src.position();
             rt.add_partitions(now);
@@ -710,7 +481,7 @@ impl Job {
                 let wm = rts
                     .iter()
                     .find(|s| s.name == v.source)
-                    .map(|s| s.watermark.watermark())
+                    .map(|s| s.clock().watermark())
                     .unwrap_or(NO_WATERMARK);
                 (v.name.clone(), AtomicI64::new(wm))
             })
@@ -736,7 +507,7 @@ impl Job {
                         let t = rts
                             .iter()
                             .find(|s| s.name == v.source)
-                            .and_then(|s| s.watermark.max_event_time())
+                            .and_then(|s| s.clock().max_event_time())
                             .unwrap_or(NO_WATERMARK);
                         (v.name.clone(), AtomicI64::new(t))
                     })
@@ -744,19 +515,7 @@ impl Job {
                 last_checkpoint_ms: AtomicI64::new(0),
             },
             catch_up,
-            versions: {
-                let mut m: HashMap<String, Vec<(u32, String)>> = HashMap::new();
-                for v in &plan.views {
-                    m.entry(v.base_name.clone())
-                        .or_default()
-                        .push((v.version, v.name.clone()));
-                }
-                m.retain(|b, vs| vs.len() > 1 || vs.iter().all(|(_, n)| n != b));
-                for vs in m.values_mut() {
-                    vs.sort_by_key(|v| std::cmp::Reverse(v.0));
-                }
-                m
-            },
+            versions: crate::reader::versions_of(plan),
             served: plan
                 .views
                 .iter()
@@ -766,9 +525,11 @@ impl Job {
                 })
                 .collect(),
         });
+        let n = plan.views.len();
         Ok(Job {
             sources: rts,
             views,
+            workers,
             lakes: lake_vec,
             dead,
             epoch,
@@ -780,6 +541,8 @@ impl Job {
             tile_memory,
             state_id,
             letters: Vec::new(),
+            expectations: vec![Vec::new(); n],
+            sizes: vec![None; n],
         })
     }
 
@@ -798,17 +561,18 @@ impl Job {
         &self.state_id
     }
 
+    /// Worker threads holding the views' state.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
     /// `(view, rule, emitted rows failing it)` for every `expect` rule,
-    /// since this process started.
+    /// since this process started (as of the last checkpoint).
     pub fn expectation_failures(&self) -> Vec<(String, String, u64)> {
         self.views
             .iter()
-            .flat_map(|op| {
-                op.expectations
-                    .failures()
-                    .into_iter()
-                    .map(|(rule, n)| (op.plan.name.clone(), rule, n))
-            })
+            .zip(&self.expectations)
+            .flat_map(|(v, f)| f.iter().map(|(rule, n)| (v.name.clone(), rule.clone(), *n)))
             .collect()
     }
 
@@ -828,9 +592,9 @@ impl Job {
         sink.recover(&self.state_id, epoch)?;
         s.archive = Some(Archive {
             sink,
-            schema: crate::replay::archive_schema(&s.src.schema()),
+            schema: crate::archive::archive_schema(&s.src.schema()),
             rows: Vec::new(),
-            clock: s.watermark.get(),
+            clock: s.clock().get(),
         });
         Ok(())
     }
@@ -860,19 +624,17 @@ impl Job {
                 match polled {
                     Poll::Data { batch, rejected } => {
                         any = true;
-                        for d in &rejected {
-                            self.dead_letter(d)?;
-                            metrics::counter!("sluice_decode_errors_total", "source" => self.sources[si].name.clone(), "kind" => d.kind.as_str()).increment(1);
-                        }
-                        let s = &self.sources[si];
-                        let describe = |p| s.src.describe_position(p);
-                        let (batch, bad) = s.rules.apply(batch, &describe)?;
-                        for d in &bad {
-                            self.dead_letter(d)?;
-                        }
-                        if let Some(b) = batch {
+                        let mut letters = std::mem::take(&mut self.letters);
+                        let s = &mut self.sources[si];
+                        let src = &s.src;
+                        let describe = |p| src.describe_position(p);
+                        let accepted =
+                            s.ingest
+                                .accept(batch, rejected, &describe, None, &mut letters);
+                        self.letters = letters;
+                        if let Some(acc) = accepted? {
                             got_rows = true;
-                            self.on_batch(si, b.batch, &b.row_positions, &b.partitions)?;
+                            self.on_accepted(si, acc)?;
                         }
                     }
                     Poll::Idle => {}
@@ -918,10 +680,8 @@ impl Job {
     /// Rows waiting for the watermark have outgrown their share of the
     /// memory budget: time to fold what the watermark passed into tiles.
     fn tiles_over_budget(&self) -> bool {
-        self.views.iter().any(|v| {
-            v.tiles()
-                .is_some_and(|t| t.pending_bytes() > self.tile_memory.pending)
-        })
+        (0..self.views.len())
+            .any(|v| self.workers.pending_bytes(v) > self.tile_memory.pending as u64)
     }
 
     fn log_progress(&self, started: Instant, last: &mut Instant, last_events: &mut u64) {
@@ -934,9 +694,9 @@ impl Job {
                 format!(
                     "{}={}",
                     s.name,
-                    s.watermark
+                    s.clock()
                         .max_event_time()
-                        .map(|t| crate::online::fmt_ts(t).to_string())
+                        .map(|t| crate::time::fmt_ts(t).to_string())
                         .unwrap_or_else(|| "-".into())
                 )
             })
@@ -954,15 +714,8 @@ impl Job {
         *last_events = self.stats.events;
     }
 
-    /// Counts a dead letter and keeps it for [`Job::write_letters`].
-    fn dead_letter(&mut self, d: &DeadLetter) -> Result<()> {
-        self.stats.dead_letters += 1;
-        metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
-        self.letters.push(d.clone());
-        Ok(())
-    }
-
-    /// Writes the dead letters of a poll, in the order of their records.
+    /// Writes the dead letters of a poll, in the order of their records,
+    /// and counts them.
     fn write_letters(&mut self) -> Result<()> {
         if self.letters.is_empty() {
             return Ok(());
@@ -970,6 +723,8 @@ impl Job {
         let mut letters = std::mem::take(&mut self.letters);
         crate::source::sort_by_position(&mut letters);
         for d in &letters {
+            self.stats.dead_letters += 1;
+            metrics::counter!("sluice_dead_letters_total", "source" => d.source.clone(), "kind" => d.kind.as_str()).increment(1);
             self.dead.write(d)?;
         }
         letters.clear();
@@ -977,7 +732,6 @@ impl Job {
         Ok(())
     }
 
-    /// Marks a source down or up again (for `/readyz` and metrics).
     /// Polls source `si`. An error the outside world may fix (a broker, a
     /// file system) is not the end of the job: the source is marked down
     /// (`/readyz`, `sluice_source_up`), retried with doubling backoff from
@@ -1008,6 +762,7 @@ impl Job {
         }
     }
 
+    /// Marks a source down or up again (for `/readyz` and metrics).
     fn check_health(&mut self, si: usize) {
         let s = &mut self.sources[si];
         let h = s
@@ -1046,117 +801,96 @@ impl Job {
         if now.saturating_duration_since(s.last_parts_refresh) >= PARTITION_REFRESH {
             s.add_partitions(now);
         }
-        let Some(c) = s.watermark.refresh(now) else {
+        if s.ingest.clock_mut().refresh(now).is_none() {
             return Ok(());
-        };
-        metrics::gauge!("sluice_watermark_ms", "source" => s.name.clone()).set(c as f64);
-        for vi in s.views.clone() {
-            self.views[vi].advance(c)?;
         }
-        Ok(())
+        self.advance(si)
     }
 
-    fn on_batch(
-        &mut self,
-        si: usize,
-        batch: RecordBatch,
-        positions: &[u64],
-        partitions: &[u32],
-    ) -> Result<()> {
-        let n = batch.num_rows();
-        if n == 0 {
+    /// Tells the workers the source's watermark, when it moved.
+    fn advance(&mut self, si: usize) -> Result<()> {
+        let s = &mut self.sources[si];
+        let wm = s.clock().watermark();
+        if wm == NO_WATERMARK || wm <= s.advanced {
             return Ok(());
         }
+        s.advanced = wm;
+        metrics::gauge!("sluice_watermark_ms", "source" => s.name.clone()).set(wm as f64);
+        self.workers.advance(&s.views, wm)
+    }
+
+    /// A poll's accepted rows: into the archive, each view's rows to the
+    /// workers that own their key groups, then the watermark.
+    fn on_accepted(&mut self, si: usize, acc: Accepted) -> Result<()> {
+        let n = acc.rows.len();
         self.stats.events += n as u64;
         let s = &mut self.sources[si];
-        metrics::counter!("sluice_events_in_total", "source" => s.name.clone()).increment(n as u64);
-        let (ts, wm) = match s.event_time {
-            Some(idx) => {
-                let ts = event_times(&s.name, &batch, idx)?;
-                let wm = s.watermark.observe(ts.values(), partitions, Instant::now());
-                (Some(ts), Some(Int64Array::from(wm)))
-            }
-            None => (None, None),
-        };
-        let rows = Rows {
-            batch: batch.clone(),
-            ts,
-            wm,
-            rowid: UInt32Array::from_iter_values(0..n as u32),
-        };
-        let s = &mut self.sources[si];
         if let Some(a) = s.archive.as_mut() {
-            let origins = positions.iter().map(|p| s.src.row_origin(*p)).collect();
-            let wm = rows
+            let origins = acc.positions.iter().map(|p| s.src.row_origin(*p)).collect();
+            let wm = acc
+                .rows
                 .wm
                 .clone()
                 .unwrap_or_else(|| Int64Array::from(vec![NO_WATERMARK; n]));
-            a.rows.push((batch.clone(), origins, wm));
+            a.rows.push((acc.rows.batch.clone(), origins, wm));
         }
-        let new_wm = self.sources[si].watermark.watermark();
-        let view_ids = self.sources[si].views.clone();
-        for vi in view_ids {
-            let done = self.views[vi].process(rows.clone())?;
-            for (rid, why) in &done.failed {
-                let r = *rid as usize;
-                let s = &self.sources[si];
-                let d = view_error_letter(
-                    &s.name,
-                    s.src
-                        .describe_position(positions.get(r).copied().unwrap_or(0)),
-                    self.views[vi].name(),
-                    &batch,
-                    r,
-                    why,
-                )?;
-                self.dead_letter(&d)?;
+        let workers = self.workers.len();
+        for (k, rows) in acc.views.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue;
             }
-            let late = done.late;
-            if !late.is_empty() {
-                metrics::counter!("sluice_late_events_total", "view" => self.views[vi].name().to_string()).increment(late.len() as u64);
-                for rid in late {
-                    let r = rid as usize;
-                    let s = &self.sources[si];
-                    let d = late_letter(
-                        &s.name,
-                        s.src
-                            .describe_position(positions.get(r).copied().unwrap_or(0)),
-                        self.views[vi].name(),
-                        &batch,
-                        r,
-                        rows.ts.as_ref().map(|a| a.value(r)),
-                        rows.wm.as_ref().map(|a| a.value(r)),
-                    )?;
-                    self.dead_letter(&d)?;
+            let s = &self.sources[si];
+            let view = s.views[k];
+            if workers == 1 {
+                self.workers.rows(0, view, rows)?;
+                continue;
+            }
+            let owners: Vec<usize> = s.ingest.views()[k]
+                .key_groups(&rows)?
+                .into_iter()
+                .map(|g| self.workers.owner(g))
+                .collect();
+            for w in 0..workers {
+                let mask: BooleanArray = owners.iter().map(|o| Some(*o == w)).collect();
+                if mask.true_count() == 0 {
+                    continue;
                 }
-            }
-            if new_wm != NO_WATERMARK {
-                self.views[vi].advance(new_wm)?;
+                let part = if mask.true_count() == rows.len() {
+                    rows.clone()
+                } else {
+                    rows.filter(&mask)?
+                };
+                self.workers.rows(w, view, part)?;
             }
         }
-        if new_wm != NO_WATERMARK {
-            metrics::gauge!("sluice_watermark_ms", "source" => self.sources[si].name.clone())
-                .set(new_wm as f64);
-        }
-        Ok(())
+        self.advance(si)
     }
 
-    /// Takes a checkpoint: lake files of the epoch made durable, then one
-    /// RocksDB write batch with state, online rows, positions and watermarks.
+    /// Takes a checkpoint: every worker's changes at one barrier; lake and
+    /// archive files of the epoch made durable, the vector indexes, then
+    /// one RocksDB write batch with state, online rows, positions and
+    /// watermarks.
     pub fn checkpoint(&mut self) -> Result<()> {
         let t0 = Instant::now();
         let epoch = self.epoch + 1;
         self.write_letters()?;
-        for v in self.views.iter_mut() {
-            let end = self
-                .sources
-                .iter()
-                .find(|s| s.name == v.plan.source)
-                .and_then(|s| s.watermark.max_event_time());
-            v.before_checkpoint(end)?;
-        }
-        for (v, lake) in self.views.iter_mut().zip(self.lakes.iter_mut()) {
-            let batches = std::mem::take(&mut v.pending_lake);
+        let marks: Vec<ViewMark> = self
+            .views
+            .iter()
+            .map(|v| {
+                let c = self.sources[v.source].clock();
+                ViewMark {
+                    wm: c.watermark(),
+                    end: c.max_event_time(),
+                }
+            })
+            .collect();
+        let mut parts = self.workers.barrier(&marks)?;
+        for (vi, lake) in self.lakes.iter_mut().enumerate() {
+            let batches: Vec<RecordBatch> = parts
+                .iter_mut()
+                .flat_map(|p| std::mem::take(&mut p[vi].lake))
+                .collect();
             if batches.is_empty() {
                 continue;
             }
@@ -1165,7 +899,7 @@ impl Job {
             }
         }
         for s in self.sources.iter_mut() {
-            let clock = s.watermark.get();
+            let clock = s.clock().get();
             if let Some(a) = s.archive.as_mut() {
                 a.write(epoch, clock)?;
             }
@@ -1179,42 +913,51 @@ impl Job {
             dead_letter_bytes: self.dead.used().clone(),
             ..Checkpoint::default()
         };
-        for v in self.views.iter_mut() {
-            let wm = self
-                .sources
-                .iter()
-                .find(|s| s.name == v.plan.source)
-                .map(|s| s.watermark.watermark())
-                .unwrap_or(NO_WATERMARK);
-            let name = v.name().to_string();
+        let mut vectors = Vec::with_capacity(self.views.len());
+        let mut emitted_rows = 0;
+        for (vi, v) in self.views.iter().enumerate() {
+            let wm = marks[vi].wm;
             let mut progress = ViewProgress::default();
-            if let Some(t) = v.tiles_mut() {
-                if wm != NO_WATERMARK {
-                    let mut w = crate::store::TileWrites::default();
-                    t.flush(self.live.store.as_ref(), wm, &mut w)?;
-                    c.tiles.push((name.clone(), w));
+            let mut rows = Vec::new();
+            let mut ops = Vec::new();
+            let mut updates = Vec::new();
+            let mut expect: BTreeMap<String, u64> = BTreeMap::new();
+            let mut sizes: Option<(usize, usize)> = None;
+            for p in parts.iter_mut() {
+                let vp = &mut p[vi];
+                if let Some(w) = vp.tiles.take() {
+                    c.tiles.push((v.name.clone(), w));
                     progress.clock = Some(wm);
                 }
-                c.meta.push((pending_key(&name), t.encode_pending()?));
+                c.meta.append(&mut vp.pending);
+                ops.append(&mut vp.state);
+                rows.append(&mut vp.online);
+                updates.append(&mut vp.vectors);
+                progress.emitted_through = progress.emitted_through.max(vp.emitted_through);
+                emitted_rows += vp.emitted_rows;
+                for (rule, n) in vp.expect.drain(..) {
+                    *expect.entry(rule).or_default() += n;
+                }
+                if let Some((panes, keys)) = vp.sizes {
+                    let (p0, k0) = sizes.unwrap_or_default();
+                    sizes = Some((p0.max(panes), k0 + keys));
+                }
             }
-            let mut ops = Vec::new();
-            v.checkpoint(&mut ops)?;
-            c.state.push((v.name().to_string(), ops));
-            let rows = std::mem::take(&mut v.pending_online);
-            metrics::counter!("sluice_online_writes_total", "view" => v.name().to_string())
+            c.state.push((v.name.clone(), ops));
+            metrics::counter!("sluice_online_writes_total", "view" => v.name.clone())
                 .increment(rows.len() as u64);
-            c.online.push((v.name().to_string(), rows));
-            progress.emitted_through = v.agg().and_then(|a| a.emitted_through());
-            cp.views.insert(name, progress);
-            if let Some(m) = self.live.views.get(v.name())
-                && let Ok(j) = serde_json::to_vec(m)
-            {
-                c.meta.push((view_meta_key(v.name()), j));
+            c.online.push((v.name.clone(), rows));
+            cp.views.insert(v.name.clone(), progress);
+            if let Ok(j) = serde_json::to_vec(&v.meta) {
+                c.meta.push((view_meta_key(&v.name), j));
             }
-            if let Some(at) = self.live.catch_up.get(v.name()) {
+            if let Some(at) = self.live.catch_up.get(&v.name) {
                 c.meta
-                    .push((catch_up_key(v.name()), at.to_be_bytes().to_vec()));
+                    .push((catch_up_key(&v.name), at.to_be_bytes().to_vec()));
             }
+            self.expectations[vi] = expect.into_iter().collect();
+            self.sizes[vi] = sizes;
+            vectors.push(updates);
         }
         for s in &self.sources {
             cp.sources.insert(s.name.clone(), s.progress());
@@ -1224,23 +967,18 @@ impl Job {
             .push((PIPELINE_KEY.into(), self.pipeline_text.as_bytes().to_vec()));
         // The indexes commit first: a crash before the state commit leaves
         // them one epoch ahead, and the next start rebuilds them.
-        for v in self.views.iter_mut() {
-            let Some(idx) = self.live.indexes.get(v.name()) else {
+        for ((vi, v), updates) in self.views.iter().enumerate().zip(vectors) {
+            let Some(idx) = self.live.indexes.get(&v.name) else {
                 continue;
             };
-            let updates = std::mem::take(&mut v.pending_vectors);
-            let wm = self
-                .sources
-                .iter()
-                .find(|s| s.name == v.plan.source)
-                .and_then(|s| s.watermark.get());
+            let wm = (marks[vi].wm != NO_WATERMARK).then_some(marks[vi].wm);
             let t = Instant::now();
             let st = idx.apply(epoch, &updates, wm, false)?;
-            metrics::counter!("sluice_index_updates_total", "view" => v.name().to_string())
+            metrics::counter!("sluice_index_updates_total", "view" => v.name.clone())
                 .increment(st.upserts + st.removals);
-            metrics::counter!("sluice_index_expired_total", "view" => v.name().to_string())
+            metrics::counter!("sluice_index_expired_total", "view" => v.name.clone())
                 .increment(st.expired);
-            metrics::histogram!("sluice_index_commit_seconds", "view" => v.name().to_string())
+            metrics::histogram!("sluice_index_commit_seconds", "view" => v.name.clone())
                 .record(t.elapsed().as_secs_f64());
         }
         if abort_before_state_commit(epoch) {
@@ -1248,11 +986,7 @@ impl Job {
         }
         self.live.store.commit(c)?;
         self.epoch = epoch;
-        for v in self.views.iter_mut() {
-            if let Some(t) = v.tiles_mut() {
-                t.committed();
-            }
-        }
+        self.workers.committed()?;
         for s in self.sources.iter_mut() {
             // Only informs outside tools (consumer-group lag); the offsets
             // that count are the ones just committed with the state.
@@ -1260,18 +994,12 @@ impl Job {
                 tracing::warn!(source = %s.name, error = %e, "could not report committed positions");
             }
         }
-        for v in &self.views {
-            if let (Some(w), Some(s)) = (
-                self.live.watermarks.get(v.name()),
-                self.sources.iter().find(|s| s.name == v.plan.source),
-            ) {
-                w.store(s.watermark.watermark(), Ordering::Release);
-                if let (Some(n), Some(t)) = (
-                    self.live.freshness.newest.get(v.name()),
-                    s.watermark.max_event_time(),
-                ) {
-                    n.store(t, Ordering::Release);
-                }
+        for (vi, v) in self.views.iter().enumerate() {
+            if let Some(w) = self.live.watermarks.get(&v.name) {
+                w.store(marks[vi].wm, Ordering::Release);
+            }
+            if let (Some(n), Some(t)) = (self.live.freshness.newest.get(&v.name), marks[vi].end) {
+                n.store(t, Ordering::Release);
             }
         }
         self.live
@@ -1279,7 +1007,7 @@ impl Job {
             .last_checkpoint_ms
             .store(wall_ms(), Ordering::Release);
         self.stats.checkpoints += 1;
-        self.stats.rows_emitted = self.views.iter().map(|v| v.emitted_rows).sum();
+        self.stats.rows_emitted = emitted_rows;
         for (view, _, keys) in self.state_sizes() {
             metrics::gauge!("sluice_state_keys", "view" => view).set(keys as f64);
         }
@@ -1293,14 +1021,13 @@ impl Job {
         Ok(())
     }
 
-    /// Open panes and keys per view (for reports).
+    /// Open panes and keys per view with a pane operator, over the workers
+    /// (as of the last checkpoint; for reports).
     pub fn state_sizes(&self) -> Vec<(String, usize, usize)> {
         self.views
             .iter()
-            .filter_map(|v| {
-                v.agg()
-                    .map(|a| (v.name().to_string(), a.sizes().0, a.sizes().1))
-            })
+            .zip(&self.sizes)
+            .filter_map(|(v, s)| s.map(|(p, k)| (v.name.clone(), p, k)))
             .collect()
     }
 }

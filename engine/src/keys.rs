@@ -127,6 +127,27 @@ pub fn key_strings(cols: &[ArrayRef]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Key groups every state is split into: a view's tiles, pending rows and
+/// online rows are stored by group, so a group can be checkpointed,
+/// restored and moved on its own. Fixed, for every state dir's life.
+pub const KEY_GROUPS: u16 = 256;
+
+/// The key group of a key's text: FNV-1a (64 bits) of its bytes, modulo
+/// [`KEY_GROUPS`]. Any process computes the same group for the same key.
+pub fn key_group(text: &str) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(KEY_GROUPS)) as u16
+}
+
+/// The key group of each row's key (`cols`: the key columns).
+pub fn key_groups(cols: &[ArrayRef]) -> Result<Vec<u16>> {
+    Ok(key_strings(cols)?.iter().map(|k| key_group(k)).collect())
+}
+
 /// Columns of a key are joined by this character.
 pub const SEPARATOR: char = '|';
 /// A column that is NULL, alone between separators.

@@ -42,26 +42,10 @@ pub fn read_view_meta(store: &Store, view: &str) -> Result<Option<ViewMeta>> {
         .and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
-/// Milliseconds as an RFC 3339 UTC timestamp.
-pub fn fmt_ts(ms: i64) -> Value {
-    match chrono_like(ms) {
-        Some(s) => Value::String(s),
-        None => Value::Null,
-    }
-}
-
-fn chrono_like(ms: i64) -> Option<String> {
-    let a = arrow::array::TimestampMillisecondArray::from(vec![ms]).with_timezone("UTC");
-    let opts = arrow::util::display::FormatOptions::default()
-        .with_timestamp_tz_format(Some("%Y-%m-%dT%H:%M:%S%.3fZ"));
-    let f = arrow::util::display::ArrayFormatter::try_new(&a, &opts).ok()?;
-    Some(f.value(0).to_string())
-}
-
 /// The reader of a tiled view of a state dir, rebuilt from the pipeline
 /// text the job keeps with the state (`None` for views without tiles).
-pub fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
-    let Some(text) = store.meta(crate::job::PIPELINE_KEY)? else {
+fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
+    let Some(text) = store.meta(crate::checkpoint::PIPELINE_KEY)? else {
         return Ok(None);
     };
     let text = String::from_utf8(text).map_err(|e| EngineError::Incompatible {
@@ -73,55 +57,6 @@ pub fn open_reader(store: &Store, view: &str) -> Result<Option<TileReader>> {
         reason: format!("the pipeline kept with the state no longer plans: {e}"),
     })?;
     TileReader::for_view(&plan, view)
-}
-
-/// The view an unversioned name reads in a state dir, by the rule the
-/// server follows ([`crate::job::Live::resolve`]): the newest version whose
-/// watermark has passed its catch-up point (a version the state dir saw
-/// from its start has none), else the oldest. `name@1` is version 1; a
-/// versioned name, or one with a single version, is itself.
-pub fn resolve_version(store: &Store, view: &str) -> Result<String> {
-    let plan = match store.meta(crate::job::PIPELINE_KEY)? {
-        Some(text) => String::from_utf8(text)
-            .ok()
-            .and_then(|t| sluice_sql::plan_stored(&t).ok()),
-        None => None,
-    };
-    let Some(plan) = plan else {
-        return Ok(view.to_string());
-    };
-    // `name@1` names version 1, whose view keeps the plain name.
-    if let Some(base) = view.strip_suffix("@1")
-        && plan.views.iter().any(|v| v.name == base)
-    {
-        return Ok(base.to_string());
-    }
-    let mut versions: Vec<&sluice_sql::ViewPlan> =
-        plan.views.iter().filter(|v| v.base_name == view).collect();
-    if versions.len() < 2 {
-        return Ok(view.to_string());
-    }
-    versions.sort_by_key(|v| std::cmp::Reverse(v.version));
-    for v in &versions {
-        if read_view_meta(store, &v.name)?.is_none() {
-            continue;
-        }
-        let wm = store
-            .meta_i64(&watermark_key(&v.source))?
-            .filter(|w| *w != crate::job::NO_WATERMARK);
-        let at = store.meta_i64(&crate::job::catch_up_key(&v.name))?;
-        let ready = match (wm, at) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(w), Some(a)) => w >= a,
-        };
-        if ready {
-            return Ok(v.name.clone());
-        }
-    }
-    Ok(versions
-        .last()
-        .map_or_else(|| view.to_string(), |v| v.name.clone()))
 }
 
 /// The feature value of `key`. A tiled view (windowed, online) answers

@@ -24,69 +24,12 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sluice_sql::{PipelinePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
-use crate::exec::Rows;
-use crate::job::{NO_WATERMARK, late_letter, view_error_letter};
-use crate::rules::SourceRules;
-use crate::source::{DeadLetter, DeadLetterSink, Poll, Source};
+use crate::ingest::Ingest;
+use crate::source::{DeadLetter, DeadLetterSink, Poll, Source, SourceBatch};
 use crate::store::{Commit, StateStore, TileRead, TileWrites, expiry_key, tile_key, tile_prefix};
 use crate::tiles::{ReadMode, TileMemory, TileReader, clock_key, is_tiled};
-use crate::time::event_times;
 use crate::view::ViewOp;
-use crate::watermark::WatermarkTracker;
-
-/// Columns an event archive adds to a source's own, in this order.
-pub mod archive_columns {
-    /// The checkpoint (epoch) that committed the row.
-    pub const EPOCH: &str = "_sluice_epoch";
-    /// Arrival order within the epoch.
-    pub const SEQ: &str = "_sluice_seq";
-    /// The source partition (Kafka), NULL for a one-partition source.
-    pub const PARTITION: &str = "_sluice_partition";
-    /// The record's offset in its partition (Kafka), or its line (files).
-    pub const OFFSET: &str = "_sluice_offset";
-    /// The watermark the late rule compared the row with (NULL: none yet).
-    pub const WATERMARK: &str = "_sluice_watermark";
-    /// The clock readers saw before this checkpoint (NULL: none yet).
-    pub const CLOCK_BEFORE: &str = "_sluice_clock_before";
-    /// The clock (watermark) this checkpoint committed.
-    pub const CLOCK: &str = "_sluice_clock";
-    /// Every column, in order.
-    pub const ALL: [&str; 7] = [
-        EPOCH,
-        SEQ,
-        PARTITION,
-        OFFSET,
-        WATERMARK,
-        CLOCK_BEFORE,
-        CLOCK,
-    ];
-}
-
-/// The schema of a source's event archive: its columns, then
-/// [`archive_columns::ALL`].
-pub fn archive_schema(source: &Schema) -> SchemaRef {
-    let mut fields: Vec<Field> = source.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(archive_columns::EPOCH, DataType::UInt64, false));
-    fields.push(Field::new(archive_columns::SEQ, DataType::UInt64, false));
-    fields.push(Field::new(
-        archive_columns::PARTITION,
-        DataType::Int32,
-        true,
-    ));
-    fields.push(Field::new(archive_columns::OFFSET, DataType::Int64, true));
-    fields.push(Field::new(
-        archive_columns::WATERMARK,
-        DataType::Int64,
-        true,
-    ));
-    fields.push(Field::new(
-        archive_columns::CLOCK_BEFORE,
-        DataType::Int64,
-        true,
-    ));
-    fields.push(Field::new(archive_columns::CLOCK, DataType::Int64, true));
-    Arc::new(Schema::new(fields))
-}
+use crate::watermark::{NO_WATERMARK, WatermarkTracker};
 
 /// Tiles in memory: the [`StateStore`] of a replay.
 #[derive(Default)]
@@ -163,7 +106,7 @@ impl StateStore for MemStore {
         let (Some(clock), Some(tiles)) = (clock, g.tiles.get(view)) else {
             return Ok(out);
         };
-        let prefix = tile_prefix(key.as_bytes());
+        let prefix = tile_prefix(key);
         out.exists = tiles
             .range(prefix.clone()..)
             .next()
@@ -175,8 +118,8 @@ impl StateStore for MemStore {
             if from >= to {
                 continue;
             }
-            let lo = tile_key(key.as_bytes(), level, from);
-            let hi = tile_key(key.as_bytes(), level, to);
+            let lo = tile_key(key, level, from);
+            let hi = tile_key(key, level, to);
             out.states
                 .extend(tiles.range(lo..hi).map(|(_, v)| v.clone()));
         }
@@ -494,12 +437,19 @@ pub fn replay(
     }
     let store = MemStore::default();
     let mut stats = ReplayStats::default();
-    let mut tracker = WatermarkTracker::new(sp.watermark_delay_ms, None);
+    let stages = views
+        .iter()
+        .map(|v| v.op.stage())
+        .collect::<Result<Vec<_>>>()?;
+    let mut ingest = Ingest::new(sp, stages, WatermarkTracker::new(sp.watermark_delay_ms, None))?;
     let mut clock = NO_WATERMARK;
     let ncols = sp.schema.fields().len();
-    let rules = SourceRules::new(sp)?;
+    let mut letters: Vec<DeadLetter> = Vec::new();
     source.seek(None)?;
     loop {
+        for d in letters.drain(..) {
+            write_dead(dead, &d, &mut stats)?;
+        }
         let (sb, rejected) = match source.poll(8192)? {
             Poll::End => break,
             Poll::Idle => {
@@ -508,55 +458,48 @@ pub fn replay(
             }
             Poll::Data { batch, rejected } => (batch, rejected),
         };
-        for d in &rejected {
-            write_dead(dead, d, &mut stats)?;
-        }
+        // An archive's rows carry the clocks the stream recorded; the
+        // views see the source's own columns.
+        let (sb, recorded_clocks) = match sb {
+            Some(sb) if recorded && sb.batch.num_rows() > 0 => {
+                let rc = RecordedClocks::of(&sb.batch, ncols)?;
+                let batch = sb
+                    .batch
+                    .project(&(0..ncols).collect::<Vec<_>>())
+                    .map_err(|e| EngineError::arrow("archive rows", e))?;
+                (Some(SourceBatch { batch, ..sb }), Some(rc))
+            }
+            other => (other, None),
+        };
         let describe = |p| source.describe_position(p);
-        let (sb, bad) = rules.apply(sb, &describe)?;
-        for d in &bad {
-            write_dead(dead, d, &mut stats)?;
-        }
-        let Some(sb) = sb else { continue };
-        let full = sb.batch;
-        let n = full.num_rows();
-        if n == 0 {
-            continue;
-        }
-        let (batch, recorded_clocks) = if recorded {
-            let rc = RecordedClocks::of(&full, ncols)?;
-            let b = full
-                .project(&(0..ncols).collect::<Vec<_>>())
-                .map_err(|e| EngineError::arrow("archive rows", e))?;
-            (b, Some(rc))
-        } else {
-            (full, None)
-        };
+        let recorded_wms = recorded_clocks.as_ref().map(|rc| rc.watermarks.as_slice());
+        let late_before = ingest.counts.late;
+        let accepted = ingest.accept(sb, rejected, &describe, recorded_wms, &mut letters)?;
+        stats.late += ingest.counts.late - late_before;
+        let Some(acc) = accepted else { continue };
+        let n = acc.rows.len();
         stats.events += n as u64;
-        let ts = match sp.event_time {
-            Some(idx) => Some(event_times(&sp.name, &batch, idx)?),
-            None => None,
-        };
-        let Some(ts) = ts else {
+        if acc.rows.ts.is_none() {
             return Err(EngineError::Internal(format!(
                 "source `{}` has no event time to replay windows by",
                 sp.name
             )));
-        };
-        // The watermark before each row, and the clock after each row.
-        let (wms, after): (Vec<i64>, Vec<i64>) = match &recorded_clocks {
+        }
+        // The clock after each row.
+        let after: Vec<i64> = match &recorded_clocks {
             Some(rc) => {
                 for v in views.iter_mut() {
                     v.answer_through(&store, rc.before, &mut stats)?;
                 }
                 let mut after = vec![rc.before; n];
                 after[n - 1] = rc.clock;
-                (rc.watermarks.clone(), after)
+                after
             }
             None => {
-                let w = tracker.observe(ts.values(), &[], Instant::now());
-                let mut after: Vec<i64> = w[1..].to_vec();
-                after.push(tracker.watermark());
-                (w, after)
+                let w = acc.rows.wm.as_ref().map(|w| w.values().to_vec()).unwrap_or_default();
+                let mut after: Vec<i64> = w.get(1..).map(<[i64]>::to_vec).unwrap_or_default();
+                after.push(ingest.clock().watermark());
+                after
             }
         };
         // Cut the batch where the clock reaches the next spine time.
@@ -570,42 +513,13 @@ pub fn replay(
                     .map_or(n, |p| start + p + 1),
                 None => n,
             };
-            let rows = Rows {
-                batch: batch.slice(start, end - start),
-                ts: Some(ts.slice(start, end - start)),
-                wm: Some(Int64Array::from(wms[start..end].to_vec())),
-                rowid: UInt32Array::from_iter_values(0..(end - start) as u32),
-            };
-            for v in views.iter_mut() {
-                let done = v.op.process(rows.clone())?;
-                for (r, why) in &done.failed {
-                    let r = *r as usize;
-                    let pos = sb.row_positions.get(start + r).copied().unwrap_or(0);
-                    let d = view_error_letter(
-                        &sp.name,
-                        source.describe_position(pos),
-                        v.op.name(),
-                        &rows.batch,
-                        r,
-                        why,
-                    )?;
-                    write_dead(dead, &d, &mut stats)?;
-                }
-                let late = done.late;
-                stats.late += late.len() as u64;
-                for r in late {
-                    let r = r as usize;
-                    let pos = sb.row_positions.get(start + r).copied().unwrap_or(0);
-                    let d = late_letter(
-                        &sp.name,
-                        source.describe_position(pos),
-                        v.op.name(),
-                        &rows.batch,
-                        r,
-                        Some(ts.value(start + r)),
-                        Some(wms[start + r]),
-                    )?;
-                    write_dead(dead, &d, &mut stats)?;
+            for (v, rows) in views.iter_mut().zip(&acc.views) {
+                // The view's staged rows of source rows `start..end`.
+                let ids = rows.rowid.values();
+                let a = ids.partition_point(|r| (*r as usize) < start);
+                let b = ids.partition_point(|r| (*r as usize) < end);
+                if b > a {
+                    v.op.push(rows.slice(a, b - a))?;
                 }
             }
             let c = after[end - 1];

@@ -33,8 +33,8 @@ pub use limits::{
 pub use listen::{ConnLimits, default_max_connections, raise_fd_limit};
 
 use crate::error::EngineError;
-use crate::job::Live;
-use crate::online::read_feature_aged;
+use crate::live::Live;
+use crate::reader::Features;
 use crate::tiles::ReadMode;
 
 /// What the server needs.
@@ -281,30 +281,22 @@ fn lookup(
     rid: &str,
 ) -> Result<Option<Value>, (StatusCode, Value)> {
     let view = s.live.resolve(view);
-    let Some(meta) = s.live.views.get(view) else {
-        let known: Vec<&String> = s.live.views.keys().collect();
+    if s.live.meta(&view).is_none() {
         return Err((
             StatusCode::NOT_FOUND,
-            json!({"error": format!("no feature view `{view}`"), "views": known}),
+            json!({"error": format!("no feature view `{view}`"), "views": s.live.view_names()}),
         ));
-    };
-    let tiles = s.live.readers.get(view).map(|r| r.as_ref());
-    read_feature_aged(
-        &s.live.store,
-        meta,
-        tiles,
-        key,
-        s.live.watermark(view),
-        mode,
-    )
-    .map(|(value, age)| {
-        if let Some(ms) = age {
-            metrics::histogram!("sluice_served_value_age_seconds", "view" => view.to_string())
-                .record(ms as f64 / 1000.0);
-        }
-        value
-    })
-    .map_err(|e| error_answer(e, rid))
+    }
+    s.live
+        .read(&view, key, mode)
+        .map(|(value, age)| {
+            if let Some(ms) = age {
+                metrics::histogram!("sluice_served_value_age_seconds", "view" => view.clone())
+                    .record(ms as f64 / 1000.0);
+            }
+            value
+        })
+        .map_err(|e| error_answer(e, rid))
 }
 
 /// The `window` query parameter: which value of a windowed view to read.

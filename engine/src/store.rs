@@ -9,12 +9,30 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::aggregate::StateOp;
 use crate::error::{EngineError, Result};
-use crate::view::OnlineRow;
+use crate::output::OnlineRow;
 
 const META: &str = "meta";
 const STATE: &str = "state";
+
+/// A checkpointed state row: (encoded key, encoded state).
+pub type StateEntry = (Vec<u8>, Vec<u8>);
+
+/// A state entry to write or delete in a checkpoint.
+#[derive(Debug)]
+pub enum StateOp {
+    /// Upsert the state row of (pane, key).
+    Put {
+        /// Pane start (ms).
+        pane: i64,
+        /// Encoded key row.
+        key: Vec<u8>,
+        /// Encoded state row.
+        value: Vec<u8>,
+    },
+    /// Delete every row of a pane.
+    DropPane(i64),
+}
 
 /// The column family holding view `view`'s online rows.
 pub fn online_cf(view: &str) -> String {
@@ -31,12 +49,6 @@ fn tiles_cf(view: &str) -> String {
 fn expiry_cf(view: &str) -> String {
     format!("expiry.{view}")
 }
-
-/// An error of the state store, with RocksDB's message (RocksDB's own types
-/// stay inside this module).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(String);
 
 fn store_error(path: &Path, e: rocksdb::Error) -> EngineError {
     EngineError::Store {
@@ -64,10 +76,11 @@ fn files_fingerprint(db: &Path) -> Option<(String, u64, Vec<String>)> {
     Some((manifest, len, wals))
 }
 
-/// The store key of a tile: the entity key (length-prefixed, so no key is a
-/// prefix of another), the tile level, the tile start. A key's tiles of one
+/// The store key of a tile: the key's group, the entity key (its text,
+/// length-prefixed, so no key is a prefix of another), the tile level,
+/// the tile start. A group's tiles are contiguous, and a key's tiles of one
 /// level are contiguous and in time order.
-pub fn tile_key(key: &[u8], level: u8, start: i64) -> Vec<u8> {
+pub fn tile_key(key: &str, level: u8, start: i64) -> Vec<u8> {
     let mut k = tile_prefix(key);
     k.push(level);
     k.extend_from_slice(&pane_bytes(start));
@@ -75,21 +88,36 @@ pub fn tile_key(key: &[u8], level: u8, start: i64) -> Vec<u8> {
 }
 
 /// The common prefix of every tile of `key`.
-pub fn tile_prefix(key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(key.len() + 13);
+pub fn tile_prefix(key: &str) -> Vec<u8> {
+    let key = key.as_bytes();
+    let mut k = Vec::with_capacity(key.len() + 15);
+    k.extend_from_slice(&key_group_of(key).to_be_bytes());
     k.extend_from_slice(&(key.len() as u32).to_be_bytes());
     k.extend_from_slice(key);
     k
 }
 
+fn key_group_of(key: &[u8]) -> u16 {
+    crate::keys::key_group(&String::from_utf8_lossy(key))
+}
+
 /// (entity key, level, start) of a tile's store key.
 pub fn parse_tile_key(k: &[u8]) -> Option<(&[u8], u8, i64)> {
+    let k = k.get(2..)?;
     let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
     let key = k.get(4..4 + len)?;
     let level = *k.get(4 + len)?;
     let start = k.get(5 + len..13 + len)?;
     let start = (u64::from_be_bytes(start.try_into().ok()?) ^ (1u64 << 63)) as i64;
     Some((key, level, start))
+}
+
+/// The store key of an online row: the key's group, then its text.
+pub fn online_key(key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 2);
+    k.extend_from_slice(&key_group_of(key.as_bytes()).to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
 }
 
 /// The expiry-index entry of a tile that leaves every window at watermark `at`.
@@ -412,7 +440,7 @@ impl Store {
                 path: self.path.display().to_string(),
                 reason: format!("no online store for view `{view}`"),
             })?;
-        self.db.get_cf(cf, key).map_err(|e| self.err(e))
+        self.db.get_cf(cf, online_key(key)).map_err(|e| self.err(e))
     }
 
     /// Every online row of `view` (for tests and exports).
@@ -421,13 +449,16 @@ impl Store {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+            let text = k.get(2..).unwrap_or_default();
+            out.push((String::from_utf8_lossy(text).into_owned(), v.to_vec()));
         }
+        // In key order, whatever their groups.
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
     /// The checkpointed state of `view`: (pane start, key row, state row), ordered by pane.
-    pub fn state_entries(&self, view: &str) -> Result<Vec<(i64, crate::aggregate::StateEntry)>> {
+    pub fn state_entries(&self, view: &str) -> Result<Vec<(i64, crate::store::StateEntry)>> {
         let cf = self.cf(STATE)?;
         let prefix = state_prefix(view);
         let mut out = Vec::new();
@@ -496,7 +527,7 @@ impl Store {
                 if sorted.get(i + 1).is_some_and(|next| &next.0 == k) {
                     continue;
                 }
-                b.put_cf(cf, k, v);
+                b.put_cf(cf, online_key(k), v);
             }
         }
         for (view, w) in &c.tiles {
@@ -586,7 +617,7 @@ impl Store {
         let Some(clock) = clock else {
             return Ok(out);
         };
-        let prefix = tile_prefix(key.as_bytes());
+        let prefix = tile_prefix(key);
         let mut ro = ReadOptions::default();
         let mut upper = prefix.clone();
         upper.push(u8::MAX);
@@ -604,9 +635,9 @@ impl Store {
             if from >= to {
                 continue;
             }
-            let lo = tile_key(key.as_bytes(), level, from);
+            let lo = tile_key(key, level, from);
             let mut ro = ReadOptions::default();
-            ro.set_iterate_upper_bound(tile_key(key.as_bytes(), level, to));
+            ro.set_iterate_upper_bound(tile_key(key, level, to));
             for item in snap.iterator_cf_opt(cf, ro, IteratorMode::From(&lo, Direction::Forward)) {
                 let (_, v) = item.map_err(|e| self.err(e))?;
                 out.states

@@ -37,9 +37,9 @@ use crate::aggregate::AggKernel;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::keys::{KeyDict, key_strings};
-use crate::online::fmt_ts;
+use crate::time::fmt_ts;
 use crate::store::{StateStore, TileWrites, expiry_key, tile_key};
-use crate::view::{emitted_features, key_and_feature_columns};
+use crate::output::{emitted_features, key_and_feature_columns};
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
@@ -59,9 +59,10 @@ pub fn is_tiled(plan: &ViewPlan) -> bool {
 
 pub use crate::checkpoint::clock_key;
 
-/// Metadata key of a tiled view's pending rows (at or after the committed clock).
-pub fn pending_key(view: &str) -> String {
-    format!("pending/{view}")
+/// Metadata key of a tiled view's pending rows (at or after the committed
+/// clock) of key group `group`.
+pub fn pending_key(view: &str, group: u16) -> String {
+    format!("pending/{view}/{group}")
 }
 
 /// The tile levels of a window and the arithmetic of reads and expiry.
@@ -328,6 +329,11 @@ pub struct TileAgg {
     layout: TileLayout,
     pending: Vec<Rows>,
     pending_bytes: usize,
+    /// Key groups whose pending rows the last checkpoint wrote.
+    pending_groups: std::collections::BTreeSet<u16>,
+    /// `(worker, workers)`: this worker's key groups are those with
+    /// `group % workers == worker` (`None`: every group).
+    share: Option<(usize, usize)>,
     cache: TileCache,
     /// Accumulator bytes at which a flush writes what it has and starts over.
     flush_limit: usize,
@@ -373,9 +379,29 @@ impl TileAgg {
             layout,
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_groups: std::collections::BTreeSet::new(),
+            share: None,
             cache: TileCache::new(mem.cache),
             flush_limit: mem.flush.max(1 << 20),
         })
+    }
+
+    /// Keeps to the key groups of worker `worker` of `workers`: expired
+    /// tiles of other groups are theirs to delete.
+    pub fn share(&mut self, worker: usize, workers: usize) {
+        self.share = (workers > 1).then_some((worker, workers));
+    }
+
+    fn owns_tile(&self, tile: &[u8]) -> bool {
+        let Some((w, n)) = self.share else {
+            return true;
+        };
+        let g = tile
+            .get(..2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_be_bytes)
+            .unwrap_or(0);
+        usize::from(g) % n == w
     }
 
     /// The layout.
@@ -452,6 +478,9 @@ impl TileAgg {
         }
         self.write_step(step, store, wm, out, &mut stats)?;
         for k in store.expired_tiles(&self.view, wm)? {
+            if !self.owns_tile(&k) {
+                continue;
+            }
             self.cache.remove(&k);
             out.deletes.push(k);
             stats.expired += 1;
@@ -482,7 +511,7 @@ impl TileAgg {
         let store_keys: Vec<Vec<u8>> = step
             .tiles
             .iter()
-            .map(|(id, level, start)| tile_key(names[*id as usize].as_bytes(), *level, *start))
+            .map(|(id, level, start)| tile_key(&names[*id as usize], *level, *start))
             .collect();
         // Old states: the cache first, then one batched read of the rest.
         let mut old: Vec<Option<Vec<u8>>> = Vec::with_capacity(store_keys.len());
@@ -564,32 +593,60 @@ impl TileAgg {
             .set(self.cache.bytes as f64);
     }
 
-    /// The pending rows, encoded for the checkpoint (Arrow IPC, event time as
-    /// an extra last column); empty when none.
-    pub fn encode_pending(&self) -> Result<Vec<u8>> {
-        let Some(first) = self.pending.first() else {
-            return Ok(Vec::new());
-        };
-        let schema = with_time_column(first.batch.schema_ref());
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema)
-            .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
+    /// The pending rows, encoded for the checkpoint by key group (Arrow
+    /// IPC, event time as an extra last column): one value per group that
+    /// has rows, and an empty one for each group that had rows at the last
+    /// checkpoint and has none now.
+    pub fn encode_pending(&mut self) -> Result<Vec<(u16, Vec<u8>)>> {
+        let mut by_group: std::collections::BTreeMap<u16, Vec<Rows>> =
+            std::collections::BTreeMap::new();
         for r in &self.pending {
-            let mut cols = r.batch.columns().to_vec();
-            cols.push(Arc::new(times(&self.view, r)?.clone()));
-            let b = RecordBatch::try_new(Arc::clone(&schema), cols)
-                .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
-            w.write(&b)
-                .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
+            let groups = crate::keys::key_groups(&self.kernel.key_columns(&r.batch)?)?;
+            let first = groups.first().copied().unwrap_or(0);
+            if groups.iter().all(|g| *g == first) {
+                by_group.entry(first).or_default().push(r.clone());
+                continue;
+            }
+            let distinct: std::collections::BTreeSet<u16> = groups.iter().copied().collect();
+            for g in distinct {
+                let mask: BooleanArray = groups.iter().map(|x| Some(*x == g)).collect();
+                by_group.entry(g).or_default().push(r.filter(&mask)?);
+            }
         }
-        w.into_inner()
-            .map_err(|e| EngineError::arrow("encoding pending rows", e))
+        let mut out = Vec::with_capacity(by_group.len());
+        for (g, rows) in &by_group {
+            let schema = with_time_column(rows[0].batch.schema_ref());
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &schema)
+                .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
+            for r in rows {
+                let mut cols = r.batch.columns().to_vec();
+                cols.push(Arc::new(times(&self.view, r)?.clone()));
+                let b = RecordBatch::try_new(Arc::clone(&schema), cols)
+                    .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
+                w.write(&b)
+                    .map_err(|e| EngineError::arrow("encoding pending rows", e))?;
+            }
+            out.push((
+                *g,
+                w.into_inner()
+                    .map_err(|e| EngineError::arrow("encoding pending rows", e))?,
+            ));
+        }
+        let now: std::collections::BTreeSet<u16> = by_group.keys().copied().collect();
+        for g in self.pending_groups.difference(&now) {
+            out.push((*g, Vec::new()));
+        }
+        self.pending_groups = now;
+        Ok(out)
     }
 
-    /// Restores pending rows saved by [`TileAgg::encode_pending`].
-    pub fn restore_pending(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Restores the pending rows of key group `group` saved by
+    /// [`TileAgg::encode_pending`].
+    pub fn restore_pending(&mut self, group: u16, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.pending_groups.insert(group);
         let what = format!("pending rows of view `{}`", self.view);
         let bad = |e: arrow::error::ArrowError| EngineError::Incompatible {
             path: what.clone(),
@@ -774,7 +831,7 @@ impl TileReader {
             .window()
             .and_then(TileLayout::new)
             .ok_or_else(|| EngineError::Internal(format!("view `{}` has no window", plan.name)))?;
-        let schema = crate::aggregate::emitted_schema(&plan.output_schema);
+        let schema = crate::output::emitted_schema(&plan.output_schema);
         let (_, feature_idx) = key_and_feature_columns(plan);
         let empty_row = kernel.empty_row()?;
         Ok(TileReader {

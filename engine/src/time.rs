@@ -15,9 +15,8 @@ use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, TimestampMillis
 use arrow::compute::filter_record_batch;
 
 use crate::error::{EngineError, Result};
-use crate::online::fmt_ts;
 use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
-use crate::view::features_json;
+use crate::output::features_json;
 
 /// The earliest event time accepted: 1677-09-21T00:12:43.146Z.
 pub const MIN_EVENT_TIME_MS: i64 = i64::MIN / 1_000_000;
@@ -172,6 +171,22 @@ fn kept<T: Copy>(v: &[T], keep: &[bool]) -> Vec<T> {
         .filter(|(_, k)| **k)
         .map(|(x, _)| *x)
         .collect()
+}
+
+/// Milliseconds as an RFC 3339 UTC timestamp.
+pub fn fmt_ts(ms: i64) -> serde_json::Value {
+    match chrono_like(ms) {
+        Some(s) => serde_json::Value::String(s),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn chrono_like(ms: i64) -> Option<String> {
+    let a = arrow::array::TimestampMillisecondArray::from(vec![ms]).with_timezone("UTC");
+    let opts = arrow::util::display::FormatOptions::default()
+        .with_timestamp_tz_format(Some("%Y-%m-%dT%H:%M:%S%.3fZ"));
+    let f = arrow::util::display::ArrayFormatter::try_new(&a, &opts).ok()?;
+    Some(f.value(0).to_string())
 }
 
 #[cfg(test)]

@@ -1,51 +1,31 @@
-//! One feature view at run time: its stages, its aggregation, and the rows it
-//! emitted since the last checkpoint (for the lake and the online store).
+//! One feature view's state at run time: its aggregation (tiles, panes)
+//! and the rows it emitted since the last checkpoint (for the lake, the
+//! online store and the vector index). Rows reach it staged and on time:
+//! the ingest stage (`crate::ingest`) ran the view's stages and the late
+//! rule before.
 
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, RecordBatch, TimestampMillisecondArray};
 use arrow::datatypes::SchemaRef;
-use arrow::json::WriterBuilder;
-use arrow::json::writer::LineDelimited;
 use sluice_sql::{ViewKind, ViewPlan, WindowSpec};
 
-use crate::aggregate::{AggKernel, Fired, StateOp, WindowAgg, emitted_schema, late_rows};
+use crate::aggregate::{AggKernel, Fired, WindowAgg};
 use crate::error::{EngineError, Result};
-use crate::exec::{PhysStage, Rows, compile_stages, run_stages};
+use crate::exec::Rows;
 use crate::keys::key_strings;
+use crate::output::{
+    OnlineRow, emitted_features, emitted_schema, features_json, key_and_feature_columns, vectors_of,
+};
+use crate::store::StateOp;
 use crate::tiles::{TileAgg, TileMemory, is_tiled};
 
-/// An online-store write: the key and its encoded value.
-pub type OnlineRow = (String, Vec<u8>);
-
-/// Staged rows of a view, and the source-batch rows it could not compute.
-#[derive(Debug)]
-pub struct Staged {
-    /// Rows that passed the view's filters, projected.
-    pub rows: Rows,
-    /// `(source-batch row, why)` for rows whose expressions failed.
-    pub failed: Vec<(u32, String)>,
-}
-
-/// What [`ViewOp::process`] did not fold in.
-#[derive(Debug, Default)]
-pub struct Processed {
-    /// Source-batch rows late for every window holding them.
-    pub late: Vec<u32>,
-    /// `(source-batch row, why)` for rows the view could not compute.
-    pub failed: Vec<(u32, String)>,
-}
-
-/// A feature view's operator chain.
+/// A feature view's state.
 pub struct ViewOp {
     /// The plan it runs.
     pub plan: ViewPlan,
-    stages: Vec<PhysStage>,
     /// The aggregate functions, shared by the window operator, the tiles and their readers.
     kernel: Option<Arc<AggKernel>>,
-    /// Whether computing the kernel's keys and inputs can fail for a row, so
-    /// [`ViewOp::stage`] checks them before rows reach any state.
-    inputs_can_fail: bool,
     /// Closed-window rows (lake, Kafka, vector index) and lifetime values.
     agg: Option<WindowAgg>,
     /// The online state of a windowed view.
@@ -84,7 +64,6 @@ impl ViewOp {
     /// Compiles a view; `tiles: None` leaves out the online tiles (a backfill
     /// worker, which only emits closed-window rows).
     pub fn with_tiles(plan: &ViewPlan, tiles: Option<TileMemory>) -> Result<Self> {
-        let stages = compile_stages(&plan.name, &plan.stages)?;
         let kernel = match &plan.kind {
             ViewKind::Aggregate(a) => Some(Arc::new(AggKernel::new(
                 &plan.name,
@@ -113,8 +92,6 @@ impl ViewOp {
         let (key_idx, feature_idx) = key_and_feature_columns(plan);
         Ok(ViewOp {
             plan: plan.clone(),
-            stages,
-            inputs_can_fail: kernel.as_ref().is_some_and(|k| k.inputs_can_fail()),
             kernel,
             agg,
             tiles,
@@ -180,108 +157,17 @@ impl ViewOp {
         self.tiles.as_mut()
     }
 
-    /// Indices of staged rows that are late for this view (see [`late_rows`]).
-    pub fn late_rows(&self, rows: &Rows) -> Vec<usize> {
-        match self.plan.window() {
-            Some(w) => late_rows(w, rows),
-            None => Vec::new(),
-        }
+    /// The stateless half of the view (its stages and late rule), for the
+    /// ingest stage, sharing this view's kernel.
+    pub fn stage(&self) -> Result<crate::ingest::ViewStage> {
+        crate::ingest::ViewStage::new(&self.plan, self.kernel.clone())
     }
 
-    /// Runs source rows through the view. Returns the source-batch row indices
-    /// of late events (not folded in) and of rows the view cannot compute.
-    pub fn process(&mut self, rows: Rows) -> Result<Processed> {
-        let Staged { rows, failed } = self.stage(rows)?;
-        let late = self.process_staged(rows)?;
-        Ok(Processed { late, failed })
-    }
-
-    /// Runs the view's stages (filters, projections) over source rows, and
-    /// makes sure its keys and aggregate inputs can be computed for every
-    /// staged row. When DataFusion cannot compute them for the batch (an
-    /// integer division by zero, a cast out of range), the rows are tried one
-    /// by one: those that fail alone leave this view (the caller
-    /// dead-letters them), the others go on. An error that no single row
-    /// causes is returned.
-    pub fn stage(&self, rows: Rows) -> Result<Staged> {
-        let err = match self.try_stage(rows.clone()) {
-            Ok(staged) => {
-                return Ok(Staged {
-                    rows: staged,
-                    failed: Vec::new(),
-                });
-            }
-            Err(e) => e,
-        };
-        let mut keep = vec![true; rows.len()];
-        let mut failed = Vec::new();
-        for (i, k) in keep.iter_mut().enumerate() {
-            if let Err(e) = self.try_stage(rows.slice(i, 1)) {
-                *k = false;
-                failed.push((rows.rowid.value(i), e.root_message()));
-            }
-        }
-        if failed.is_empty() {
-            return Err(err);
-        }
-        let staged = self.try_stage(rows.filter(&arrow::array::BooleanArray::from(keep))?)?;
-        Ok(Staged {
-            rows: staged,
-            failed,
-        })
-    }
-
-    fn try_stage(&self, rows: Rows) -> Result<Rows> {
-        let staged = run_stages(&self.plan.name, &self.stages, rows)?;
-        if let Some(k) = self.kernel.as_ref()
-            && self.inputs_can_fail
-            && !staged.is_empty()
-        {
-            k.key_columns(&staged.batch)?;
-            k.inputs(&staged.batch)?;
-        }
-        Ok(staged)
-    }
-
-    /// Where each staged row goes when the view runs as `shards` key-disjoint
-    /// copies: a hash of its key.
-    pub fn shard_of(&self, rows: &Rows, shards: usize, out: &mut Vec<usize>) -> Result<()> {
-        out.clear();
-        let n = rows.len();
-        if shards <= 1 {
-            out.resize(n, 0);
-            return Ok(());
-        }
-        let keys = match self.kernel.as_ref() {
-            Some(k) => k.key_columns(&rows.batch)?,
-            // Per-event views: the key columns of the projected rows.
-            None => {
-                self.plan
-                    .keys
-                    .iter()
-                    .map(|k| {
-                        rows.batch.column_by_name(k).cloned().ok_or_else(|| {
-                            EngineError::Connector {
-                                what: format!("view `{}`", self.plan.name),
-                                message: format!("key column `{k}` is not in the view's output"),
-                            }
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-        };
-        let mut hashes = vec![0u64; n];
-        let state = datafusion::common::hash_utils::RandomState::with_seed(17);
-        datafusion::common::hash_utils::create_hashes(&keys, &state, &mut hashes)
-            .map_err(|e| EngineError::df(&self.plan.name, e))?;
-        out.extend(hashes.iter().map(|h| (h % shards as u64) as usize));
-        Ok(())
-    }
-
-    /// Like [`ViewOp::process`] for rows that already went through [`ViewOp::stage`].
-    pub fn process_staged(&mut self, rows: Rows) -> Result<Vec<u32>> {
+    /// Folds staged, on-time rows (from the ingest stage) into the view's
+    /// state, firing windows as their per-row watermark passes them.
+    pub fn push(&mut self, rows: Rows) -> Result<()> {
         if rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if self.kernel.is_none() {
             let ts = rows.ts.as_ref().map(|t| {
@@ -292,18 +178,7 @@ impl ViewOp {
                 arrow::array::new_null_array(self.schema.field(0).data_type(), rows.len())
             });
             self.emit_rows(&rows.batch, Arc::clone(&ts), ts, None)?;
-            return Ok(Vec::new());
-        };
-        let late = self.late_rows(&rows);
-        let late_ids: Vec<u32> = late.iter().map(|i| rows.rowid.value(*i)).collect();
-        let rows = if late.is_empty() {
-            rows
-        } else {
-            let mut keep = vec![true; rows.len()];
-            for i in &late {
-                keep[*i] = false;
-            }
-            rows.filter(&arrow::array::BooleanArray::from(keep))?
+            return Ok(());
         };
         if let Some(t) = self.tiles.as_mut() {
             t.push(rows.clone());
@@ -315,7 +190,7 @@ impl ViewOp {
             self.fired = fired;
             r?;
         }
-        Ok(late_ids)
+        Ok(())
     }
 
     /// Fires the windows the watermark `wm` closes.
@@ -511,91 +386,4 @@ fn in_range(out: &RecordBatch, from: Option<i64>, to: Option<i64>) -> Result<Rec
         .collect();
     arrow::compute::filter_record_batch(out, &keep)
         .map_err(|e| EngineError::arrow("window range", e))
-}
-
-/// The features of the first row of `batch` (a view's keys and features),
-/// as JSON, with `schema` the view's emitted schema.
-pub fn emitted_features(
-    schema: &SchemaRef,
-    feature_idx: &[usize],
-    batch: &RecordBatch,
-) -> Result<Option<serde_json::Value>> {
-    let n = batch.num_rows();
-    let mut cols: Vec<ArrayRef> =
-        vec![arrow::array::new_null_array(schema.field(0).data_type(), n); 2];
-    cols.extend(batch.columns().iter().cloned());
-    let out = RecordBatch::try_new(Arc::clone(schema), cols)
-        .map_err(|e| EngineError::arrow("feature row", e))?;
-    let f = features_json(&out, feature_idx)?;
-    f.first()
-        .map(|j| {
-            serde_json::from_slice(j)
-                .map_err(|e| EngineError::Internal(format!("feature JSON: {e}")))
-        })
-        .transpose()
-}
-
-/// Indexes, in a view's emitted rows (`window_start`, `window_end`, then
-/// its output columns), of the key columns and of the feature columns.
-pub fn key_and_feature_columns(plan: &ViewPlan) -> (Vec<usize>, Vec<usize>) {
-    let schema = emitted_schema(&plan.output_schema);
-    let keys: Vec<usize> = plan
-        .keys
-        .iter()
-        .filter_map(|k| schema.index_of(k).ok())
-        .collect();
-    let features = (2..schema.fields().len())
-        .filter(|i| !keys.contains(i))
-        .collect();
-    (keys, features)
-}
-
-/// The rows of a vector column (`FLOAT[n]`) as vectors, NULL as `None`.
-pub fn vectors_of(col: &ArrayRef) -> Result<Vec<Option<Vec<f32>>>> {
-    let not_vector = || EngineError::Connector {
-        what: "vector index".into(),
-        message: format!("the indexed column is {}, not FLOAT[n]", col.data_type()),
-    };
-    let l = col
-        .as_any()
-        .downcast_ref::<arrow::array::FixedSizeListArray>()
-        .ok_or_else(not_vector)?;
-    let vals = l
-        .values()
-        .as_any()
-        .downcast_ref::<arrow::array::Float32Array>()
-        .ok_or_else(not_vector)?;
-    let n = l.value_length() as usize;
-    Ok((0..l.len())
-        .map(|i| {
-            l.is_valid(i).then(|| {
-                let start = l.value_offset(i) as usize;
-                vals.values()[start..start + n].to_vec()
-            })
-        })
-        .collect())
-}
-
-/// One JSON object per row with the given columns (NULLs explicit).
-pub fn features_json(batch: &RecordBatch, cols: &[usize]) -> Result<Vec<Vec<u8>>> {
-    let proj = batch
-        .project(cols)
-        .map_err(|e| EngineError::arrow("feature columns", e))?;
-    let mut w = WriterBuilder::new()
-        .with_explicit_nulls(true)
-        .build::<_, LineDelimited>(Vec::new());
-    w.write(&proj)
-        .map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
-    w.finish()
-        .map_err(|e| EngineError::arrow("encoding features as JSON", e))?;
-    let buf = w.into_inner();
-    let mut out: Vec<Vec<u8>> = buf
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| l.to_vec())
-        .collect();
-    if proj.num_columns() == 0 {
-        out = vec![b"{}".to_vec(); batch.num_rows()];
-    }
-    Ok(out)
 }

@@ -346,7 +346,7 @@ fn differential_in(
                             same(&g["features"], e),
                             "{window} {mode:?} key {k} at {wm}: got {g} want {e}"
                         );
-                        assert_eq!(g["as_of"], sluice_engine::online::fmt_ts(wm));
+                        assert_eq!(g["as_of"], sluice_engine::time::fmt_ts(wm));
                     }
                     _ => panic!("{window} {mode:?} key {k} at {wm}: got {got:?} want {expect:?}"),
                 }

@@ -173,7 +173,7 @@ impl NativePipeline {
                 .collect();
             d.set_item("features", features)?;
             // The rows it emits, as the lake holds them.
-            let rows = sluice_engine::aggregate::emitted_schema(&v.output_schema);
+            let rows = sluice_engine::output::emitted_schema(&v.output_schema);
             d.set_item("schema", rows.as_ref().to_pyarrow(py)?)?;
             d.set_item("kind", kind(v))?;
             d.set_item("online", v.online)?;
@@ -379,9 +379,10 @@ fn read_online(
         )));
     }
     let r = py.detach(|| -> anyhow::Result<Vec<Option<String>>> {
-        let v = sluice_cli::open_view(&state_dir, &view)?;
+        use sluice_engine::reader::Features;
+        let (dir, view) = sluice_cli::open_view(&state_dir, &view)?;
         keys.iter()
-            .map(|k| Ok(v.read(k, mode)?.map(|j| j.to_string())))
+            .map(|k| Ok(dir.read(&view, k, mode)?.0.map(|j| j.to_string())))
             .collect()
     });
     r.map_err(|e| {

@@ -1,9 +1,8 @@
 //! Interval literals (`INTERVAL '5' MINUTE`, `INTERVAL '1 hour 30 minutes'`)
 //! as milliseconds, for window sizes and watermark delays.
 
-use datafusion::sql::sqlparser::ast::Expr;
+use datafusion::sql::sqlparser::ast::{Expr, Value};
 
-use crate::parser::literal_text;
 
 fn unit_ms(unit: &str) -> Option<i64> {
     let u = unit.trim().to_ascii_lowercase();
@@ -105,6 +104,18 @@ pub fn interval_ms(e: &Expr) -> Result<i64, String> {
         _ => Err(format!(
             "expected an INTERVAL literal such as INTERVAL '5' MINUTE, found `{e}`"
         )),
+    }
+}
+
+/// The text of a literal: quoted string or number.
+pub(crate) fn literal_text(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => Some(s.clone()),
+            Value::Number(n, _) => Some(n.to_string()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

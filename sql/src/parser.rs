@@ -2,7 +2,7 @@
 //! statements. Headers are parsed here over sqlparser's tokens (so every
 //! name keeps its position); the `SELECT` of a view is sqlparser's own AST.
 
-use datafusion::sql::sqlparser::ast::{DataType, Expr, Ident, Query, Value};
+use datafusion::sql::sqlparser::ast::{DataType, Expr, Ident, Query};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
@@ -566,18 +566,6 @@ fn watermark_delay(expr: &Expr, column: &str) -> Result<i64, String> {
         _ => Err(format!(
             "expected `{column}` or `{column} - INTERVAL '…' UNIT` as the watermark expression, found `{expr}`"
         )),
-    }
-}
-
-/// The text of a literal: quoted string or number.
-pub(crate) fn literal_text(e: &Expr) -> Option<String> {
-    match e {
-        Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => Some(s.clone()),
-            Value::Number(n, _) => Some(n.to_string()),
-            _ => None,
-        },
-        _ => None,
     }
 }
 

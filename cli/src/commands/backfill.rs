@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use crate::flags::parse_time;
 use sluice_connectors::{FilesSource, LakeWriter, expand_paths};
 use sluice_engine::Source;
-use sluice_engine::aggregate::emitted_schema;
+use sluice_engine::output::emitted_schema;
 use sluice_engine::backfill::{
     BackfillOptions, BackfillOutputs, BackfillStats, Progress, backfill,
 };

@@ -18,7 +18,7 @@ use sluice_connectors::stats::{
     reference_profile,
 };
 use sluice_connectors::{day_start_ms, rfc3339_ms};
-use sluice_engine::job::Live;
+use sluice_engine::live::Live;
 use sluice_sql::{PipelinePlan, StatsReference, ViewPlan};
 
 use crate::commands::stats::{lake_input, report_json};

@@ -30,8 +30,9 @@ fn parse_mode(s: &str) -> Result<ReadMode, String> {
 
 /// Prints the key's online value as JSON; an unknown key is an error.
 pub fn run(a: &GetArgs) -> anyhow::Result<()> {
-    let view = crate::open_view(&a.state_dir, &a.view)?;
-    match view.read(&a.key, a.window)? {
+    use sluice_engine::reader::Features;
+    let (dir, view) = crate::open_view(&a.state_dir, &a.view)?;
+    match dir.read(&view, &a.key, a.window)?.0 {
         Some(v) => {
             let text = serde_json::to_string_pretty(&v)? + "\n";
             // A closed pipe (`sluice get v k | head`) is not an error.

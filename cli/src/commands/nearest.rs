@@ -101,11 +101,13 @@ pub fn run(a: &NearestArgs) -> anyhow::Result<()> {
     };
     for n in found {
         let mut o = json!({"key": n.key, "distance": n.distance});
-        if let Some(view) = &store
+        if let Some((dir, view)) = &store
             && let Some(m) = o.as_object_mut()
         {
-            let f = view
-                .read(&n.key, None)?
+            use sluice_engine::reader::Features;
+            let f = dir
+                .read(view, &n.key, None)?
+                .0
                 .and_then(|r| r.get("features").cloned())
                 .unwrap_or(serde_json::Value::Null);
             m.insert("features".into(), f);

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use sluice_engine::job::{Job, JobOptions, Live};
+use sluice_engine::Live;
+use sluice_engine::job::{Job, JobOptions};
 use sluice_engine::server::{ServeLimits, ServeState};
 
 /// Options of `sluice run`.
@@ -46,6 +47,11 @@ pub struct RunArgs {
     /// (`sluice_dead_letters_dropped_total`) but not written.
     #[arg(long, value_parser = crate::flags::parse_bytes, default_value = "1GiB")]
     pub dead_letter_limit: u64,
+    /// Worker threads holding the views' state, each the key groups `g`
+    /// with `g % N == worker` (default: one per core). May change between
+    /// restarts of a state dir.
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// Sleep after every batch (for tests that need a long-running job).
     #[arg(long, hide = true)]
     pub throttle_ms: Option<u64>,
@@ -178,6 +184,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         throttle: a.throttle_ms.map(Duration::from_millis),
         memory_budget: a.memory_budget,
         dead_letter_limit: a.dead_letter_limit,
+        workers: a
+            .workers
+            .unwrap_or_else(sluice_engine::job::default_workers)
+            .max(1),
     };
     tracing::info!(
         memory_budget = %crate::flags::format_size(a.memory_budget),
