@@ -81,7 +81,12 @@ fn pane_merge(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut op = ViewOp::new(&plan.views[0]).expect("view");
-                op.process(rows.clone()).expect("process");
+                let (staged, _) = op
+                    .stage()
+                    .expect("stages")
+                    .stage(rows.clone())
+                    .expect("staged");
+                op.push(staged).expect("push");
                 op
             },
             // Closes the window holding all 12 panes (and the 11 before it).

@@ -209,7 +209,11 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         let s = job.run(&stop)?;
         let cpu = crate::process_cpu_secs() - cpu0;
         drop(job);
-        rates.push((*n, s.events as f64 / s.elapsed.as_secs_f64(), cpu / (s.events as f64 / 1e6)));
+        rates.push((
+            *n,
+            s.events as f64 / s.elapsed.as_secs_f64(),
+            cpu / (s.events as f64 / 1e6),
+        ));
     }
     let _ = std::fs::remove_dir_all(dir.join("state"));
     let _ = std::fs::remove_dir_all(dir.join("lake"));

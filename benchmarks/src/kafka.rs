@@ -309,14 +309,13 @@ fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyho
     fresh(pdir)?;
     std::fs::write(pdir.join("pipeline.sql"), sql)?;
     let cpu0 = cpu_secs("self");
-    let (plan, mut job) =
-        crate::open_run_job_with(
-            pdir,
-            Duration::from_millis(a.checkpoint_interval_ms),
-            true,
-            a.workers,
-        )
-        .context("opening the pipeline")?;
+    let (plan, mut job) = crate::open_run_job_with(
+        pdir,
+        Duration::from_millis(a.checkpoint_interval_ms),
+        true,
+        a.workers,
+    )
+    .context("opening the pipeline")?;
     for sp in &plan.sources {
         if let Some(w) = sluice_connectors::archive::archive_writer(sp)? {
             job.set_archive(&sp.name, Box::new(w))?;

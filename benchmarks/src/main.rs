@@ -89,7 +89,12 @@ pub(crate) fn open_run_job(
     interval: std::time::Duration,
     stop_at_end: bool,
 ) -> anyhow::Result<(sluice_sql::PipelinePlan, sluice_engine::job::Job)> {
-    open_run_job_with(dir, interval, stop_at_end, sluice_engine::job::default_workers())
+    open_run_job_with(
+        dir,
+        interval,
+        stop_at_end,
+        sluice_engine::job::default_workers(),
+    )
 }
 
 /// [`open_run_job`] on `workers` worker threads.

@@ -20,7 +20,7 @@ use arrow::array::{Array, Int32Array, Int64Array, RecordBatch};
 use arrow::compute::{concat_batches, sort_to_indices, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use sluice_engine::replay::{archive_columns, archive_schema};
+use sluice_engine::archive::{archive_columns, archive_schema};
 use sluice_engine::{EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::{OptionReader, PipelineError, SourcePlan};
 

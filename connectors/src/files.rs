@@ -14,8 +14,8 @@ use arrow::compute::{CastOptions, cast_with_options};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use sluice_engine::training::time_millis;
 use sluice_engine::output::features_json;
+use sluice_engine::training::time_millis;
 use sluice_engine::{DeadLetter, EngineError, Poll, Result, Source, SourceBatch};
 use sluice_sql::SourcePlan;
 

@@ -28,7 +28,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_engine::keys::key_strings;
-use sluice_engine::view::{features_json, key_and_feature_columns};
+use sluice_engine::output::{features_json, key_and_feature_columns};
 use sluice_engine::{
     DeadLetter, DeadLetterKind, EngineError, OfflineSink, Poll, Result, Source, SourceBatch,
 };

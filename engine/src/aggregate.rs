@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_null_array};
 use arrow::compute::take;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
@@ -27,6 +27,7 @@ use sluice_sql::{AggregatePlan, WindowSpec};
 use crate::error::{EngineError, Result};
 use crate::exec::{PhysStage, Rows, compile_stages, eval, physical, run_stages};
 use crate::keys::KeyDict;
+use crate::store::{StateEntry, StateOp};
 use crate::time::{add, sub};
 
 /// One accumulator per aggregate function.
@@ -964,7 +965,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use arrow::array::{AsArray, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
-    use arrow::datatypes::Int64Type;
+    use arrow::datatypes::{Field, Int64Type};
     use sluice_sql::{ViewKind, plan_pipeline};
 
     use super::*;

@@ -508,7 +508,10 @@ fn read_source(
         message: "a worker stopped early".into(),
     };
     // One ordered stream: one partition, never idle.
-    let stages = probes.iter().map(ViewOp::stage).collect::<Result<Vec<_>>>()?;
+    let stages = probes
+        .iter()
+        .map(ViewOp::stage)
+        .collect::<Result<Vec<_>>>()?;
     let clock = WatermarkTracker::new(sp.watermark_delay_ms, None);
     let mut ingest = Ingest::new(sp, stages, clock)?.with_range(opts.from, opts.to);
     if opts.include_late {
@@ -521,14 +524,15 @@ fn read_source(
     let mut letters: Vec<DeadLetter> = Vec::new();
     loop {
         write_letters(dead, &mut letters, stats)?;
-        let (batch, rejected) = match src.poll(opts.batch_rows.clamp(1, crate::job::MAX_POLL_ROWS))? {
-            Poll::End => break,
-            Poll::Idle => {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            Poll::Data { batch, rejected } => (batch, rejected),
-        };
+        let (batch, rejected) =
+            match src.poll(opts.batch_rows.clamp(1, crate::job::MAX_POLL_ROWS))? {
+                Poll::End => break,
+                Poll::Idle => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Poll::Data { batch, rejected } => (batch, rejected),
+            };
         let describe = |p| src.describe_position(p);
         let Some(acc) = ingest.accept(batch, rejected, &describe, None, &mut letters)? else {
             continue;

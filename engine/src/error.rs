@@ -164,7 +164,7 @@ impl EngineError {
 /// stay inside this module).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct StoreError(String);
+pub struct StoreError(pub(crate) String);
 
 /// Result with [`EngineError`].
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

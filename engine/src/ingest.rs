@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{BooleanArray, Int64Array, RecordBatch, UInt32Array};
+use arrow::array::{BooleanArray, Int64Array, UInt32Array};
 use sluice_sql::{SourcePlan, ViewKind, ViewPlan, WindowSpec};
 
 use crate::aggregate::{AggKernel, late_rows};
@@ -144,8 +144,6 @@ pub struct Accepted {
     pub rows: Rows,
     /// Each row's position in the source.
     pub positions: Vec<u64>,
-    /// Each row's partition (empty: one partition).
-    pub partitions: Vec<u32>,
     /// Per view (in the order the ingest was given them): its staged rows
     /// that are not late, `rowid` pointing into [`Accepted::rows`].
     pub views: Vec<Rows>,
@@ -328,20 +326,7 @@ impl Ingest {
         Ok(Some(Accepted {
             rows,
             positions: row_positions,
-            partitions,
             views,
         }))
-    }
-}
-
-/// The source rows of a batch as [`Rows`] (no event time), for drivers that
-/// have already taken rows apart.
-pub fn rows_of(batch: RecordBatch) -> Rows {
-    let n = batch.num_rows();
-    Rows {
-        batch,
-        ts: None,
-        wm: None,
-        rowid: UInt32Array::from_iter_values(0..n as u32),
     }
 }

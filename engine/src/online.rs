@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::error::{EngineError, Result};
 use crate::store::Store;
 use crate::tiles::{ReadMode, TileReader};
+use crate::time::fmt_ts;
 
 /// What a reader needs to know about a view.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -82,7 +82,8 @@ pub fn resolve(
             return v.clone();
         }
     }
-    vs.last().map_or_else(|| name.to_string(), |(_, n)| n.clone())
+    vs.last()
+        .map_or_else(|| name.to_string(), |(_, n)| n.clone())
 }
 
 /// A state dir opened for reading (works while a `sluice run` holds it):
@@ -109,12 +110,12 @@ impl StateDir {
                     path: dir.display().to_string(),
                     reason: format!("unreadable pipeline text: {e}"),
                 })?;
-                Some(sluice_sql::plan_stored(&text).map_err(|e| {
-                    EngineError::Incompatible {
+                Some(
+                    sluice_sql::plan_stored(&text).map_err(|e| EngineError::Incompatible {
                         path: dir.display().to_string(),
                         reason: format!("the pipeline kept with the state no longer plans: {e}"),
-                    }
-                })?)
+                    })?,
+                )
             }
             None => None,
         };

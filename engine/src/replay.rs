@@ -17,10 +17,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, UInt32Array, new_null_array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, new_null_array};
+use arrow::datatypes::{Field, Schema};
 use sluice_sql::{PipelinePlan, ViewPlan};
 
 use crate::error::{EngineError, Result};
@@ -441,7 +440,11 @@ pub fn replay(
         .iter()
         .map(|v| v.op.stage())
         .collect::<Result<Vec<_>>>()?;
-    let mut ingest = Ingest::new(sp, stages, WatermarkTracker::new(sp.watermark_delay_ms, None))?;
+    let mut ingest = Ingest::new(
+        sp,
+        stages,
+        WatermarkTracker::new(sp.watermark_delay_ms, None),
+    )?;
     let mut clock = NO_WATERMARK;
     let ncols = sp.schema.fields().len();
     let mut letters: Vec<DeadLetter> = Vec::new();
@@ -496,7 +499,12 @@ pub fn replay(
                 after
             }
             None => {
-                let w = acc.rows.wm.as_ref().map(|w| w.values().to_vec()).unwrap_or_default();
+                let w = acc
+                    .rows
+                    .wm
+                    .as_ref()
+                    .map(|w| w.values().to_vec())
+                    .unwrap_or_default();
                 let mut after: Vec<i64> = w.get(1..).map(<[i64]>::to_vec).unwrap_or_default();
                 after.push(ingest.clock().watermark());
                 after
@@ -575,9 +583,9 @@ impl RecordedClocks {
                     reason: format!("no Int64 column `{name}` after the source's {ncols} columns"),
                 })
         };
-        let wm = col(archive_columns::WATERMARK)?;
-        let before = col(archive_columns::CLOCK_BEFORE)?;
-        let clock = col(archive_columns::CLOCK)?;
+        let wm = col(crate::archive::archive_columns::WATERMARK)?;
+        let before = col(crate::archive::archive_columns::CLOCK_BEFORE)?;
+        let clock = col(crate::archive::archive_columns::CLOCK)?;
         let first = |a: &Int64Array| {
             if a.is_empty() || a.is_null(0) {
                 NO_WATERMARK

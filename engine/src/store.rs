@@ -9,7 +9,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions,
 };
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, StoreError};
 use crate::output::OnlineRow;
 
 const META: &str = "meta";

@@ -37,9 +37,9 @@ use crate::aggregate::AggKernel;
 use crate::error::{EngineError, Result};
 use crate::exec::Rows;
 use crate::keys::{KeyDict, key_strings};
-use crate::time::fmt_ts;
-use crate::store::{StateStore, TileWrites, expiry_key, tile_key};
 use crate::output::{emitted_features, key_and_feature_columns};
+use crate::store::{StateStore, TileWrites, expiry_key, tile_key};
+use crate::time::fmt_ts;
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;

@@ -15,8 +15,8 @@ use arrow::array::{Array, BooleanArray, Int64Array, RecordBatch, TimestampMillis
 use arrow::compute::filter_record_batch;
 
 use crate::error::{EngineError, Result};
-use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
 use crate::output::features_json;
+use crate::source::{DeadLetter, DeadLetterKind, SourceBatch};
 
 /// The earliest event time accepted: 1677-09-21T00:12:43.146Z.
 pub const MIN_EVENT_TIME_MS: i64 = i64::MIN / 1_000_000;

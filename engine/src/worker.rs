@@ -35,7 +35,7 @@ use crate::watermark::NO_WATERMARK;
 /// What a worker is asked to do, in the order the job sends it.
 pub(crate) enum ToWorker {
     /// Fold these staged, on-time rows of `view` in.
-    Rows { view: usize, rows: Rows },
+    Rows { view: usize, rows: Box<Rows> },
     /// The watermark of the source of `views` moved to `wm`.
     Advance { views: Vec<usize>, wm: i64 },
     /// Hand back the epoch's changes.
@@ -76,7 +76,7 @@ pub(crate) type Part = Vec<ViewPart>;
 /// A worker's answer.
 enum Reply {
     Part(usize, Box<Part>),
-    Failed(usize, EngineError),
+    Failed(EngineError),
 }
 
 /// The job's handles on its workers.
@@ -121,7 +121,13 @@ impl Workers {
             for (vi, vp) in plan.views.iter().enumerate() {
                 let mut op = ViewOp::with_tiles(vp, Some(memory))?;
                 prepare(&mut op);
-                restore(&mut op, store, index, n, emitted_through.get(vi).copied().flatten())?;
+                restore(
+                    &mut op,
+                    store,
+                    index,
+                    n,
+                    emitted_through.get(vi).copied().flatten(),
+                )?;
                 ops.push(op);
             }
             let (tx, rx) = sync_channel::<ToWorker>(QUEUE);
@@ -163,15 +169,15 @@ impl Workers {
             return Ok(());
         }
         // The worker stopped: its own error says why.
-        Err(self.failure().unwrap_or_else(|| {
-            EngineError::Internal(format!("worker {w} stopped"))
-        }))
+        Err(self
+            .failure()
+            .unwrap_or_else(|| EngineError::Internal(format!("worker {w} stopped"))))
     }
 
     /// The first error a worker reported, if one did.
     fn failure(&self) -> Option<EngineError> {
         while let Ok(r) = self.replies.try_recv() {
-            if let Reply::Failed(_, e) = r {
+            if let Reply::Failed(e) = r {
                 return Some(e);
             }
         }
@@ -180,7 +186,13 @@ impl Workers {
 
     /// Sends worker `w` rows of `view`.
     pub(crate) fn rows(&self, w: usize, view: usize, rows: Rows) -> Result<()> {
-        self.send(w, ToWorker::Rows { view, rows })
+        self.send(
+            w,
+            ToWorker::Rows {
+                view,
+                rows: Box::new(rows),
+            },
+        )
     }
 
     /// Tells every worker that the watermark of `views`' source moved.
@@ -206,7 +218,7 @@ impl Workers {
         for _ in 0..self.senders.len() {
             match self.replies.recv() {
                 Ok(Reply::Part(w, p)) => parts[w] = Some(*p),
-                Ok(Reply::Failed(_, e)) => return Err(e),
+                Ok(Reply::Failed(e)) => return Err(e),
                 Err(_) => return Err(EngineError::Internal("every worker stopped".into())),
             }
         }
@@ -292,7 +304,7 @@ impl Worker {
     fn run(mut self, rx: Receiver<ToWorker>) {
         for m in rx {
             if let Err(e) = self.handle(m) {
-                let _ = self.replies.send(Reply::Failed(self.index, e));
+                let _ = self.replies.send(Reply::Failed(e));
                 return;
             }
         }
@@ -301,11 +313,11 @@ impl Worker {
     fn handle(&mut self, m: ToWorker) -> Result<()> {
         match m {
             ToWorker::Rows { view, rows } => {
+                let slot = self.index * self.ops.len() + view;
                 let op = &mut self.ops[view];
-                op.push(rows)?;
+                op.push(*rows)?;
                 if let Some(t) = op.tiles() {
-                    self.pending_bytes[self.index * self.ops.len() + view]
-                        .store(t.pending_bytes() as u64, Ordering::Relaxed);
+                    self.pending_bytes[slot].store(t.pending_bytes() as u64, Ordering::Relaxed);
                 }
             }
             ToWorker::Advance { views, wm } => {
@@ -329,7 +341,8 @@ impl Worker {
     }
 
     fn barrier(&mut self, marks: &[ViewMark]) -> Result<Part> {
-        let mut part = Vec::with_capacity(self.ops.len());
+        let views = self.ops.len();
+        let mut part = Vec::with_capacity(views);
         for (vi, (op, mark)) in self.ops.iter_mut().zip(marks).enumerate() {
             op.before_checkpoint(mark.end)?;
             let mut p = ViewPart {
@@ -350,7 +363,7 @@ impl Worker {
                     .into_iter()
                     .map(|(g, v)| (pending_key(&name, g), v))
                     .collect();
-                self.pending_bytes[self.index * self.ops.len() + vi]
+                self.pending_bytes[self.index * views + vi]
                     .store(t.pending_bytes() as u64, Ordering::Relaxed);
             }
             op.checkpoint(&mut p.state)?;

@@ -113,6 +113,22 @@ fn events(rng: &mut StdRng, n: usize, step: i64, delay: i64, size: i64) -> Vec<E
 
 /// A checkpoint at watermark `wm`: pending rows before it fold into tiles,
 /// committed with the view's clock.
+/// Folds rows into a view as the ingest stage does: stages, then the late
+/// rule; returns the row ids (indexes into `rows`) of the late ones.
+fn process(op: &mut ViewOp, rows: Rows) -> Vec<u32> {
+    let stage = op.stage().expect("stages");
+    let (staged, failed) = stage.stage(rows).expect("staged");
+    assert!(failed.is_empty(), "{failed:?}");
+    let late = stage.late_rows(&staged);
+    let keep: arrow::array::BooleanArray = (0..staged.len())
+        .map(|i| Some(!late.contains(&i)))
+        .collect();
+    let ids = late.iter().map(|i| staged.rowid.value(*i)).collect();
+    op.push(staged.filter(&keep).expect("filter"))
+        .expect("push");
+    ids
+}
+
 fn checkpoint(op: &mut ViewOp, store: &dyn StateStore, wm: i64) -> FlushStats {
     let mut w = TileWrites::default();
     let st = op
@@ -267,12 +283,7 @@ fn differential_in(
             max = max.max(e.ts);
             wm = wm.max(max - delay);
         }
-        let late: HashSet<u32> = op
-            .process(rows(chunk, &wms))
-            .expect("process")
-            .late
-            .into_iter()
-            .collect();
+        let late: HashSet<u32> = process(&mut op, rows(chunk, &wms)).into_iter().collect();
         for (j, e) in chunk.iter().enumerate() {
             let rule = wms[j] != i64::MIN
                 && (e.ts.div_euclid(layout.slide) * layout.slide) + layout.size <= wms[j];
@@ -296,12 +307,18 @@ fn differential_in(
         if rng.random_range(0..100) < 30 {
             // A restart from this checkpoint: a new operator with an empty
             // cache and the pending rows restored from their encoding.
-            let pending = op.tiles().expect("tiles").encode_pending().expect("encode");
-            op = ViewOp::new(vp).expect("view");
-            op.tiles_mut()
+            let pending = op
+                .tiles_mut()
                 .expect("tiles")
-                .restore_pending(&pending)
-                .expect("restore");
+                .encode_pending()
+                .expect("encode");
+            op = ViewOp::new(vp).expect("view");
+            for (group, bytes) in &pending {
+                op.tiles_mut()
+                    .expect("tiles")
+                    .restore_pending(*group, bytes)
+                    .expect("restore");
+            }
             restarts += 1;
         }
         for mode in [ReadMode::Fresh, ReadMode::Closed, ReadMode::Current] {
@@ -446,8 +463,7 @@ fn expired_tiles_leave_the_store() {
     };
     let step = |op: &mut ViewOp, batch: &[Event], wm: i64| {
         // No watermark yet when they arrive: none is late.
-        op.process(rows(batch, &vec![i64::MIN; batch.len()]))
-            .expect("process");
+        process(op, rows(batch, &vec![i64::MIN; batch.len()]));
         checkpoint(op, &store, wm)
     };
     // 100 keys with an event in each of 10 minutes: 1,000 tiles.

@@ -3,7 +3,6 @@
 
 use datafusion::sql::sqlparser::ast::{Expr, Value};
 
-
 fn unit_ms(unit: &str) -> Option<i64> {
     let u = unit.trim().to_ascii_lowercase();
     let u = u

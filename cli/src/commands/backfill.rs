@@ -8,10 +8,10 @@ use anyhow::{Context, bail};
 use crate::flags::parse_time;
 use sluice_connectors::{FilesSource, LakeWriter, expand_paths};
 use sluice_engine::Source;
-use sluice_engine::output::emitted_schema;
 use sluice_engine::backfill::{
     BackfillOptions, BackfillOutputs, BackfillStats, Progress, backfill,
 };
+use sluice_engine::output::emitted_schema;
 use sluice_engine::store::Store;
 
 /// File (in the state dir) the dead letters of a backfill go to.
