@@ -327,6 +327,10 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_db_write_buffer_size(limits.write_buffers);
+        // A column family written rarely (metadata) would otherwise keep
+        // every WAL file alive until RocksDB's default bound (gigabytes),
+        // and a reader opening the dir would replay all of it.
+        opts.set_max_total_wal_size(limits.write_buffers as u64);
         let cache = Cache::new_lru_cache(limits.block_cache);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
@@ -520,20 +524,28 @@ impl Store {
         }
         for (view, rows) in &c.online {
             let cf = self.cf(&online_cf(view))?;
-            // Later rows win: stable sort by key, then keep each key's last row.
-            let mut sorted: Vec<&OnlineRow> = rows.iter().collect();
+            // Later rows win: stable sort by stored key, then keep each
+            // key's last row. In key order, the memtable inserts each next
+            // to the one before.
+            let mut sorted: Vec<(Vec<u8>, &[u8])> = rows
+                .iter()
+                .map(|r| (online_key(&r.0), r.1.as_slice()))
+                .collect();
             sorted.sort_by(|x, y| x.0.cmp(&y.0));
-            for (i, (k, v)) in sorted.iter().map(|r| (&r.0, &r.1)).enumerate() {
+            for (i, (k, v)) in sorted.iter().enumerate() {
                 if sorted.get(i + 1).is_some_and(|next| &next.0 == k) {
                     continue;
                 }
-                b.put_cf(cf, online_key(k), v);
+                b.put_cf(cf, k, v);
             }
         }
         for (view, w) in &c.tiles {
             let cf = self.cf(&tiles_cf(view))?;
             let mut v = Vec::new();
-            for (k, state) in &w.puts {
+            // Stable: a tile put twice in one flush keeps its last state.
+            let mut puts: Vec<&(Vec<u8>, Vec<u8>)> = w.puts.iter().collect();
+            puts.sort_by(|x, y| x.0.cmp(&y.0));
+            for (k, state) in puts {
                 encode_state(state, &mut v);
                 b.put_cf(cf, k, &v);
             }
@@ -541,7 +553,9 @@ impl Store {
                 b.delete_cf(cf, k);
             }
             let ex = self.cf(&expiry_cf(view))?;
-            for k in &w.expiry {
+            let mut expiry: Vec<&Vec<u8>> = w.expiry.iter().collect();
+            expiry.sort_unstable();
+            for k in expiry {
                 b.put_cf(ex, k, []);
             }
             if let Some(t) = w.expired_through {
@@ -560,14 +574,20 @@ impl Store {
     /// The committed states of these tiles of `view` (`None`: no such tile).
     pub fn get_tiles(&self, view: &str, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
         let cf = self.cf(&tiles_cf(view))?;
-        self.db
-            .batched_multi_get_cf(cf, keys.iter(), false)
-            .into_iter()
-            .map(|r| match r.map_err(|e| self.err(e))? {
-                Some(v) => decode_state(&v, &self.path, &tiles_cf(view)).map(Some),
-                None => Ok(None),
-            })
-            .collect()
+        // In key order, so RocksDB need not sort them (bytewise, as the
+        // column family compares).
+        let mut order: Vec<usize> = (0..keys.len()).collect();
+        order.sort_unstable_by(|a, b| keys[*a].cmp(&keys[*b]));
+        let found = self
+            .db
+            .batched_multi_get_cf(cf, order.iter().map(|i| &keys[*i]), true);
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        for (i, r) in order.into_iter().zip(found) {
+            if let Some(v) = r.map_err(|e| self.err(e))? {
+                out[i] = Some(decode_state(&v, &self.path, &tiles_cf(view))?);
+            }
+        }
+        Ok(out)
     }
 
     /// Tiles of `view` that leave every window at or before watermark `wm`.
@@ -687,10 +707,14 @@ impl Store {
         dir_size(&self.path)
     }
 
-    /// Flushes memtables to SST files (for size measurements).
+    /// Flushes every column family's memtable to SST files, so the WAL is
+    /// empty: a reader opening the dir then replays nothing.
     pub fn flush(&self) -> Result<()> {
-        for n in [META, STATE] {
-            self.db.flush_cf(self.cf(n)?).map_err(|e| self.err(e))?;
+        let names = DB::list_cf(&Options::default(), &self.path).map_err(|e| self.err(e))?;
+        for n in names {
+            if let Some(cf) = self.db.cf_handle(&n) {
+                self.db.flush_cf(cf).map_err(|e| self.err(e))?;
+            }
         }
         Ok(())
     }

@@ -337,6 +337,10 @@ pub struct TileAgg {
     cache: TileCache,
     /// Accumulator bytes at which a flush writes what it has and starts over.
     flush_limit: usize,
+    /// The clock the store's tiles were flushed through, when known: no
+    /// tile starting at or after it can be in the store (a flush folds
+    /// only rows before its clock), so a flush does not look for one.
+    flushed_through: Option<i64>,
 }
 
 impl std::fmt::Debug for TileAgg {
@@ -383,6 +387,7 @@ impl TileAgg {
             share: None,
             cache: TileCache::new(mem.cache),
             flush_limit: mem.flush.max(1 << 20),
+            flushed_through: None,
         })
     }
 
@@ -402,6 +407,13 @@ impl TileAgg {
             .map(u16::from_be_bytes)
             .unwrap_or(0);
         usize::from(g) % n == w
+    }
+
+    /// Tells the tiles the clock the store's tiles were committed through
+    /// (`None`: the view has none in the store), so flushes skip looking
+    /// up tiles that start at or after it: they cannot exist.
+    pub fn restore_clock(&mut self, committed: Option<i64>) {
+        self.flushed_through = Some(committed.unwrap_or(i64::MIN));
     }
 
     /// The layout.
@@ -486,6 +498,9 @@ impl TileAgg {
             stats.expired += 1;
         }
         out.expired_through = Some(wm);
+        if let Some(f) = self.flushed_through.as_mut() {
+            *f = (*f).max(wm);
+        }
         metrics::counter!("sluice_tiles_expired_total", "view" => self.view.clone())
             .increment(stats.expired);
         metrics::counter!("sluice_tiles_written_total", "view" => self.view.clone())
@@ -516,12 +531,16 @@ impl TileAgg {
         // Old states: the cache first, then one batched read of the rest.
         let mut old: Vec<Option<Vec<u8>>> = Vec::with_capacity(store_keys.len());
         let mut misses = Vec::new();
+        let known_new = self.flushed_through;
         for (g, k) in store_keys.iter().enumerate() {
             match self.cache.get(k) {
                 Some(s) => old.push(Some(s.to_vec())),
                 None => {
                     old.push(None);
-                    misses.push(g);
+                    let start = step.tiles[g].2;
+                    if known_new.is_none_or(|f| start < f) {
+                        misses.push(g);
+                    }
                 }
             }
         }

@@ -267,6 +267,10 @@ fn restore(
     let name = op.name().to_string();
     if let Some(t) = op.tiles_mut() {
         t.share(index, n);
+        t.restore_clock(crate::checkpoint::read_clock(
+            store,
+            &crate::checkpoint::clock_key(&name),
+        )?);
         for g in (0..KEY_GROUPS).filter(|g| usize::from(*g) % n == index) {
             if let Some(p) = store.meta(&pending_key(&name, g))? {
                 t.restore_pending(g, &p)?;
