@@ -1,7 +1,7 @@
 """The quickstart HOP(5 min, 1 h) feature view in Apache Flink SQL (PyFlink,
-local mini-cluster, parallelism 1, filesystem JSON source, blackhole sink).
+local mini-cluster, filesystem JSON source, blackhole sink).
 
-usage: python flink_hop.py WARMUP_FILE FILE
+usage: python flink_hop.py WARMUP_FILE FILE [PARALLELISM]   (default 1)
 Prints one JSON line: {"events": N, "seconds": S, "events_per_sec": R}.
 Run by `sluice-bench hop --flink-python PYTHON` (see docs/benchmarks.md); the warm-up job runs
 first so JVM start-up and class loading are not timed.
@@ -13,9 +13,9 @@ import time
 from pyflink.table import EnvironmentSettings, TableEnvironment
 
 
-def run(path: str) -> float:
+def run(path: str, parallelism: int) -> float:
     env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
-    env.get_config().set("parallelism.default", "1")
+    env.get_config().set("parallelism.default", str(parallelism))
     env.execute_sql(f"""
         CREATE TABLE clicks (
             user_id STRING, item_id STRING, price DOUBLE, ts STRING,
@@ -42,10 +42,11 @@ def run(path: str) -> float:
 
 def main() -> None:
     warmup, path = sys.argv[1], sys.argv[2]
-    run(warmup)
+    parallelism = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    run(warmup, parallelism)
     with open(path, "rb") as f:
         n = sum(1 for _ in f)
-    s = run(path)
+    s = run(path, parallelism)
     print(json.dumps({"events": n, "seconds": s, "events_per_sec": n / s}))
 
 

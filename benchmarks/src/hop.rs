@@ -287,7 +287,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     );
     drop(job);
 
-    // 4. Apache Flink SQL on the same file, same query, parallelism 1.
+    // 4. Apache Flink SQL on the same file, same query, at each
+    // parallelism equal to a worker count.
     if let Some(py) = &a.flink_python {
         let warm = dir.join("warmup.jsonl");
         let text = std::fs::read_to_string(&events)?;
@@ -299,33 +300,36 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         drop(text);
         std::fs::write(&warm, head)?;
         let script = crate::scripts::write(&dir, crate::scripts::FLINK_HOP)?;
-        let out = std::process::Command::new(py)
-            .arg(&script)
-            .arg(&warm)
-            .arg(&events)
-            .output()
-            .context("running PyFlink")?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .ok_or_else(|| {
-                anyhow::anyhow!("Flink failed:\n{}", String::from_utf8_lossy(&out.stderr))
-            })?;
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let flink_rate = v["events_per_sec"].as_f64().unwrap_or(0.0);
-        println!(
-            "Apache Flink SQL (PyFlink mini-cluster, parallelism 1, filesystem JSON source, blackhole sink, after a warm-up job): {} events in {:.2}s = {:.0} events/s",
-            v["events"],
-            v["seconds"].as_f64().unwrap_or(0.0),
-            flink_rate
-        );
-        println!(
-            "ratio sluice run / Flink: {:.1}x (engine alone / Flink: {:.1}x)",
-            file_rate / flink_rate,
-            engine_rate / flink_rate
-        );
+        for (n, rate, _) in &rates {
+            let out = std::process::Command::new(py)
+                .arg(&script)
+                .arg(&warm)
+                .arg(&events)
+                .arg(n.to_string())
+                .output()
+                .context("running PyFlink")?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout
+                .lines()
+                .rev()
+                .find(|l| l.starts_with('{'))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("Flink failed:\n{}", String::from_utf8_lossy(&out.stderr))
+                })?;
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let flink_rate = v["events_per_sec"].as_f64().unwrap_or(0.0);
+            println!(
+                "Apache Flink SQL (PyFlink mini-cluster, parallelism {n}, filesystem JSON source, blackhole sink, after a warm-up job): {} events in {:.2}s = {:.0} events/s",
+                v["events"],
+                v["seconds"].as_f64().unwrap_or(0.0),
+                flink_rate
+            );
+            println!(
+                "ratio sluice run ({n} worker(s)) / Flink (parallelism {n}): {:.1}x (engine alone, in-memory source, default workers / Flink: {:.1}x)",
+                rate / flink_rate,
+                engine_rate / flink_rate
+            );
+        }
     } else {
         println!(
             "(Flink baseline skipped: pass --flink-python PATH to a python with apache-flink)"

@@ -1,13 +1,14 @@
 //! `sluice-bench tiles`: the figures of tiled feature views, in one run.
 //!
-//! - `sparse`: 100,000 users, 2 days, one event per user per day, through
+//! - `sparse`: 500,000 users, 2 days, one event per user per day, through
 //!   the whole `sluice run` (a child process, JSON-lines file, no lake):
 //!   `HOP(5 min, 1 day)` COUNT/SUM, and the `HOP(5 min, 1 h)` view over the
 //!   same events (the ratio the issue asks for).
 //! - `dense`: 1,000,000 users, 2 hours, 4,000,000 events, `HOP(5 min, 1 h)`
 //!   COUNT/SUM/AVG.
 //! - `budget`: 10,000,000 users, 20,000,000 events over 2 hours, with
-//!   `--memory-budget 512MiB` and with an unbounded budget.
+//!   `--memory-budget 512MiB` and with an unbounded budget; then a
+//!   `sluice get` on each state dir (wall time, peak RSS).
 //! - `serve`: GET latency on loopback at a fixed request rate for a 1-hour
 //!   and a 30-day view (COUNT/SUM/AVG/MAX, then with APPROX_DISTINCT).
 //! - `fresh`: time from an event's arrival to the first read that counts it,
@@ -53,6 +54,13 @@ pub struct BenchTilesArgs {
     /// Users of the `budget` part (events: twice as many).
     #[arg(long, default_value_t = 10_000_000)]
     budget_users: u64,
+    /// Users of the `sparse` part (one event each per day, two days).
+    #[arg(long, default_value_t = 500_000)]
+    sparse_users: u64,
+    /// Worker threads of the `sluice run` children (`--workers`; default:
+    /// one per core).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Requests per second of the `serve` part.
     #[arg(long, default_value_t = 20_000)]
     rate: u64,
@@ -190,6 +198,9 @@ struct RunFigures {
     rss_mib: f64,
 }
 
+/// `--workers` of the `sluice run` children (`None`: their default).
+static WORKERS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+
 /// `sluice run` of `sql` to the end of its file, in a child process.
 fn run_child(
     dir: &Path,
@@ -210,6 +221,9 @@ fn run_child(
         .args(extra)
         .env("SLUICE_LOG", "warn")
         .stdout(Stdio::null());
+    if let Some(n) = WORKERS.get().copied().flatten() {
+        cmd.arg("--workers").arg(n.to_string());
+    }
     let t = Instant::now();
     let mut child = cmd.spawn().context("starting sluice run")?;
     let watch = Watch::new(child.id());
@@ -233,10 +247,10 @@ fn report(what: &str, f: &RunFigures) -> f64 {
     rate
 }
 
-fn sparse(dir: &Path) -> anyhow::Result<()> {
-    println!("sparse: 100,000 users x 2 days, one event per user per day; sluice run, no lake");
+fn sparse(dir: &Path, users: u64) -> anyhow::Result<()> {
+    println!("sparse: {users} users x 2 days, one event per user per day; sluice run, no lake");
     let events = dir.join("sparse.jsonl");
-    let n = sparse_daily(&events, 100_000, 2)?;
+    let n = sparse_daily(&events, users, 2)?;
     let day = run_child(
         dir,
         "sparse-1d",
@@ -260,8 +274,7 @@ fn sparse(dir: &Path) -> anyhow::Result<()> {
     )?;
     let r2 = report("HOP(5m, 1h) COUNT/SUM, same events", &hour);
     println!(
-        "  baseline (main before tiles, from the issue): 3,379 events/s, 1.31 GB; now {:.0}x; 1-day view at {:.2}x the 1-hour view's rate",
-        r1 / 3379.0,
+        "  1-day view at {:.2}x the 1-hour view's rate (baselines: 100,000 users before tiles 3,379 events/s and 1.31 GB; 500,000 users before the workers 78k events/s and 1.28 GB against 234k for the 1-hour view)",
         r1 / r2
     );
     Ok(())
@@ -310,9 +323,46 @@ fn budget(dir: &Path, users: u64) -> anyhow::Result<()> {
     );
     let small = run_child(dir, "budget-512", &sql, &["--memory-budget", "512MiB"], n)?;
     let r1 = report("--memory-budget 512MiB", &small);
+    get_figures(&dir.join("budget-512-state"))?;
     let big = run_child(dir, "budget-16g", &sql, &["--memory-budget", "16GiB"], n)?;
     let r2 = report("--memory-budget 16GiB (unbounded here)", &big);
+    get_figures(&dir.join("budget-16g-state"))?;
     println!("  bounded run at {:.2}x the unbounded rate", r1 / r2);
+    Ok(())
+}
+
+/// `sluice get` of one key on a finished run's state dir, in a child: the
+/// wall time and peak RSS of opening the dir for one read (RSS from GNU
+/// time's `%M` where `/usr/bin/time` exists). Baseline before the runs
+/// left an empty WAL: 6-13 s and 0.36-0.77 GB on a 2M-key dir.
+fn get_figures(state: &Path) -> anyhow::Result<()> {
+    let gnu_time = Path::new("/usr/bin/time");
+    let mut cmd = if gnu_time.exists() {
+        let mut c = Command::new(gnu_time);
+        c.args(["-f", "%M"]).arg(sluice_exe()?);
+        c
+    } else {
+        Command::new(sluice_exe()?)
+    };
+    cmd.args(["get", "v", "u00000001", "--state-dir"])
+        .arg(state)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let out = cmd.output().context("running sluice get")?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let err = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "sluice get failed: {err}");
+    let rss = err
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse::<f64>().ok())
+        .filter(|_| gnu_time.exists())
+        .map_or("not measured (no /usr/bin/time)".to_string(), |kb| {
+            format!("{:.0} MiB", kb / 1024.0)
+        });
+    println!("  sluice get on that state dir: {ms:.0} ms, peak RSS {rss}");
     Ok(())
 }
 
@@ -690,6 +740,7 @@ fn fresh_part(dir: &Path) -> anyhow::Result<()> {
 pub fn run(a: &BenchTilesArgs) -> anyhow::Result<()> {
     fresh(&a.dir)?;
     let dir = a.dir.canonicalize()?;
+    let _ = WORKERS.set(a.workers);
     println!(
         "sluice-bench tiles; build profile: {}",
         if cfg!(debug_assertions) {
@@ -700,7 +751,7 @@ pub fn run(a: &BenchTilesArgs) -> anyhow::Result<()> {
     );
     for p in &a.parts {
         match p.as_str() {
-            "sparse" => sparse(&dir)?,
+            "sparse" => sparse(&dir, a.sparse_users)?,
             "dense" => dense(&dir)?,
             "budget" => budget(&dir, a.budget_users)?,
             "serve" => serve(&dir, a.rate, a.seconds)?,

@@ -1,11 +1,16 @@
 //! JSON-lines file source. Bounded: it ends at the end of the file. Each
 //! record's line number is its position in dead letters; the byte offset
-//! after the last returned line is the resume position.
+//! after the last returned line is the resume position. The file is read
+//! and decoded one poll ahead on a thread of its own, so decoding overlaps
+//! the job's work on the rows before.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use arrow::datatypes::SchemaRef;
 use sluice_engine::{DeadLetter, DeadLetterKind, EngineError, Poll, Result, Source, SourceBatch};
@@ -23,15 +28,100 @@ const POLL_BYTES: usize = 64 << 20;
 /// A JSON-lines file read from start to end.
 pub struct JsonFileSource {
     name: String,
-    path: PathBuf,
     label: String,
     schema: SchemaRef,
-    reader: Option<BufReader<File>>,
+    /// What reads and decodes the file: here until the first poll after a
+    /// seek, then on the read-ahead thread (and back when it stops).
+    reader: Option<Reader>,
+    ahead: Option<ReadAhead>,
+    /// The position after the last poll returned.
+    offset: u64,
+    line: u64,
+}
+
+/// The file's reader and decoder, from a position on.
+struct Reader {
+    name: String,
+    path: PathBuf,
+    label: String,
+    file: Option<BufReader<File>>,
     offset: u64,
     line: u64,
     max_record_bytes: usize,
     records: JsonRecords,
     buf: Vec<u8>,
+}
+
+/// One poll read ahead, with the position after it.
+struct Chunk {
+    poll: Poll,
+    offset: u64,
+    line: u64,
+}
+
+/// The read-ahead thread: it sends each poll's chunk (one waits in the
+/// channel while the job works on the one before) until the file ends, a
+/// read fails or it is stopped.
+struct ReadAhead {
+    rx: Receiver<Result<Chunk>>,
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Reader>,
+    max_rows: usize,
+}
+
+impl ReadAhead {
+    fn start(mut reader: Reader, max_rows: usize) -> Result<ReadAhead> {
+        let (tx, rx): (SyncSender<Result<Chunk>>, _) = sync_channel(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name(format!("read-{}", reader.name))
+            .spawn(move || {
+                while !halt.load(Ordering::Relaxed) {
+                    let chunk = reader.poll(max_rows).map(|poll| Chunk {
+                        poll,
+                        offset: reader.offset,
+                        line: reader.line,
+                    });
+                    let last = !matches!(
+                        chunk,
+                        Ok(Chunk {
+                            poll: Poll::Data { .. },
+                            ..
+                        })
+                    );
+                    if tx.send(chunk).is_err() || last {
+                        break;
+                    }
+                }
+                reader
+            })
+            .map_err(|e| EngineError::Internal(format!("starting a file reader thread: {e}")))?;
+        Ok(ReadAhead {
+            rx,
+            stop,
+            handle,
+            max_rows,
+        })
+    }
+
+    /// Stops the thread and takes the reader back.
+    fn stop(self) -> Result<Reader> {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver ends a send the thread is blocked in.
+        drop(self.rx);
+        self.handle
+            .join()
+            .map_err(|_| EngineError::Internal("a file reader thread panicked".into()))
+    }
+}
+
+impl Drop for JsonFileSource {
+    fn drop(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            let _ = a.stop();
+        }
+    }
 }
 
 impl JsonFileSource {
@@ -48,24 +138,46 @@ impl JsonFileSource {
             .unwrap_or_else(|| path.display().to_string());
         Ok(JsonFileSource {
             name: plan.name.clone(),
-            path,
-            label,
+            label: label.clone(),
             schema: Arc::clone(&plan.schema),
-            reader: None,
+            reader: Some(Reader {
+                name: plan.name.clone(),
+                path,
+                label,
+                file: None,
+                offset: 0,
+                line: 0,
+                max_record_bytes,
+                records: JsonRecords::new(&plan.name, Arc::clone(&plan.schema))?,
+                buf: Vec::new(),
+            }),
+            ahead: None,
             offset: 0,
             line: 0,
-            max_record_bytes,
-            records: JsonRecords::new(&plan.name, Arc::clone(&plan.schema))?,
-            buf: Vec::new(),
         })
+    }
+
+    /// The reader, the read-ahead thread stopped.
+    fn reader(&mut self) -> Result<&mut Reader> {
+        if let Some(a) = self.ahead.take() {
+            self.reader = Some(a.stop()?);
+        }
+        self.reader
+            .as_mut()
+            .ok_or_else(|| EngineError::Internal(format!("source {}: reader lost", self.name)))
     }
 
     /// Names the file `label` in dead letters (instead of its file name).
     pub fn with_label(mut self, label: &str) -> Self {
         self.label = label.to_string();
+        if let Some(r) = self.reader.as_mut() {
+            r.label = label.to_string();
+        }
         self
     }
+}
 
+impl Reader {
     fn io(&self, e: std::io::Error) -> EngineError {
         EngineError::Io {
             path: self.path.display().to_string(),
@@ -161,15 +273,8 @@ fn file_reject(
     }
 }
 
-impl Source for JsonFileSource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
-
+impl Reader {
+    /// Positions the reader after `position` (`None`: the file's start).
     fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
         let (offset, line) = match position.map(|p| String::from_utf8_lossy(p).into_owned()) {
             None => (0, 0),
@@ -190,14 +295,15 @@ impl Source for JsonFileSource {
         };
         let mut f = File::open(&self.path).map_err(|e| self.io(e))?;
         f.seek(SeekFrom::Start(offset)).map_err(|e| self.io(e))?;
-        self.reader = Some(BufReader::with_capacity(1 << 20, f));
+        self.file = Some(BufReader::with_capacity(1 << 20, f));
         self.offset = offset;
         self.line = line;
         Ok(())
     }
 
+    /// Reads and decodes up to `max_rows` records.
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
-        if self.reader.is_none() {
+        if self.file.is_none() {
             self.seek(None)?;
         }
         let mut rejected = Vec::new();
@@ -212,7 +318,7 @@ impl Source for JsonFileSource {
             && blank < max_rows.saturating_mul(16)
         {
             let start = self.buf.len();
-            let Some(reader) = self.reader.as_mut() else {
+            let Some(reader) = self.file.as_mut() else {
                 break;
             };
             let got =
@@ -289,6 +395,72 @@ impl Source for JsonFileSource {
                 .unwrap_or(0)
         });
         Ok(Poll::Data { batch, rejected })
+    }
+}
+
+impl Source for JsonFileSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn seek(&mut self, position: Option<&[u8]>) -> Result<()> {
+        let r = self.reader()?;
+        r.seek(position)?;
+        (self.offset, self.line) = (r.offset, r.line);
+        Ok(())
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        if self.ahead.as_ref().is_some_and(|a| a.max_rows != max_rows) {
+            self.reader()?;
+        }
+        if self.ahead.is_none() {
+            let mut r = match self.reader.take() {
+                Some(r) => r,
+                None => {
+                    return Err(EngineError::Internal(format!(
+                        "source {}: reader lost",
+                        self.name
+                    )));
+                }
+            };
+            if r.file.is_none() {
+                // Never opened, or stopped at a failed read: from the
+                // position after the last poll returned.
+                if let Err(e) = r.seek(Some(&self.position())) {
+                    self.reader = Some(r);
+                    return Err(e);
+                }
+            }
+            self.ahead = Some(ReadAhead::start(r, max_rows)?);
+        }
+        let got = self.ahead.as_ref().map(|a| a.rx.recv());
+        match got {
+            Some(Ok(Ok(c))) => {
+                (self.offset, self.line) = (c.offset, c.line);
+                if matches!(c.poll, Poll::End) {
+                    self.reader()?;
+                }
+                Ok(c.poll)
+            }
+            Some(Ok(Err(e))) => {
+                // The thread stopped at the error; the next poll (or a
+                // seek to the last good position) starts it again.
+                self.reader()?.file = None;
+                Err(e)
+            }
+            _ => {
+                self.reader()?;
+                Err(EngineError::Internal(format!(
+                    "source {}: the file reader thread ended without its data",
+                    self.name
+                )))
+            }
+        }
     }
 
     fn position(&self) -> Vec<u8> {
