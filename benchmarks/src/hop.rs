@@ -204,10 +204,10 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     for n in a.workers.iter().skip(1).rev() {
         let _ = std::fs::remove_dir_all(dir.join("state"));
         let _ = std::fs::remove_dir_all(dir.join("lake"));
-        let cpu0 = crate::process_cpu_secs();
+        let cpu0 = crate::cpu_secs("self");
         let (_, mut job) = crate::open_run_job_with(&dir, Duration::from_secs(10), false, *n)?;
         let s = job.run(&stop)?;
-        let cpu = crate::process_cpu_secs() - cpu0;
+        let cpu = crate::cpu_secs("self") - cpu0;
         drop(job);
         rates.push((
             *n,
@@ -218,10 +218,10 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(dir.join("state"));
     let _ = std::fs::remove_dir_all(dir.join("lake"));
     let first = a.workers.first().copied().unwrap_or(1);
-    let cpu0 = crate::process_cpu_secs();
+    let cpu0 = crate::cpu_secs("self");
     let (_, mut job) = crate::open_run_job_with(&dir, Duration::from_secs(10), false, first)?;
     let s2 = job.run(&stop)?;
-    let cpu = crate::process_cpu_secs() - cpu0;
+    let cpu = crate::cpu_secs("self") - cpu0;
     let file_rate = s2.events as f64 / s2.elapsed.as_secs_f64();
     rates.insert(0, (first, file_rate, cpu / (s2.events as f64 / 1e6)));
     for (n, r, c) in &rates {

@@ -166,21 +166,6 @@ fn decode_only(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system) of a process, from /proc.
-fn cpu_secs(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces).
-            let rest = s.rsplit_once(") ")?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ut: f64 = f.get(11)?.parse().ok()?;
-            let st: f64 = f.get(12)?.parse().ok()?;
-            Some((ut + st) / 100.0)
-        })
-        .unwrap_or(0.0)
-}
-
 fn end_offsets(brokers: &str, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -245,7 +230,7 @@ fn count_only(
     events: u64,
     settings: &[(String, String)],
 ) -> anyhow::Result<(f64, f64, u64)> {
-    let cpu0 = cpu_secs("self");
+    let cpu0 = crate::cpu_secs("self");
     let t = Instant::now();
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers)
@@ -276,7 +261,11 @@ fn count_only(
             None => {}
         }
     }
-    Ok((t.elapsed().as_secs_f64(), cpu_secs("self") - cpu0, bytes))
+    Ok((
+        t.elapsed().as_secs_f64(),
+        crate::cpu_secs("self") - cpu0,
+        bytes,
+    ))
 }
 
 fn settings(a: &BenchKafkaArgs) -> anyhow::Result<Vec<(String, String)>> {
@@ -308,7 +297,7 @@ fn pipeline_sql(brokers: &str, topic: &str, settings: &[(String, String)]) -> St
 fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyhow::Result<f64> {
     fresh(pdir)?;
     std::fs::write(pdir.join("pipeline.sql"), sql)?;
-    let cpu0 = cpu_secs("self");
+    let cpu0 = crate::cpu_secs("self");
     let (plan, mut job) = crate::open_run_job_with(
         pdir,
         Duration::from_millis(a.checkpoint_interval_ms),
@@ -322,7 +311,7 @@ fn pipeline_run(a: &BenchKafkaArgs, pdir: &Path, sql: &str, what: &str) -> anyho
         }
     }
     let s = job.run(&AtomicBool::new(false))?;
-    let cpu = cpu_secs("self") - cpu0;
+    let cpu = crate::cpu_secs("self") - cpu0;
     let rate = s.events as f64 / s.elapsed.as_secs_f64();
     let live = job.live();
     live.store.flush()?;
@@ -473,7 +462,7 @@ fn recovery(a: &BenchKafkaArgs, dir: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let ready = t.elapsed().as_secs_f64();
-    let cpu = cpu_secs(&child.id().to_string());
+    let cpu = crate::cpu_secs(&child.id().to_string());
     let open_keys = metric_sum(&http, "sluice_state_keys");
     child.kill()?;
     child.wait()?;

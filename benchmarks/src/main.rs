@@ -119,11 +119,13 @@ pub(crate) fn open_run_job_with(
     Ok((plan, job))
 }
 
-/// CPU seconds (user + system) this process has used so far.
-pub(crate) fn process_cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
+/// CPU seconds (user + system) a process has used so far (`pid`, or
+/// `self`), from /proc.
+pub(crate) fn cpu_secs(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
             let rest = s.rsplit_once(") ")?.1;
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ut: f64 = f.get(11)?.parse().ok()?;
